@@ -1,0 +1,33 @@
+"""Write one benchmark's section of benchmarks/RESULTS.md, leaving the other sections as they are."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADER = "# Benchmark results\n\nEach section is written by the script it names; rerun the script to refresh it.\n"
+
+
+def machine() -> str:
+    """A one-line description of where the figures were measured."""
+    return f"{platform.machine()}, {os.cpu_count()} logical CPUs, {platform.python_version()}"
+
+
+def write_section(name: str, body: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the section `name` atomically."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    block = f"{begin}\n## {name}\n\n_Measured {stamp} on {machine()}._\n\n{body.strip()}\n{end}"
+    text = path.read_text() if path.exists() else HEADER
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

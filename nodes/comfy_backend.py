@@ -1,0 +1,345 @@
+"""The trainer's `Backend` over ComfyUI objects: the graph's MODEL (a ModelPatcher), CLIP and VAE.
+
+- LoRA: one small trainable module per targeted weight, attached with `ModelPatcher.add_weight_wrapper`
+  (ComfyUI's weight-wrapper hook, the one its native LoRA trainer uses), so any model family ComfyUI
+  samples works. The reference is the same patcher with every wrapper switched off: one UNet in memory.
+- Timesteps are integers in [0, num_train_timesteps) as in the trainer; ComfyUI works in sigmas
+  (k-diffusion space x = x0 + sigma * eps). `add_noise` gives the DDPM x_t the trainer expects and
+  `predict` maps it to ComfyUI's space, runs `apply_model`, and returns eps (or v) so the trainer's
+  losses are the standard ones. Flow models (CONST sampling) use x_t = (1-s) x0 + s eps and the
+  flow target eps - x0 (`prediction_type = "flow"`).
+- Latents: `encode_images` runs the VAE and `process_latent_in` (ComfyUI's VAE output is unscaled).
+- Export: kohya names `lora_unet_<ComfyUI diffusion_model path with _>` that ComfyUI's LoraLoader
+  maps for every model family, with `.alpha`.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+PREFIX = "diffusion_model."
+TOKENS = 77  # prompt conditioning is cut/padded to one CLIP chunk so rows of every batch concatenate
+
+
+class LoraWeight(nn.Module):
+    """w -> w + (alpha / rank) * up @ down, or w itself while disabled. A ComfyUI weight wrapper."""
+
+    def __init__(self, shape: torch.Size, rank: int, alpha: float, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        out_dim, in_dim = shape[0], int(math.prod(shape[1:]))
+        self.shape = tuple(shape)
+        self.rank, self.alpha = rank, float(alpha)
+        self.lora_down = nn.Parameter(torch.randn(rank, in_dim, generator=generator) / rank)
+        self.lora_up = nn.Parameter(torch.zeros(out_dim, rank))  # zero: the policy starts as the base model
+        self.enabled = True
+
+    def __call__(self, w: Tensor) -> Tensor:
+        if not self.enabled:
+            return w
+        diff = (self.lora_up @ self.lora_down) * (self.alpha / self.rank)
+        return w + diff.reshape(w.shape).to(w.dtype)
+
+    def passive_memory_usage(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def move_to(self, device) -> int:
+        self.to(device=device)
+        return self.passive_memory_usage()
+
+
+def _fresh(w: Tensor) -> Tensor:
+    """Identity weight wrapper. A wrapper makes ComfyUI cast a *copy* of the weight, so frozen weights
+    loaded under inference mode become ordinary tensors autograd may save for backward."""
+    return w
+
+
+def kohya_name(module_key: str) -> str:
+    """`diffusion_model.a.b.c` -> `lora_unet_a_b_c` (ComfyUI maps this for every model family)."""
+    if not module_key.startswith(PREFIX):
+        raise ValueError(f"not a diffusion-model key: {module_key}")
+    return "lora_unet_" + module_key[len(PREFIX):].replace(".", "_")
+
+
+def matches_target(module_key: str, targets: Sequence[str]) -> bool:
+    return any(module_key == t or module_key.endswith("." + t) for t in targets)
+
+
+def architecture_of(base_model) -> str:
+    name = type(getattr(base_model, "model_config", None)).__name__
+    return {"SD15": "sd15", "SDXL": "sdxl", "SD20": "sd2", "SDXLRefiner": "sdxl-refiner"}.get(name, name.lower())
+
+
+class ComfyBackend:
+    """Implements `trainer.models.backend.Backend` for a ComfyUI MODEL / CLIP / VAE."""
+
+    def __init__(self, model, clip, vae, rank: int, alpha: float, target_modules: Sequence[str], seed: int = 0,
+                 model_name: str = "") -> None:
+        import comfy.model_management as mm
+
+        self.mm = mm
+        self.clip, self.vae = clip, vae
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.model_name = model_name
+        self.patcher = model.clone()
+        base = self.patcher.model
+        self.base = base
+        self.sampling = base.model_sampling
+        kind = type(self.sampling).__mro__
+        kinds = {k.__name__ for k in kind}
+        if "CONST" in kinds:
+            self.prediction_type = "flow"
+        elif "V_PREDICTION" in kinds:
+            self.prediction_type = "v_prediction"
+        elif "EPS" in kinds:
+            self.prediction_type = "epsilon"
+        else:
+            raise ValueError(f"model sampling {type(self.sampling).__name__} is not supported for training")
+        self.discrete = hasattr(self.sampling, "sigmas") and self.prediction_type != "flow"
+        if self.discrete:
+            sigmas = self.sampling.sigmas.detach().float().cpu().clone()
+            self.num_train_timesteps = int(sigmas.shape[0])
+            self._sigmas = sigmas
+            self.alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
+        else:
+            self.num_train_timesteps = 1000
+            self._sigmas = None
+            self.alphas_cumprod = None
+
+        generator = torch.Generator().manual_seed(int(seed))
+        self.adapters: dict[str, LoraWeight] = {}
+        inference_weights = any(p.is_inference() for p in base.diffusion_model.parameters())
+        for name, module in base.named_modules():
+            if not hasattr(module, "weight_function") or not name.startswith(PREFIX):
+                continue
+            weight = getattr(module, "weight", None)
+            bias = getattr(module, "bias", None)
+            if weight is not None and weight.dim() >= 2 and matches_target(name, target_modules):
+                adapter = LoraWeight(weight.shape, self.rank, self.alpha, generator)
+                self.adapters[name] = adapter
+                self.patcher.add_weight_wrapper(f"{name}.weight", adapter)
+            elif weight is not None and inference_weights:
+                self.patcher.add_weight_wrapper(f"{name}.weight", _fresh)
+            if bias is not None and inference_weights:
+                self.patcher.add_weight_wrapper(f"{name}.bias", _fresh)
+        if not self.adapters:
+            raise ValueError(f"no layer of this model matches target_modules {list(target_modules)}")
+        self.lora_modules = nn.ModuleDict({k.replace(".", "__"): v for k, v in self.adapters.items()})
+        for p in base.parameters():  # frozen base (ComfyUI's weights may be inference tensors: no-op then)
+            if p.requires_grad:
+                p.requires_grad_(False)
+        mm.load_models_gpu([self.patcher], memory_required=1e20, force_full_load=True)
+        self.device = torch.device(self.patcher.load_device)
+        self.lora_modules.to(self.device)
+        self._loaded_once = True
+
+    # -- plumbing -------------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        return self.lora_modules
+
+    def _ensure_loaded(self) -> None:
+        self.mm.load_models_gpu([self.patcher], force_full_load=True)
+
+    def _sigma(self, timesteps: Tensor) -> Tensor:
+        if self.discrete:
+            return self._sigmas.to(timesteps.device)[timesteps.long()]
+        return (timesteps.float() + 1) / self.num_train_timesteps  # flow: sigma in (0, 1]
+
+    @staticmethod
+    def _view(x: Tensor, like: Tensor) -> Tensor:
+        return x.view(-1, *[1] * (like.dim() - 1)).to(like.device, like.dtype)
+
+    # -- encoding (no grad) -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        if self.clip is None:
+            raise ValueError("the CLIP input is empty: connect the checkpoint's CLIP to encode prompts")
+        embeds, pooled = [], []
+        for prompt in prompts:
+            out = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True, return_dict=True)
+            cond = out["cond"].float().clone()
+            if cond.shape[1] >= TOKENS:
+                cond = cond[:, :TOKENS]
+            else:
+                cond = torch.cat([cond, cond[:, -1:].expand(-1, TOKENS - cond.shape[1], -1)], dim=1)
+            embeds.append(cond.cpu())
+            if out.get("pooled_output") is not None:
+                pooled.append(out["pooled_output"].float().clone().cpu().reshape(1, -1))
+        result = {"prompt_embeds": torch.cat(embeds)}
+        if len(pooled) == len(embeds):
+            result["pooled"] = torch.cat(pooled)
+        return {k: v.to(self.device) for k, v in result.items()}
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        if self.vae is None:
+            raise ValueError("the VAE input is empty: connect the checkpoint's VAE to encode images")
+        images = ((pixels.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()  # ComfyUI IMAGE: NHWC 0..1
+        latents = self.vae.encode(images[..., :3]).float().clone()
+        return self.base.process_latent_in(latents.to(self.device)).float()
+
+    # -- forward process ---------------------------------------------------------------------------
+    def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        if self.discrete:
+            a = self._view(self.alphas_cumprod.to(latents.device)[timesteps.long()], latents)
+            return a.sqrt() * latents + (1 - a).sqrt() * noise
+        s = self._view(self._sigma(timesteps), latents)
+        return (1 - s) * latents + s * noise
+
+    def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "flow":
+            return noise - latents
+        a = self._view(self.alphas_cumprod.to(latents.device)[timesteps.long()], latents)
+        return a.sqrt() * noise - (1 - a).sqrt() * latents
+
+    # -- model calls --------------------------------------------------------------------------------
+    def _conds(self, cond: dict[str, Tensor], x: Tensor) -> dict:
+        """ComfyUI's per-family conditioning (`extra_conds`), one call per distinct SDXL size row."""
+        n = x.shape[0]
+        h, w = x.shape[-2] * 8, x.shape[-1] * 8
+        embeds = cond["prompt_embeds"]
+        pooled = cond.get("pooled")
+        time_ids = cond.get("time_ids")
+        rows = []
+        for i in range(n):
+            kw = {"cross_attn": embeds[i:i + 1], "device": x.device, "noise": x[i:i + 1], "width": w, "height": h}
+            if pooled is not None:
+                kw["pooled_output"] = pooled[i:i + 1]
+            if time_ids is not None:
+                oh, ow, ct, cl, th, tw = (float(v) for v in time_ids[i].tolist())
+                kw.update(height=int(oh), width=int(ow), crop_h=int(ct), crop_w=int(cl), target_height=int(th), target_width=int(tw))
+            rows.append(self.base.extra_conds(**kw))
+        out = {}
+        for key in rows[0]:
+            parts = [r[key].process_cond(batch_size=1, device=x.device).cond for r in rows]
+            out[key] = torch.cat(parts) if isinstance(parts[0], Tensor) else parts[0]
+        return out
+
+    def _x0(self, noisy: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Run ComfyUI's model on a DDPM/flow x_t: returns (k-space x, sigma, denoised x0)."""
+        self._ensure_loaded()
+        sigma = self._sigma(timesteps.to(noisy.device)).to(noisy.device)
+        s = self._view(sigma, noisy).float()
+        x = noisy.float() * (1 + s ** 2).sqrt() if self.discrete else noisy.float()
+        kwargs = self._conds(cond, x)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
+            x.device.type == "cuda" and self.base.get_dtype() in (torch.float16, torch.bfloat16)
+            and torch.cuda.is_bf16_supported()) else _null()
+        with autocast:
+            denoised = self.base.apply_model(x, sigma.float(), **kwargs)
+        return x, s, denoised.float()
+
+    def predict(self, noisy: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        x, s, x0 = self._x0(noisy, timesteps, cond)
+        if self.prediction_type == "flow":
+            return (x - x0) / s  # v = eps - x0, since x = x0 + s (eps - x0)
+        eps = (x - x0) / s
+        if self.prediction_type == "epsilon":
+            return eps
+        a = 1.0 / (1.0 + s ** 2)
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        for a in self.adapters.values():
+            a.enabled = False
+        try:
+            yield
+        finally:
+            for a in self.adapters.values():
+                a.enabled = True
+
+    def encoder_features(self, sample: Tensor, timesteps: Tensor, cond: dict[str, Tensor], middle: bool = False) -> Tensor:
+        """Frozen pretrained encoder (adapter off): the UNet's input blocks (+ middle block), flattened."""
+        unet = self.base.diffusion_model
+        blocks = getattr(unet, "input_blocks", None)
+        if blocks is None:
+            raise ValueError("noise-conditioned features need a UNet with input_blocks (SD1.5/SDXL family)")
+        target = unet.middle_block if middle else blocks[-1]
+        captured: dict[str, Tensor] = {}
+
+        class _Stop(Exception):
+            pass
+
+        def hook(_module, _inputs, output):
+            captured["h"] = output
+            raise _Stop
+
+        handle = target.register_forward_hook(hook)
+        try:
+            with self.reference():
+                self._x0(sample, timesteps, cond)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured["h"].float().flatten(1)
+
+    # -- the adapter --------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for a in self.adapters.values() for p in (a.lora_down, a.lora_up)]
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        out = {}
+        for name, a in self.adapters.items():
+            out[f"{name}.lora_down.weight"] = a.lora_down.detach().clone()
+            out[f"{name}.lora_up.weight"] = a.lora_up.detach().clone()
+        return out
+
+    def load_adapter_state_dict(self, state: dict[str, Tensor]) -> None:
+        expected = self.adapter_state_dict()
+        if set(state) != set(expected):
+            missing, extra = sorted(set(expected) - set(state))[:3], sorted(set(state) - set(expected))[:3]
+            raise ValueError(f"adapter does not match this model (rank/targets differ): missing {missing}, unexpected {extra}")
+        with torch.no_grad():
+            for name, a in self.adapters.items():
+                for part in ("lora_down", "lora_up"):
+                    value = state[f"{name}.{part}.weight"]
+                    param = getattr(a, part)
+                    if value.shape != param.shape:
+                        raise ValueError(f"adapter weight {name}.{part}: shape {tuple(value.shape)} != {tuple(param.shape)}")
+                    param.copy_(value)
+
+    def export_lora(self) -> dict[str, Tensor]:
+        out = {}
+        for name, a in self.adapters.items():
+            key = kohya_name(name)
+            down, up = a.lora_down.detach().float().cpu(), a.lora_up.detach().float().cpu()
+            if len(a.shape) > 2:  # conv: kohya keeps conv shapes
+                down = down.reshape(a.rank, *a.shape[1:])
+                up = up.reshape(a.shape[0], a.rank, *[1] * (len(a.shape) - 2))
+            out[f"{key}.lora_down.weight"] = down.contiguous()
+            out[f"{key}.lora_up.weight"] = up.contiguous()
+            out[f"{key}.alpha"] = torch.tensor(a.alpha)
+        return out
+
+    def model_info(self) -> dict[str, str]:
+        # cheap fingerprint of UNet, VAE and text encoder (it keys the trainer's latent/text cache):
+        # names, shapes and a few values of up to 64 tensors of each
+        h = hashlib.sha256()
+        parts = [self.base.diffusion_model, getattr(self.vae, "first_stage_model", None),
+                 getattr(self.clip, "cond_stage_model", None)]
+        for module in parts:
+            if not isinstance(module, nn.Module):
+                h.update(b"-")
+                continue
+            sd = module.state_dict()
+            keys = sorted(sd)
+            for k in keys[:: max(1, len(keys) // 64)]:
+                t = sd[k]
+                h.update(f"{k}{tuple(t.shape)}".encode())
+                h.update(t.detach().flatten()[:16].float().cpu().numpy().tobytes())
+        return {"name": self.model_name or type(self.base).__name__, "hash": h.hexdigest()[:16],
+                "architecture": architecture_of(self.base)}
+
+
+@contextmanager
+def _null():
+    yield

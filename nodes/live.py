@@ -1,0 +1,55 @@
+"""Live training state shared by the Train node, the status route and the browser messages.
+
+The browser gets `prefalign.train` messages while it is open and reads `/prefalign/train/status`
+after a reload, so a refreshed page recovers the loss curve.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from . import comfy_env
+
+MAX_POINTS = 2000  # loss points kept per run (downsampled beyond that)
+
+_lock = threading.Lock()
+_runs: dict[str, dict] = {}  # node id -> state
+
+
+def start(node_id: str | None, prompt_id: str | None, total: int, method: str) -> dict:
+    state = {
+        "node": node_id, "prompt_id": prompt_id, "method": method, "step": 0, "total": int(total),
+        "loss": [], "status": "running", "started": time.time(), "lora": None, "message": "",
+    }
+    with _lock:
+        _runs[str(node_id)] = state
+    comfy_env.send("train", {k: v for k, v in state.items() if k != "loss"} | {"points": []})
+    return state
+
+
+def step(state: dict, step: int, loss: float | None, metrics: dict | None = None) -> None:
+    point = None
+    with _lock:
+        state["step"] = int(step)
+        if loss is not None:
+            point = [int(step), float(loss)]
+            state["loss"].append(point)
+            if len(state["loss"]) > MAX_POINTS:
+                state["loss"] = state["loss"][::2]
+    payload = {"node": state["node"], "prompt_id": state["prompt_id"], "step": int(step), "total": state["total"],
+               "status": "running", "points": [point] if point else []}
+    if metrics:
+        payload["metrics"] = {k: float(v) for k, v in metrics.items()}
+    comfy_env.send("train", payload)
+
+
+def finish(state: dict, status: str, lora: str | None = None, message: str = "") -> None:
+    with _lock:
+        state.update(status=status, lora=lora, message=message, finished=time.time())
+    comfy_env.send("train", {"node": state["node"], "prompt_id": state["prompt_id"], "step": state["step"],
+                             "total": state["total"], "status": status, "lora": lora, "message": message, "points": []})
+
+
+def snapshot() -> dict:
+    with _lock:
+        return {k: {**v, "loss": list(v["loss"])} for k, v in _runs.items()}

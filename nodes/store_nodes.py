@@ -1,0 +1,190 @@
+"""Nodes over the pair store: add a pair, load a store, pick from a gallery, export/import parquet."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from . import comfy_env
+from .images import tensor_to_pngs
+from .pair_store import PairStore, StoreError, check_store_name
+
+CATEGORY = "preference/store"
+PAIRS = "PREFERENCE_PAIRS"
+
+STORE_INPUT = ("STRING", {
+    "default": "default",
+    "tooltip": "Name of the pair store (letters, digits, '_', '-', '.'). It lives in ComfyUI's user directory "
+               "under prefalign_stores/<name>; it is created on first use.",
+})
+
+
+def open_store(name: str, create: bool = True) -> PairStore:
+    try:
+        return PairStore(comfy_env.stores_base(), name.strip(), create=create)
+    except StoreError as e:
+        raise ValueError(str(e)) from None
+
+
+class PreferencePairs(list):
+    """PREFERENCE_PAIRS: a list of trainer PreferenceExample records plus where they came from."""
+
+    def __init__(self, examples=(), description: str = "") -> None:
+        super().__init__(examples)
+        self.description = description
+
+
+class AddPair:
+    DESCRIPTION = ("Add preference pairs to a store: each chosen image is paired with the rejected image at the same "
+                   "batch index (a batch of 1 pairs with every image of the other input).")
+    CATEGORY = CATEGORY
+    FUNCTION = "add"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("INT",)
+    RETURN_NAMES = ("pairs_in_store",)
+    OUTPUT_TOOLTIPS = ("How many pairs the store holds after this node ran.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "chosen": ("IMAGE", {"tooltip": "The preferred image(s)."}),
+            "rejected": ("IMAGE", {"tooltip": "The image(s) that lose against the chosen ones."}),
+            "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The prompt both images were generated from."}),
+            "store": STORE_INPUT,
+        }}
+
+    def add(self, chosen, rejected, prompt, store):
+        s = open_store(store)
+        good, bad = tensor_to_pngs(chosen), tensor_to_pngs(rejected)
+        if len(good) != len(bad) and 1 not in (len(good), len(bad)):
+            raise ValueError(f"chosen has {len(good)} images and rejected {len(bad)}: use equal batches or a batch of 1")
+        n = max(len(good), len(bad))
+        for i in range(n):
+            s.add_pair(prompt, good[min(i, len(good) - 1)], bad[min(i, len(bad) - 1)], source="AddPair node")
+        total = s.count()
+        return {"ui": {"text": [f"added {n} pair(s); store {s.name!r} holds {total}"]}, "result": (total,)}
+
+
+class LoadStore:
+    DESCRIPTION = "Load every pair of a store as PREFERENCE_PAIRS for the Train node."
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (PAIRS, "INT")
+    RETURN_NAMES = ("pairs", "count")
+    OUTPUT_TOOLTIPS = ("The store's pairs, chosen image first.", "How many pairs were loaded.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"store": STORE_INPUT}}
+
+    @classmethod
+    def IS_CHANGED(cls, store):
+        try:
+            return open_store(store, create=False).fingerprint()
+        except ValueError:
+            return f"missing:{store}"
+
+    def load(self, store):
+        s = open_store(store, create=False)
+        examples = s.examples()
+        if not examples:
+            raise ValueError(f"store {s.name!r} has no pairs yet: pick some in the gallery or use Add Pair")
+        return (PreferencePairs(examples, f"store:{s.name}"), len(examples))
+
+
+class GalleryPicker:
+    DESCRIPTION = ("Show a generated batch with its prompt. In the browser mark images chosen (click / key C) or "
+                   "rejected (right-click / key R); every mark is saved to the store at once, and every chosen image "
+                   "is paired with every rejected one. Picking does not block the queue.")
+    CATEGORY = CATEGORY
+    FUNCTION = "show"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "images": ("IMAGE", {"tooltip": "The generated batch to pick from (2 or more images)."}),
+            "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The prompt the batch was generated from; stored with every pair."}),
+            "store": STORE_INPUT,
+        }}
+
+    def show(self, images, prompt, store):
+        s = open_store(store)
+        pngs = tensor_to_pngs(images)
+        batch = s.add_batch(prompt, pngs)
+        info = {"store": s.name, "batch": batch, "prompt": prompt, "count": len(pngs)}
+        return {"ui": {"prefalign_batch": [info]}}
+
+
+def _safe_file_name(name: str, suffix: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name.strip()).name) or "pairs"
+    stem = stem.lstrip(".") or "pairs"
+    return stem if stem.endswith(suffix) else stem + suffix
+
+
+class ExportParquet:
+    DESCRIPTION = ("Export a store as a Pick-a-Pic style parquet file (caption, jpg_0 = chosen, jpg_1, label_0 = 1, "
+                   "label_1 = 0) in output/prefalign/, ready for `python -m trainer train --data FILE`.")
+    CATEGORY = CATEGORY
+    FUNCTION = "export"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("Full path of the written parquet file.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "store": STORE_INPUT,
+            "file_name": ("STRING", {"default": "pairs.parquet", "tooltip": "File name inside output/prefalign/ (no folders)."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, store, file_name):
+        return LoadStore.IS_CHANGED(store)
+
+    def export(self, store, file_name):
+        s = open_store(store, create=False)
+        path = comfy_env.output_dir() / "prefalign" / _safe_file_name(file_name, ".parquet")
+        n = s.export_parquet(path)
+        return {"ui": {"text": [f"wrote {n} pairs to {path}"]}, "result": (str(path),)}
+
+
+class ImportParquet:
+    DESCRIPTION = "Add the pairs of a Pick-a-Pic style parquet file (or folder of them) to a store."
+    CATEGORY = CATEGORY
+    FUNCTION = "import_"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("INT",)
+    RETURN_NAMES = ("pairs_added",)
+    OUTPUT_TOOLTIPS = ("How many pairs were added.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "parquet_path": ("STRING", {"default": "", "tooltip": "Path of a parquet file or folder on the ComfyUI machine; relative paths are inside ComfyUI's input directory."}),
+            "store": STORE_INPUT,
+            "keep_ties": ("BOOLEAN", {"default": False, "tooltip": "Keep tied rows (label 0.5) with jpg_0 as chosen; dropped by default."}),
+        }}
+
+    def import_(self, parquet_path, store, keep_ties):
+        path = Path(parquet_path.strip())
+        if not path.is_absolute():
+            path = Path(comfy_env.folder_paths().get_input_directory()) / path
+        s = open_store(store)
+        try:
+            n = s.import_parquet(path, keep_ties=keep_ties)
+        except StoreError as e:
+            raise ValueError(str(e)) from None
+        return {"ui": {"text": [f"added {n} pairs to {s.name!r}"]}, "result": (n,)}
+
+
+NODES = {
+    "PrefAlignAddPair": (AddPair, "Add Preference Pair"),
+    "PrefAlignLoadStore": (LoadStore, "Load Pair Store"),
+    "PrefAlignGalleryPicker": (GalleryPicker, "Preference Gallery Picker"),
+    "PrefAlignExportParquet": (ExportParquet, "Export Pair Store (Parquet)"),
+    "PrefAlignImportParquet": (ImportParquet, "Import Parquet into Pair Store"),
+}
+
+__all__ = ["NODES", "PreferencePairs", "check_store_name", "open_store"]

@@ -1,0 +1,184 @@
+"""Train preference LoRA: the trainer's loop, in-process, on the graph's MODEL through `ComfyBackend`."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from . import comfy_env, live
+from .store_nodes import PAIRS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CATEGORY = "preference/train"
+DEFAULT_TARGETS = "to_q, to_k, to_v, to_out.0"
+
+
+def method_table() -> dict[str, dict]:
+    from ..trainer.methods import method_class, method_names
+
+    return {n: {"defaults": method_class(n).defaults(), "paper": method_class(n).paper} for n in method_names()}
+
+
+def format_args(defaults: dict) -> str:
+    """A method's defaults as the TOML lines the method_args widget holds."""
+    lines = []
+    for k, v in defaults.items():
+        if v is None:
+            lines.append(f"# {k} = (automatic)")
+        else:
+            lines.append(f"{k} = {json.dumps(v)}")
+    return "\n".join(lines)
+
+
+def parse_method_args(method: str, text: str) -> dict:
+    """TOML lines (`beta = 2500`) or a JSON object; empty means the method's defaults. Keys are checked."""
+    table = method_table()
+    if method not in table:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(table)}")
+    text = (text or "").strip()
+    if not text:
+        return {}
+    try:
+        args = json.loads(text) if text.startswith("{") else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"method_args: write one `name = value` per line (TOML) or a JSON object: {e}") from None
+    if not isinstance(args, dict):
+        raise ValueError("method_args must be a table of name = value")
+    defaults = table[method]["defaults"]
+    unknown = sorted(set(args) - set(defaults))
+    if unknown:
+        raise ValueError(f"method_args: {method} has no hyper-parameter {', '.join(unknown)}; "
+                         f"it takes: {format_args(defaults) or '(none)'}")
+    return args
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:48] or "prefalign"
+
+
+class TrainPreferenceLoRA:
+    DESCRIPTION = ("Train a LoRA on preference pairs with Diffusion-DPO or another method, in-process on the GPU "
+                   "ComfyUI manages. Cancel stops at the next step boundary and still saves the LoRA and the last "
+                   "checkpoint. The file goes to models/loras/prefalign/, where LoraLoader finds it.")
+    CATEGORY = CATEGORY
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("MODEL", "LORA_MODEL", "IMAGE", "STRING")
+    RETURN_NAMES = ("model", "lora", "loss_curve", "lora_name")
+    OUTPUT_TOOLTIPS = (
+        "The input model with the trained LoRA applied (strength 1).",
+        "The LoRA weights, for ComfyUI's Save LoRA / Load LoRA Model nodes.",
+        "The training loss per step.",
+        "The saved file's name inside models/loras (for LoraLoader).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        try:
+            table = method_table()
+        except Exception:  # the registry failed to import: show the error when the node runs
+            table = {"dpo": {"defaults": {}, "paper": ""}}
+        names = list(table)
+        help_lines = "; ".join(f"{n}: {format_args(t['defaults']).replace(chr(10), ', ') or 'no options'}" for n, t in table.items())
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model to align; it is not changed (the LoRA is trained beside it)."}),
+            "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP, to encode the prompts of the pairs."}),
+            "vae": ("VAE", {"tooltip": "The checkpoint's VAE, to encode the images of the pairs."}),
+            "pairs": (PAIRS, {"tooltip": "Preference pairs from a pair store or a dataset."}),
+            "method": (names, {"default": "dpo" if "dpo" in names else names[0], "tooltip": "Alignment method. " + " | ".join(f"{n}: {t['paper']}" for n, t in table.items())}),
+            "method_args": ("STRING", {"multiline": True, "default": format_args(table.get("dpo", {}).get("defaults", {})),
+                                       "tooltip": "The method's hyper-parameters, one `name = value` per line; a missing name keeps the default. "
+                                                  "Changing the method fills in its defaults. Defaults: " + help_lines}),
+            "steps": ("INT", {"default": 200, "min": 1, "max": 1_000_000, "tooltip": "Optimiser steps."}),
+            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-9, "max": 1.0, "step": 1e-6, "round": False, "tooltip": "Peak learning rate (LoRA DPO: 1e-5 to 1e-4)."}),
+            "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "LoRA rank."}),
+            "alpha": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 1024.0, "step": 0.5, "tooltip": "LoRA alpha (the update is scaled by alpha / rank)."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Pairs per step (before accumulation)."}),
+            "gradient_accumulation_steps": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Micro-batches per optimiser step (effective batch = batch_size x this)."}),
+            "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Training resolution in pixels (square; images are resized and centre-cropped)."}),
+            "training_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed for LoRA initialisation, data order, noise and timesteps."}),
+            "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 1_000_000, "tooltip": "Save a resumable checkpoint every N steps (0: only at the end)."}),
+            "target_modules": ("STRING", {"default": DEFAULT_TARGETS, "tooltip": "Comma-separated layer names that get a LoRA (suffixes of ComfyUI's diffusion_model paths)."}),
+            "lora_name": ("STRING", {"default": "prefalign", "tooltip": "Prefix of the saved file; method, steps and time are appended, so each run gets a new file."}),
+        }}
+
+    def train(self, model, clip, vae, pairs, method, method_args, steps, learning_rate, rank, alpha, batch_size,
+              gradient_accumulation_steps, resolution, training_seed, checkpoint_every, target_modules, lora_name):
+        seed = training_seed
+        import torch
+        from safetensors.torch import load_file
+
+        from ..trainer.config import make_config
+        from ..trainer.loop import TrainHooks, train
+        from .comfy_backend import ComfyBackend
+        from .images import pil_to_tensor
+        from .loss_plot import plot_loss
+
+        args = parse_method_args(method, method_args)
+        targets = [t.strip() for t in target_modules.split(",") if t.strip()]
+        if not targets:
+            raise ValueError("target_modules is empty")
+        if len(pairs) == 0:
+            raise ValueError("no preference pairs to train on")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        prefix = _slug(lora_name)
+        root = comfy_env.output_dir() / "prefalign"
+        run_dir = root / "runs" / f"{prefix}-{method}-{stamp}"
+        description = getattr(pairs, "description", "") or f"{len(pairs)} pairs"
+        config = make_config({
+            "model": "comfyui", "data": description, "method": method, "method_args": args, "rank": rank,
+            "alpha": float(alpha), "target_modules": targets, "learning_rate": float(learning_rate),
+            "max_steps": steps, "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
+            "resolution": resolution, "seed": seed, "output_dir": str(run_dir), "checkpoint_every": checkpoint_every,
+            "cache_dir": str(root / "cache"), "lr_warmup_steps": 0,
+        })
+        prompt_id, node_id = comfy_env.executing_context()
+        state = live.start(node_id, prompt_id, steps, method)
+        pbar = comfy_env.progress_bar(steps, node_id)
+
+        def on_step(report):
+            loss = report.metrics.get("loss")
+            live.step(state, report.step, loss, report.metrics)
+            if pbar is not None:
+                pbar.update_absolute(report.step, report.total)
+
+        try:
+            with torch.inference_mode(False):
+                backend = ComfyBackend(model, clip, vae, rank, alpha, targets, seed=seed, model_name="comfyui")
+                result = train(config, backend, pairs, TrainHooks(on_step=on_step, should_stop=comfy_env.interrupted))
+        except Exception as e:
+            live.finish(state, "error", message=str(e))
+            raise
+        if result.lora_path is None:
+            live.finish(state, "error", message="the trainer wrote no LoRA file")
+            raise RuntimeError("the trainer wrote no LoRA file")
+        name = f"{prefix}_{method}_{result.steps}steps_{stamp}.safetensors"
+        dest = comfy_env.loras_dir() / "prefalign" / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name("." + dest.name + ".tmp")
+        shutil.copyfile(result.lora_path, tmp)
+        tmp.replace(dest)
+        rel = f"prefalign/{name}"
+        live.finish(state, "stopped" if result.stopped else "done", lora=rel,
+                    message=f"saved {rel} after {result.steps} steps")
+        if result.stopped:
+            comfy_env.throw_if_interrupted()  # report the Cancel to ComfyUI; the file is already saved
+        lora_sd = load_file(str(dest))
+        import comfy.sd
+
+        model_out, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
+        curve = pil_to_tensor(plot_loss(state["loss"], f"{method} loss"))
+        ui = {"prefalign_train": [{"node": node_id, "lora": rel, "steps": result.steps, "stopped": result.stopped,
+                                   "metrics": {k: float(v) for k, v in result.metrics.items()}}],
+              "text": [f"saved models/loras/{rel} ({result.steps} steps)"]}
+        return {"ui": ui, "result": (model_out, lora_sd, curve, rel)}
+
+
+NODES = {"PrefAlignTrainLoRA": (TrainPreferenceLoRA, "Train Preference LoRA")}

@@ -1,0 +1,140 @@
+"""Start a real ComfyUI on CPU with this pack, in a temporary folder, for the integration tests.
+
+Needs COMFYUI_DIR (a ComfyUI checkout) and COMFYUI_PYTHON (a Python that runs it: torch + torchvision +
+ComfyUI's requirements + this pack's requirements; default: the current interpreter).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, base: Path, comfy_dir: Path, python: str, checkpoint: Path | None = None) -> None:
+        self.base, self.comfy_dir, self.python = base, comfy_dir, python
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        for d in ("models/checkpoints", "models/loras", "custom_nodes", "output", "input", "temp", "user"):
+            (base / d).mkdir(parents=True, exist_ok=True)
+        link = base / "custom_nodes" / "prefalign"
+        if not link.exists():
+            link.symlink_to(ROOT, target_is_directory=True)
+        self.checkpoint = base / "models" / "checkpoints" / "tiny_sd15.safetensors"
+        if checkpoint is not None and checkpoint.is_file() and not self.checkpoint.exists():
+            self.checkpoint.symlink_to(checkpoint)
+        if not self.checkpoint.exists():
+            subprocess.run([python, str(HERE / "make_tiny_sd15.py"), str(comfy_dir), str(self.checkpoint)], check=True,
+                           cwd=base, timeout=600)
+        (base / "extra_model_paths.yaml").write_text(
+            f"prefalign_test:\n  base_path: {base}\n  checkpoints: models/checkpoints\n  loras: models/loras\n"
+            f"  custom_nodes: custom_nodes\n")
+        self.log_path = base / "server.log"
+        self.proc = None
+
+    def start(self, timeout: float = 180) -> "ComfyServer":
+        cmd = [self.python, "-u", "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--extra-model-paths-config", str(self.base / "extra_model_paths.yaml"),
+               "--output-directory", str(self.base / "output"), "--input-directory", str(self.base / "input"),
+               "--temp-directory", str(self.base / "temp"), "--user-directory", str(self.base / "user"),
+               "--disable-auto-launch"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("PREFALIGN_STORE_DIR", None)
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                self.get("/object_info/KSampler")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1)
+        raise TimeoutError(f"ComfyUI did not start in {timeout}s: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    # --- HTTP -----------------------------------------------------------------------------------
+    def request(self, path: str, body: dict | None = None, method: str | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method or ("POST" if data else "GET"),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            raw = r.read()
+            return json.loads(raw) if r.headers.get("Content-Type", "").startswith("application/json") else raw
+
+    def get(self, path: str):
+        return self.request(path)
+
+    def post(self, path: str, body: dict):
+        return self.request(path, body)
+
+    def queue(self, prompt: dict) -> str:
+        client = uuid.uuid4().hex
+        try:
+            out = self.post("/prompt", {"prompt": prompt, "client_id": client})
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"/prompt refused the graph: {e.read().decode()[:3000]}") from None
+        return out["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get(f"/history/{prompt_id}")
+            if prompt_id in hist:
+                entry = hist[prompt_id]
+                if entry.get("status", {}).get("completed") or entry.get("status", {}).get("status_str") in ("error", "success"):
+                    return entry
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s; log tail: {self.log_text()[-3000:]}")
+
+    def run(self, prompt: dict, timeout: float = 300) -> dict:
+        entry = self.wait(self.queue(prompt), timeout)
+        status = entry.get("status", {})
+        if status.get("status_str") != "success":
+            messages = json.dumps(status.get("messages", []))[-4000:]
+            raise AssertionError(f"prompt failed: {messages}")
+        return entry
+
+
+def main() -> None:  # manual use: python tests/comfyui/comfy_server.py BASE -> serves until Ctrl-C
+    base = Path(sys.argv[1])
+    server = ComfyServer(base, Path(os.environ["COMFYUI_DIR"]), os.environ.get("COMFYUI_PYTHON", sys.executable)).start()
+    print(server.url, flush=True)
+    try:
+        server.proc.wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Integration with a real ComfyUI on CPU (skipped unless COMFYUI_DIR is set).
+
+    COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/comfy-venv/bin/python pytest tests/comfyui -v
+
+The pack loads without errors; the workflows fit the live node definitions; their API-format versions run
+to completion on a tiny SD1.5-architecture checkpoint made by the test: curate (then marks through the
+route), train (the LoRA lands in models/loras), compare; stock LoraLoader loads the file with no unmapped
+keys and it changes the generated image; Cancel during training keeps a LoRA.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the integration tests")
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+cs = _load("prefalign_comfy_server", HERE / "comfy_server.py")
+wt = _load("prefalign_workflow_tools_it", ROOT / "tests" / "nodes" / "workflow_tools.py")
+STORE = "it_store"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy")
+    cached = os.environ.get("PREFALIGN_TINY_CKPT")  # reuse a checkpoint made earlier (saves ~20 s)
+    s = cs.ComfyServer(base, Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", sys.executable),
+                       Path(cached) if cached else None)
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def info(server):
+    return server.get("/object_info")
+
+
+def workflow(name: str) -> dict:
+    return json.loads((ROOT / "workflows" / name).read_text())
+
+
+def api_of(name: str, info: dict) -> dict:
+    return wt.to_api(workflow(name), info)
+
+
+def nodes_of(api: dict, class_type: str) -> list[dict]:
+    return [n for n in api.values() if n["class_type"] == class_type]
+
+
+def small(api: dict, size: int = 64, steps: int = 3) -> dict:
+    """The same graph, sized for CPU: tiny checkpoint, small latents, few sampler steps."""
+    for n in api.values():
+        i = n["inputs"]
+        if n["class_type"] == "CheckpointLoaderSimple":
+            i["ckpt_name"] = "tiny_sd15.safetensors"
+        if n["class_type"] == "EmptyLatentImage":
+            i["width"] = i["height"] = size
+        if n["class_type"] == "KSampler":
+            i["steps"] = steps
+    return api
+
+
+def test_pack_loads(server, info):
+    log = server.log_text()
+    assert "prefalign" in log and "Cannot import" not in "\n".join(l for l in log.splitlines() if "prefalign" in l)
+    assert "IMPORT FAILED" not in "\n".join(l for l in log.splitlines() if "prefalign" in l.lower())
+    ours = {k for k in info if k.startswith("PrefAlign")}
+    assert ours == {"PrefAlignPairsFromDataset", "PrefAlignAddPair", "PrefAlignLoadStore", "PrefAlignGalleryPicker",
+                    "PrefAlignExportParquet", "PrefAlignImportParquet", "PrefAlignTrainLoRA", "PrefAlignLoadLoRA"}
+    assert all(info[k]["category"].startswith("preference/") for k in ours)
+    assert "dpo" in server.get("/prefalign/methods")
+    assert "dpo" in server.get("/api/prefalign/methods")
+    js = server.get("/extensions/prefalign/prefalign.js")
+    assert b"registerExtension" in js
+
+
+@pytest.mark.parametrize("name", ["prefalign_curate.json", "prefalign_train.json", "prefalign_compare.json"])
+def test_workflows_fit_live_nodes(info, name):
+    problems = [p for p in wt.validate(workflow(name), info) if "is not one of the choices" not in p]
+    assert problems == []
+
+
+def _images(server, entry, node_id) -> list:
+    from PIL import Image
+
+    out = []
+    for im in entry["outputs"][node_id]["images"]:
+        q = f"/view?filename={im['filename']}&subfolder={im['subfolder']}&type={im['type']}"
+        out.append(Image.open(io.BytesIO(server.get(q))).convert("RGB"))
+    return out
+
+
+def test_curate_train_compare(server, info):
+    import numpy as np
+    from safetensors import safe_open
+
+    # 1. curate: generate a batch of 4, the gallery records it, marks go through the route
+    api = small(api_of("prefalign_curate.json", info))
+    gallery_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignGalleryPicker")
+    api[gallery_id]["inputs"]["store"] = STORE
+    nodes_of(api, "EmptyLatentImage")[0]["inputs"]["batch_size"] = 4
+    entry = server.run(api)
+    batch = entry["outputs"][gallery_id]["prefalign_batch"][0]
+    assert batch["count"] == 4 and batch["store"] == STORE and "fox" in batch["prompt"]
+    for idx, mark in [(0, "chosen"), (1, "chosen"), (2, "rejected"), (3, "rejected")]:
+        state = server.post("/prefalign/mark", {"store": STORE, "batch": batch["batch"], "index": idx, "mark": mark})
+    assert state["pairs"] == 4 and state["total_pairs"] == 4
+    assert server.get(f"/prefalign/stores")["stores"] == [STORE]
+    store_dir = server.base / "user" / "prefalign_stores" / STORE
+    assert (store_dir / "pairs.sqlite").is_file()
+
+    # 2. train: store -> train -> save; a big learning rate so 3 steps visibly change the model
+    api = small(api_of("prefalign_train.json", info))
+    train_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignTrainLoRA")
+    nodes_of(api, "PrefAlignLoadStore")[0]["inputs"]["store"] = STORE
+    api[train_id]["inputs"].update(steps=3, resolution=64, learning_rate=0.05, checkpoint_every=0, lora_name="it",
+                                   gradient_accumulation_steps=1, method_args="beta = 5000")
+    t0 = time.time()
+    entry = server.run(api, timeout=600)
+    train_s = time.time() - t0
+    info_out = entry["outputs"][train_id]["prefalign_train"][0]
+    lora_name = info_out["lora"]
+    assert info_out["steps"] == 3 and not info_out["stopped"]
+    path = server.base / "models" / "loras" / lora_name
+    assert path.is_file(), lora_name
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert meta["prefalign.method"] == "dpo" and meta["prefalign.steps"] == "3" and meta["prefalign.dataset"] == f"store:{STORE}"
+    assert any(f.startswith("prefalign_trained") for f in os.listdir(server.base / "output" / "loras"))  # SaveLoRANode
+    assert lora_name in server.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
+    print(f"\ntrain workflow (3 DPO steps, 4 pairs at 64 px, tiny SD1.5) took {train_s:.1f} s on CPU")
+
+    # 3. stock LoraLoader: every key maps, and the image changes at the same seed
+    def sample(lora: str | None, seed: int = 7):
+        g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}}}
+        model, clip = ["1", 0], ["1", 1]
+        if lora:
+            g["2"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": lora,
+                                                             "strength_model": 1.0, "strength_clip": 1.0}}
+            model, clip = ["2", 0], ["2", 1]
+        g.update({
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "a watercolor fox"}},
+            "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "6": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["3", 0], "negative": ["4", 0],
+                                                       "latent_image": ["5", 0], "seed": seed, "steps": 3, "cfg": 7.0,
+                                                       "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+            "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+            "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": f"it_{'lora' if lora else 'base'}"}},
+        })
+        return np.asarray(_images(server, server.run(g), "8")[0], dtype=np.float32)
+
+    log_before = len(server.log_text())
+    base, tuned = sample(None), sample(lora_name)
+    assert "lora key not loaded" not in server.log_text()[log_before:]
+    diff = np.abs(base - tuned).mean()
+    assert diff > 0.5, f"the LoRA did not change the image (mean abs diff {diff:.3f})"
+
+    # 4. compare workflow: our loader, same seed, side by side
+    api = small(api_of("prefalign_compare.json", info))
+    nodes_of(api, "PrefAlignLoadLoRA")[0]["inputs"]["lora_name"] = lora_name
+    save_id = next(k for k, n in api.items() if n["class_type"] == "SaveImage")
+    loader_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignLoadLoRA")
+    entry = server.run(api)
+    (stitched,) = _images(server, entry, save_id)[:1]
+    w, h = stitched.size
+    assert w > h  # two images side by side
+    arr = np.asarray(stitched, dtype=np.float32)
+    half = (w - 8) // 2
+    assert np.abs(arr[:, :half] - arr[:, -half:]).mean() > 0.5
+    text = "\n".join(entry["outputs"][loader_id]["text"])
+    assert "method: dpo" in text and "steps: 3" in text and f"dataset: store:{STORE}" in text
+
+
+def test_cancel_keeps_lora(server, info):
+    """Cancel (POST /interrupt) during training: execution_interrupted, and a LoRA with fewer steps is saved."""
+    api = small(api_of("prefalign_train.json", info))
+    train_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignTrainLoRA")
+    nodes_of(api, "PrefAlignLoadStore")[0]["inputs"]["store"] = STORE
+    api[train_id]["inputs"].update(steps=500, resolution=64, checkpoint_every=0, lora_name="cancelled",
+                                   gradient_accumulation_steps=1)
+    loras = server.base / "models" / "loras" / "prefalign"
+    pid = server.queue(api)
+
+    def cancel_when_running():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            runs = server.get("/prefalign/train/status")["runs"]
+            if any(r["prompt_id"] == pid and r["step"] >= 2 for r in runs.values()):
+                server.post("/interrupt", {})
+                return
+            time.sleep(0.3)
+
+    t = threading.Thread(target=cancel_when_running)
+    t.start()
+    entry = server.wait(pid, timeout=300)
+    t.join()
+    assert entry["status"]["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
+    saved = sorted(loras.glob("cancelled_dpo_*steps_*.safetensors"))
+    assert len(saved) == 1 and "_500steps_" not in saved[0].name
+    runs = server.get("/prefalign/train/status")["runs"]
+    assert any(r["prompt_id"] == pid and r["status"] == "stopped" for r in runs.values())

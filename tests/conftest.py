@@ -1,0 +1,80 @@
+"""Shared fixtures: an isolated cache folder, tiny SD/SDXL models, tiny preference data."""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("PREFALIGN_CACHE", tempfile.mkdtemp(prefix="prefalign-test-cache-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from trainer.data.records import PreferenceExample  # noqa: E402
+
+
+def png(rng: np.random.Generator, colour: tuple[int, int, int], size: int = 32) -> bytes:
+    pixels = (rng.random((size, size, 3)) * 40).astype(np.uint8) + np.array(colour, np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_pairs(n: int, seed: int = 0, size: int = 32) -> list[PreferenceExample]:
+    """n pairs: a reddish chosen and a bluish rejected image under varied prompts."""
+    rng = np.random.default_rng(seed)
+    prompts = ["a red square", "a small square", "a square on grey", "a bright square"]
+    return [PreferenceExample(prompts[i % len(prompts)], (png(rng, (200, 20, 20), size), png(rng, (20, 20, 200), size)),
+                              (1.0, 0.0), f"memory row {i}") for i in range(n)]
+
+
+def make_unpaired(n: int, seed: int = 0) -> list[PreferenceExample]:
+    rng = np.random.default_rng(seed)
+    return [PreferenceExample("a square", (png(rng, (200, 20, 20) if i % 2 == 0 else (20, 20, 200)),),
+                              (1.0 if i % 2 == 0 else 0.0,), f"memory row {i}") for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def pairs() -> list[PreferenceExample]:
+    return make_pairs(8)
+
+
+def tiny_config(tmp_path: Path, **overrides):
+    from trainer.config import make_config
+
+    values = dict(model="tiny-sd", resolution=32, batch_size=2, max_steps=4, learning_rate=1e-3, rank=4, alpha=4.0,
+                  output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), checkpoint_every=0, seed=0)
+    values.update(overrides)
+    return make_config(values)
+
+
+def fixed_batch_losses(backend, method_name: str, examples, steps: int = 20, lr: float = 1e-2,
+                       options: dict | None = None, resolution: int = 32) -> list[float]:
+    """Losses of `steps` Adam steps on one batch with one fixed noise/timestep draw (the whole model stack)."""
+    import torch
+
+    from trainer.data.dataset import collate
+    from trainer.data.transforms import ImageTransform
+    from trainer.encoding import encode_collated
+    from trainer.methods import build_method
+    from trainer.step import compute_outputs, draw_noise
+
+    method = build_method(method_name, options)
+    transform = ImageTransform(resolution)
+    batch = encode_collated(backend, collate([transform(e, False, None) for e in examples]))
+    noise = draw_noise(method, batch.latents.shape, batch.paired, backend.num_train_timesteps,
+                       torch.Generator().manual_seed(1234))
+    params = backend.trainable_parameters()
+    optimizer = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, _ = method.loss(compute_outputs(backend, method, batch, noise))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

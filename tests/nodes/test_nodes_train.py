@@ -1,0 +1,197 @@
+"""The ComfyUI backend and the Train node on fake ComfyUI objects (CPU, a second or two)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import prefalign_pack
+
+fake = sys.modules["prefalign_fake_comfy"]
+import prefalign_pack.nodes.comfy_backend as cb  # noqa: E402
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def backend(seed=0, **kw):
+    patcher = fake.make_model_patcher(seed)
+    return patcher, cb.ComfyBackend(patcher, fake.CLIP(), fake.VAE(), rank=2, alpha=2.0, target_modules=TARGETS, **kw)
+
+
+def randomize(b, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in b.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_backend_basics(pack):
+    patcher, b = backend()
+    assert b.prediction_type == "epsilon" and b.num_train_timesteps == 1000
+    assert len(b.adapters) == 8 and all(k.startswith("diffusion_model.") for k in b.adapters)
+    assert not patcher.weight_wrapper_patches  # the graph's MODEL is untouched: the backend trains a clone
+    cond = b.encode_prompts(["a", "b"])
+    assert cond["prompt_embeds"].shape == (2, 77, 8) and cond["pooled"].shape == (2, 8)
+    lat = b.encode_images(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert lat.shape == (2, 4, 4, 4)
+    info = b.model_info()
+    assert info["architecture"] == "sd15" and len(info["hash"]) == 16
+
+
+def test_reference_is_base_and_grads_reach_adapter(pack):
+    with torch.inference_mode(False):
+        _, b = backend()
+        cond = b.encode_prompts(["a", "b"])
+        x0 = torch.randn(2, 4, 4, 4)
+        noise = torch.randn(2, 4, 4, 4)
+        t = torch.tensor([10, 700])
+        xt = b.add_noise(x0, noise, t)
+        base_eps = b.predict(xt, t, cond)
+        # eps really is the UNet's output on ComfyUI's scaled input
+        s = b._sigmas[t].view(-1, 1, 1, 1)
+        unet = b.base.diffusion_model
+        with b.reference():
+            direct = unet(xt * (1 + s ** 2).sqrt() / (s ** 2 + 1).sqrt(), b.base.model_sampling.timestep(b._sigmas[t]), context=cond["prompt_embeds"])
+        assert torch.allclose(base_eps, direct, atol=1e-4)
+        with torch.no_grad(), b.reference():
+            ref0 = b.predict(xt, t, cond)
+        with torch.no_grad():  # a zero-initialised LoRA is exactly the base model (same kernels without grad)
+            assert torch.equal(b.predict(xt, t, cond), ref0)
+        assert torch.allclose(base_eps, ref0, atol=1e-5)  # with grad, kernels may differ in the last bit
+        randomize(b)
+        policy = b.predict(xt, t, cond)
+        with torch.no_grad(), b.reference():
+            ref = b.predict(xt, t, cond)
+        assert torch.equal(ref, ref0)
+        assert not torch.allclose(policy, ref)
+        loss = ((policy - b.target(x0, noise, t)) ** 2).mean()
+        loss.backward()
+        grads = [p.grad for p in b.trainable_parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+        assert all(not p.requires_grad for p in b.base.parameters())
+        feats = b.encoder_features(xt, t, cond)
+        assert feats.shape[0] == 2 and feats.dim() == 2
+
+
+def test_export_matches_comfy_lora_math(pack):
+    """The exported kohya file, applied the way ComfyUI's LoRA loader does, gives the trained policy."""
+    with torch.inference_mode(False):
+        _, b = backend()
+        randomize(b)
+        cond = b.encode_prompts(["x"])
+        xt, t = torch.randn(1, 4, 4, 4), torch.tensor([400])
+        policy = b.predict(xt, t, cond)
+        lora = b.export_lora()
+        assert all(k.startswith("lora_unet_") for k in lora)
+        assert "lora_unet_input_blocks_0_attn1_to_out_0.lora_up.weight" in lora
+        assert {k.rsplit(".", 2)[-2] if k.endswith("weight") else "alpha" for k in lora} == {"lora_up", "lora_down", "alpha"}
+        baked = fake.make_model_patcher(0)
+        fake.apply_kohya(baked, lora)
+        b2 = cb.ComfyBackend(baked, fake.CLIP(), fake.VAE(), rank=2, alpha=2.0, target_modules=TARGETS)
+        with b2.reference():
+            out = b2.predict(xt, t, cond)
+        assert torch.allclose(out, policy, atol=1e-5)
+        # adapter state round trip
+        state = b.adapter_state_dict()
+        b2.load_adapter_state_dict(state)
+        assert all(torch.equal(state[k], v) for k, v in b2.adapter_state_dict().items())
+        with pytest.raises(ValueError, match="does not match"):
+            b2.load_adapter_state_dict({"x": torch.zeros(1)})
+
+
+def test_no_matching_targets(pack):
+    with pytest.raises(ValueError, match="target_modules"):
+        cb.ComfyBackend(fake.make_model_patcher(), fake.CLIP(), fake.VAE(), 2, 2.0, ["qkv"])
+
+
+def store_pairs(pack, n=4):
+    images = lambda v: torch.stack([torch.full((32, 32, 3), v / 255.0)])  # noqa: E731
+    for i in range(n):
+        pack.NODE_CLASS_MAPPINGS["PrefAlignAddPair"]().add(images(200 - i), images(20 + i), f"prompt {i}", "t")
+    return pack.NODE_CLASS_MAPPINGS["PrefAlignLoadStore"]().load("t")[0]
+
+
+def train_args(**kw):
+    args = dict(method="dpo", method_args="beta = 2500", steps=3, learning_rate=1e-3, rank=2, alpha=2.0, batch_size=2,
+                gradient_accumulation_steps=1, resolution=32, training_seed=0, checkpoint_every=0,
+                target_modules="to_q, to_k, to_v, to_out.0", lora_name="my lora")
+    args.update(kw)
+    return args
+
+
+def test_train_node(pack, comfy_folders):
+    pairs = store_pairs(pack)
+    node = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]()
+    model = fake.make_model_patcher()
+    out = node.train(model, fake.CLIP(), fake.VAE(), pairs, **train_args())
+    model_out, lora, curve, name = out["result"]
+    assert name.startswith("prefalign/my_lora_dpo_3steps_") and name.endswith(".safetensors")
+    path = comfy_folders["loras"] / name
+    assert path.is_file()
+    assert name in sys.modules["folder_paths"].get_filename_list("loras")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert meta["prefalign.method"] == "dpo" and meta["prefalign.steps"] == "3" and meta["prefalign.dataset"] == "store:t"
+    assert '"beta": 2500' in meta["prefalign.method_args"]
+    assert keys == set(lora) and all(k.startswith("lora_unet_") for k in keys)
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_up" in k)  # it trained
+    assert set(model_out.lora) == keys and not model.lora  # LoRA applied to a clone; the input MODEL is unchanged
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and curve.dtype == torch.float32
+    calls = comfy_folders["calls"]
+    assert [p[0] for p in calls["progress"]] == [1, 2, 3]
+    events = [m for m in calls["messages"] if m[0] == "prefalign.train"]
+    assert events[0][1]["status"] == "running" and events[-1][1]["status"] == "done"
+    assert sum(len(e[1]["points"]) for e in events) == 3
+    status = pack.nodes.live.snapshot()
+    assert any(r["lora"] == name and len(r["loss"]) == 3 for r in status.values())
+    run_dirs = list((comfy_folders["output"] / "prefalign" / "runs").iterdir())
+    assert len(run_dirs) == 1 and (run_dirs[0] / "metrics.jsonl").is_file()
+
+
+def test_train_node_interrupt_keeps_lora(pack, comfy_folders):
+    pairs = store_pairs(pack)
+    calls = comfy_folders["calls"]
+    progress = sys.modules["comfy.utils"].ProgressBar
+
+    class Interrupting(progress):
+        def update_absolute(self, value, total=None, preview=None):
+            super().update_absolute(value, total, preview)
+            if value == 2:
+                calls["interrupt"] = True  # the user presses Cancel during step 2
+
+    sys.modules["comfy.utils"].ProgressBar = Interrupting
+    node = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]()
+    with pytest.raises(fake.InterruptProcessingException):
+        node.train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(), pairs, **train_args(steps=50))
+    files = list((comfy_folders["loras"] / "prefalign").glob("*.safetensors"))
+    assert len(files) == 1 and "_2steps_" in files[0].name
+    run_dir = next((comfy_folders["output"] / "prefalign" / "runs").iterdir())
+    assert list((run_dir / "checkpoints").iterdir())  # the last checkpoint is kept
+    events = [m[1] for m in calls["messages"] if m[0] == "prefalign.train"]
+    assert events[-1]["status"] == "stopped" and events[-1]["lora"].endswith(files[0].name)
+
+
+def test_method_args_validation(pack):
+    tn = pack.nodes.train_node
+    assert tn.parse_method_args("dpo", "") == {}
+    assert tn.parse_method_args("dpo", "beta = 100\nloss_type = 'hinge'") == {"beta": 100, "loss_type": "hinge"}
+    assert tn.parse_method_args("dpo", '{"beta": 7}') == {"beta": 7}
+    with pytest.raises(ValueError, match="has no hyper-parameter gamma"):
+        tn.parse_method_args("dpo", "gamma = 1")
+    with pytest.raises(ValueError, match="TOML"):
+        tn.parse_method_args("dpo", "beta ==")
+    with pytest.raises(ValueError, match="unknown method"):
+        tn.parse_method_args("nope", "")
+    inputs = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"].INPUT_TYPES()["required"]
+    assert "dpo" in inputs["method"][0] and "beta = 5000" in inputs["method_args"][1]["default"]
+
+
+def test_loss_plot():
+    img = prefalign_pack.nodes.loss_plot.plot_loss([(1, 0.7), (2, 0.6), (3, float("nan")), (4, 0.5)])
+    assert img.size == (640, 360)
+    prefalign_pack.nodes.loss_plot.plot_loss([])
+    prefalign_pack.nodes.loss_plot.plot_loss([(1, 0.5)])

@@ -1,0 +1,296 @@
+"""Build, check and convert ComfyUI workflows without ComfyUI.
+
+- `object_info()`: node definitions in /object_info shape: the pack's nodes from their INPUT_TYPES, stock
+  nodes from `stock_object_info.json` (a snapshot of a real ComfyUI's /object_info for the few stock nodes
+  the workflows use; the integration test checks the workflows against the live server instead).
+- `Graph`: a tiny builder for UI-format (LiteGraph, version 0.4) workflows; `python workflow_tools.py`
+  rewrites workflows/*.json.
+- `validate(ui, info)`: every node type exists, links join matching types, every required input is
+  linked or has a widget value, widget values fit their specs.
+- `to_api(ui, info)`: the API-format prompt the frontend would queue for a UI workflow.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def pack_object_info(mappings: dict, display: dict) -> dict:
+    info = {}
+    for key, cls in mappings.items():
+        inputs = cls.INPUT_TYPES()
+        info[key] = {
+            "input": {s: {n: list(v) for n, v in inputs.get(s, {}).items()} for s in ("required", "optional")},
+            "input_order": {s: list(inputs.get(s, {})) for s in ("required", "optional")},
+            "output": list(cls.RETURN_TYPES), "output_name": list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES),
+            "output_node": bool(getattr(cls, "OUTPUT_NODE", False)), "category": cls.CATEGORY,
+            "display_name": display.get(key, key),
+        }
+    return info
+
+
+def object_info(pack=None) -> dict:
+    info = json.loads((HERE / "stock_object_info.json").read_text())
+    if pack is not None:
+        info.update(pack_object_info(pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS))
+    return info
+
+
+def _kind(spec) -> str:
+    t = spec[0]
+    return "COMBO" if isinstance(t, list) or t == "COMBO" else t
+
+
+def is_widget(spec) -> bool:
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return _kind(spec) in WIDGET_TYPES and not opts.get("forceInput")
+
+
+def has_control(name: str, spec) -> bool:
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    c = opts.get("control_after_generate")
+    return bool(c) if c is not None else (_kind(spec) == "INT" and name in ("seed", "noise_seed"))
+
+
+def ordered_inputs(defn: dict) -> list[tuple[str, list, bool]]:
+    out = []
+    for section in ("required", "optional"):
+        specs = defn["input"].get(section, {})
+        order = (defn.get("input_order") or {}).get(section) or list(specs)
+        out += [(n, specs[n], section == "required") for n in order if n in specs]
+    return out
+
+
+def widget_names(defn: dict) -> list[str]:
+    """The widget values' slots in order, `*control*` standing for a control_after_generate combo."""
+    names = []
+    for name, spec, _ in ordered_inputs(defn):
+        if is_widget(spec):
+            names.append(name)
+            if has_control(name, spec):
+                names.append(f"{name}*control*")
+    return names
+
+
+class Graph:
+    """Builds a UI-format workflow. `add(type, widgets={...}, links={input: (node, output_index)})`."""
+
+    def __init__(self, info: dict) -> None:
+        self.info, self.nodes, self.links = info, [], []
+
+    def add(self, type_: str, pos, widgets: dict | None = None, links: dict | None = None, title: str | None = None,
+            size=None) -> int:
+        defn = self.info[type_]
+        widgets, links = dict(widgets or {}), dict(links or {})
+        node_id = len(self.nodes) + 1
+        inputs, values = [], []
+        for name, spec, _ in ordered_inputs(defn):
+            if is_widget(spec):
+                if name in links:  # a widget driven by a link: socket with its widget name
+                    inputs.append({"name": name, "type": _kind(spec) if _kind(spec) != "COMBO" else "COMBO",
+                                   "widget": {"name": name}, "link": self._link(links.pop(name), node_id, len(inputs), _kind(spec))})
+                    default = spec[1].get("default", "") if len(spec) > 1 else ""
+                    values.append(widgets.pop(name, default))
+                else:
+                    if name not in widgets:
+                        opts = spec[1] if len(spec) > 1 else {}
+                        if "default" not in opts:
+                            raise ValueError(f"{type_}.{name} needs a value")
+                        widgets[name] = opts["default"]
+                    values.append(widgets.pop(name))
+                if has_control(name, spec):
+                    values.append("fixed")
+            else:
+                link = self._link(links.pop(name), node_id, len(inputs), spec[0]) if name in links else None
+                inputs.append({"name": name, "type": spec[0], "link": link})
+        if widgets or links:
+            raise ValueError(f"{type_}: unknown inputs {sorted(widgets) + sorted(links)}")
+        outputs = [{"name": n, "type": t, "links": [], "slot_index": i}
+                   for i, (n, t) in enumerate(zip(defn["output_name"], defn["output"]))]
+        node = {"id": node_id, "type": type_, "pos": list(pos), "size": list(size or [320, 160]), "flags": {},
+                "order": node_id - 1, "mode": 0, "inputs": inputs, "outputs": outputs,
+                "properties": {"Node name for S&R": type_}, "widgets_values": values}
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        for link in self.links:
+            if link[3] == node_id:
+                self.nodes[link[1] - 1]["outputs"][link[2]]["links"].append(link[0])
+        return node_id
+
+    def _link(self, src, dst: int, dst_slot: int, type_) -> int:
+        src_node, src_slot = src
+        link_id = len(self.links) + 1
+        out_type = self.info[self.nodes[src_node - 1]["type"]]["output"][src_slot]
+        self.links.append([link_id, src_node, src_slot, dst, dst_slot, out_type])
+        return link_id
+
+    def ui(self, title: str) -> dict:
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {}, "extra": {"prefalign": {"title": title}, "ds": {"scale": 0.8, "offset": [0, 0]}},
+                "version": 0.4}
+
+
+def validate(ui: dict, info: dict) -> list[str]:
+    """Problems a user would hit on drag-and-drop or on queueing; empty when the workflow is fine."""
+    problems = []
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    links = {l[0]: l for l in ui["links"]}
+    for n in ui["nodes"]:
+        t = n["type"]
+        if t not in info:
+            problems.append(f"node {n['id']}: missing node type {t}")
+            continue
+        defn = info[t]
+        slots = widget_names(defn)
+        values = n.get("widgets_values", [])
+        if len(values) != len(slots):
+            problems.append(f"node {n['id']} {t}: {len(values)} widget values for {len(slots)} widgets {slots}")
+            continue
+        specs = {name: spec for name, spec, _ in ordered_inputs(defn)}
+        for slot, value in zip(slots, values):
+            if slot.endswith("*control*"):
+                if value not in ("fixed", "increment", "decrement", "randomize"):
+                    problems.append(f"node {n['id']} {t}: bad control value {value!r}")
+                continue
+            spec = specs[slot]
+            kind, opts = _kind(spec), (spec[1] if len(spec) > 1 else {})
+            if kind == "COMBO" and isinstance(spec[0], list) and spec[0] and value not in spec[0]:
+                problems.append(f"node {n['id']} {t}.{slot}: {value!r} is not one of the choices")
+            if kind in ("INT", "FLOAT") and not (isinstance(value, (int, float)) and opts.get("min", value) <= value <= opts.get("max", value)):
+                problems.append(f"node {n['id']} {t}.{slot}: {value!r} out of range")
+            if kind == "INT" and isinstance(value, float):
+                problems.append(f"node {n['id']} {t}.{slot}: {value!r} is not an integer")
+            if kind == "STRING" and not isinstance(value, str):
+                problems.append(f"node {n['id']} {t}.{slot}: not a string")
+            if kind == "BOOLEAN" and not isinstance(value, bool):
+                problems.append(f"node {n['id']} {t}.{slot}: not a boolean")
+        linked = {i["name"] for i in n.get("inputs", []) if i.get("link") is not None}
+        for name, spec, required in ordered_inputs(defn):
+            if required and not is_widget(spec) and name not in linked:
+                problems.append(f"node {n['id']} {t}: required input {name} is not connected")
+        for i, inp in enumerate(n.get("inputs", [])):
+            if inp.get("link") is None:
+                continue
+            link = links.get(inp["link"])
+            if link is None or link[3] != n["id"] or link[4] != i:
+                problems.append(f"node {n['id']} {t}: input {inp['name']} has a dangling link {inp['link']}")
+                continue
+            src = nodes.get(link[1])
+            if src is None:
+                problems.append(f"link {link[0]}: missing source node {link[1]}")
+                continue
+            out_type = info.get(src["type"], {}).get("output", [None] * 99)[link[2]]
+            want = specs[inp["name"]][0] if inp["name"] in specs else None
+            want = "COMBO" if isinstance(want, list) else want
+            if out_type != want and want != "*":
+                problems.append(f"link {link[0]}: {src['type']} gives {out_type}, {t}.{inp['name']} takes {want}")
+    return problems
+
+
+def to_api(ui: dict, info: dict) -> dict:
+    """The API-format prompt for a UI workflow (what the frontend posts to /prompt)."""
+    links = {l[0]: l for l in ui["links"]}
+    prompt = {}
+    for n in ui["nodes"]:
+        if n.get("mode", 0) != 0:
+            continue
+        defn = info[n["type"]]
+        inputs = {}
+        for slot, value in zip(widget_names(defn), n.get("widgets_values", [])):
+            if not slot.endswith("*control*"):
+                inputs[slot] = value
+        for inp in n.get("inputs", []):
+            if inp.get("link") is not None:
+                link = links[inp["link"]]
+                inputs[inp["name"]] = [str(link[1]), link[2]]
+        prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs, "_meta": {"title": n.get("title", n["type"])}}
+    return prompt
+
+
+# --------------------------------------------------------------------------------------------- the workflows
+PROMPT = "a watercolor fox in a snowy forest, soft light"
+NEGATIVE = "blurry, low quality"
+
+
+def curate(info: dict) -> dict:
+    g = Graph(info)
+    ckpt = g.add("CheckpointLoaderSimple", (40, 60), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, size=[320, 100])
+    text = g.add("PrimitiveStringMultiline", (40, 220), {"value": PROMPT}, title="Prompt", size=[320, 120])
+    pos = g.add("CLIPTextEncode", (400, 60), {}, {"clip": (ckpt, 1), "text": (text, 0)}, title="Positive")
+    neg = g.add("CLIPTextEncode", (400, 260), {"text": NEGATIVE}, {"clip": (ckpt, 1)}, title="Negative")
+    lat = g.add("EmptyLatentImage", (400, 460), {"width": 512, "height": 512, "batch_size": 4})
+    ks = g.add("KSampler", (760, 60), {"seed": 1, "steps": 25, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+               {"model": (ckpt, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (lat, 0)}, size=[320, 270])
+    dec = g.add("VAEDecode", (1120, 60), {}, {"samples": (ks, 0), "vae": (ckpt, 2)}, size=[200, 50])
+    g.add("PrefAlignGalleryPicker", (1120, 160), {"store": "my_pairs"}, {"images": (dec, 0), "prompt": (text, 0)}, size=[520, 560])
+    return g.ui("Curate: generate a batch, pick chosen and rejected images")
+
+
+def train(info: dict) -> dict:
+    g = Graph(info)
+    ckpt = g.add("CheckpointLoaderSimple", (40, 60), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, size=[320, 100])
+    store = g.add("PrefAlignLoadStore", (40, 220), {"store": "my_pairs"}, size=[320, 80])
+    tr = g.add("PrefAlignTrainLoRA", (400, 60), {
+        "method": "dpo", "method_args": "beta = 5000.0\nloss_type = \"sigmoid\"\nspace = \"latent\"", "steps": 200,
+        "learning_rate": 1e-4, "rank": 8, "alpha": 8.0, "batch_size": 1, "gradient_accumulation_steps": 4,
+        "resolution": 512, "training_seed": 0, "checkpoint_every": 50, "target_modules": "to_q, to_k, to_v, to_out.0",
+        "lora_name": "my_pairs"}, {"model": (ckpt, 0), "clip": (ckpt, 1), "vae": (ckpt, 2), "pairs": (store, 0)}, size=[400, 700])
+    g.add("SaveLoRANode", (860, 60), {"prefix": "loras/prefalign_trained"}, {"lora": (tr, 1)}, size=[320, 80])
+    g.add("PreviewImage", (860, 180), {}, {"images": (tr, 2)}, title="Loss curve", size=[360, 260])
+    pos = g.add("CLIPTextEncode", (860, 480), {"text": PROMPT}, {"clip": (ckpt, 1)}, title="Positive")
+    neg = g.add("CLIPTextEncode", (860, 680), {"text": NEGATIVE}, {"clip": (ckpt, 1)}, title="Negative")
+    lat = g.add("EmptyLatentImage", (860, 880), {"width": 512, "height": 512, "batch_size": 1})
+    ks = g.add("KSampler", (1240, 480), {"seed": 1, "steps": 25, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+               {"model": (tr, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (lat, 0)}, size=[320, 270])
+    dec = g.add("VAEDecode", (1600, 480), {}, {"samples": (ks, 0), "vae": (ckpt, 2)}, size=[200, 50])
+    g.add("PreviewImage", (1600, 580), {}, {"images": (dec, 0)}, title="Sample with the new LoRA", size=[320, 320])
+    return g.ui("Train: pair store -> Train Preference LoRA -> saved LoRA")
+
+
+def compare(info: dict) -> dict:
+    g = Graph(info)
+    ckpt = g.add("CheckpointLoaderSimple", (40, 60), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, size=[320, 100])
+    lora = g.add("PrefAlignLoadLoRA", (40, 220), {"lora_name": "prefalign/your_lora.safetensors", "strength_model": 1.0, "strength_clip": 1.0},
+                 {"model": (ckpt, 0), "clip": (ckpt, 1)}, size=[360, 200])
+    pos_base = g.add("CLIPTextEncode", (440, 60), {"text": PROMPT}, {"clip": (ckpt, 1)}, title="Positive (base)")
+    neg_base = g.add("CLIPTextEncode", (440, 260), {"text": NEGATIVE}, {"clip": (ckpt, 1)}, title="Negative (base)")
+    pos_lora = g.add("CLIPTextEncode", (440, 460), {"text": PROMPT}, {"clip": (lora, 1)}, title="Positive (LoRA)")
+    neg_lora = g.add("CLIPTextEncode", (440, 660), {"text": NEGATIVE}, {"clip": (lora, 1)}, title="Negative (LoRA)")
+    lat = g.add("EmptyLatentImage", (440, 860), {"width": 512, "height": 512, "batch_size": 2})
+    sampler = {"seed": 42, "steps": 25, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
+    base = g.add("KSampler", (800, 60), sampler, {"model": (ckpt, 0), "positive": (pos_base, 0), "negative": (neg_base, 0), "latent_image": (lat, 0)}, title="Without LoRA", size=[320, 270])
+    tuned = g.add("KSampler", (800, 400), sampler, {"model": (lora, 0), "positive": (pos_lora, 0), "negative": (neg_lora, 0), "latent_image": (lat, 0)}, title="With LoRA (same seed)", size=[320, 270])
+    dec_a = g.add("VAEDecode", (1160, 60), {}, {"samples": (base, 0), "vae": (ckpt, 2)}, size=[200, 50])
+    dec_b = g.add("VAEDecode", (1160, 400), {}, {"samples": (tuned, 0), "vae": (ckpt, 2)}, size=[200, 50])
+    st = g.add("ImageStitch", (1400, 60), {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"},
+               {"image1": (dec_a, 0), "image2": (dec_b, 0)}, size=[300, 160])
+    g.add("SaveImage", (1400, 260), {"filename_prefix": "prefalign_compare"}, {"images": (st, 0)}, title="Left: base, right: LoRA", size=[520, 420])
+    return g.ui("Compare: same seeds with and without the preference LoRA, side by side")
+
+
+WORKFLOWS = {"prefalign_curate.json": curate, "prefalign_train.json": train, "prefalign_compare.json": compare}
+
+
+def build_all(info: dict) -> dict[str, dict]:
+    return {name: fn(info) for name, fn in WORKFLOWS.items()}
+
+
+if __name__ == "__main__":  # regenerate workflows/*.json
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("prefalign_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["prefalign_pack"] = pack
+    spec.loader.exec_module(pack)
+    info = object_info(pack)
+    for name, ui in build_all(info).items():
+        problems = [p for p in validate(ui, info) if "is not one of the choices" not in p]
+        assert not problems, problems
+        (ROOT / "workflows" / name).write_text(json.dumps(ui, indent=1) + "\n")
+        print("wrote", name)

@@ -1,0 +1,80 @@
+"""The exported LoRA file loads in diffusers (and ComfyUI's key map) and reproduces the trained UNet."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_pairs, tiny_config
+from trainer.loop import train
+from trainer.models.tiny import tiny_model_path
+from trainer.run import make_backend
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+def test_exported_lora_reproduces_trained_unet_in_diffusers(tmp_path, model):
+    from diffusers import DiffusionPipeline
+
+    config = tiny_config(tmp_path, model=model, max_steps=3, learning_rate=1e-2, alpha=2.0)
+    backend = make_backend(config, torch.device("cpu"))
+    result = train(config, backend, make_pairs(4))
+    cond = backend.encode_prompts(["a red square"])
+    cond["time_ids"] = torch.tensor([[32.0, 32, 0, 0, 32, 32]])
+    x, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([400])
+    with torch.no_grad():
+        trained = backend.predict(x, t, cond)
+        with backend.reference():
+            base = backend.predict(x, t, cond)
+    assert (trained - base).abs().max() > 1e-4  # training changed the model
+
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_model_path(model)))
+    pipe.load_lora_weights(str(result.lora_path))
+    kwargs = {"encoder_hidden_states": cond["prompt_embeds"]}
+    if model == "tiny-sdxl":
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
+    with torch.no_grad():
+        loaded = pipe.unet(x, t, **kwargs).sample
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)
+
+
+def diffusers_module_names(model: str) -> set[str]:
+    """kohya names of every attention projection in the diffusers UNet (what ComfyUI maps)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_model_path(model)), subfolder="unet")
+    suffixes = ("to_q", "to_k", "to_v", "to_out.0")
+    return {"lora_unet_" + n.replace(".", "_") for n, _ in unet.named_modules() if n.endswith(suffixes)}
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+def test_exported_keys_are_kohya_names_of_every_target(tmp_path, model):
+    backend = make_backend(tiny_config(tmp_path, model=model), torch.device("cpu"))
+    keys = backend.export_lora()
+    modules = {k.split(".")[0] for k in keys}
+    assert modules == diffusers_module_names(model)
+    for m in modules:
+        assert {f"{m}.lora_down.weight", f"{m}.lora_up.weight", f"{m}.alpha"} <= set(keys)
+        assert keys[f"{m}.alpha"].item() == 4.0
+
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+
+
+@pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to check its LoRA key map")
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+def test_comfyui_maps_every_exported_key(tmp_path, model):
+    """ComfyUI's own key map (comfy.lora.model_lora_keys_unet) knows every module we write."""
+    sys.path.insert(0, str(Path(COMFYUI_DIR)))
+    import comfy.utils
+
+    backend = make_backend(tiny_config(tmp_path, model=model), torch.device("cpu"))
+    modules = {k.split(".")[0] for k in backend.export_lora()}
+    # ComfyUI derives kohya names from the diffusers UNet layout of the checkpoint's config.
+    unet_config = {"num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1 if model == "tiny-sd" else 2],
+                   "transformer_depth_output": [0, 0, 1 if model == "tiny-sd" else 2, 1 if model == "tiny-sd" else 2]}
+    names = comfy.utils.unet_to_diffusers(unet_config)
+    mapped = {"lora_unet_" + k.rsplit(".", 1)[0].replace(".", "_") for k in names}
+    assert modules <= mapped, sorted(modules - mapped)[:5]

@@ -1,0 +1,1 @@
+"""PrefAlign's standalone trainer: preference alignment of text-to-image diffusion models with LoRA."""

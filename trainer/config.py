@@ -1,0 +1,174 @@
+"""The training configuration: one dataclass, loaded from TOML, overridden by command-line flags."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run. Each field is also a `--flag` of `python -m trainer train`."""
+
+    # model
+    model: str = field(default="tiny-sd", metadata={"help": "diffusers folder, hub id, single-file .safetensors, or tiny-sd / tiny-sdxl / toy"})
+    vae: str | None = field(default=None, metadata={"help": "optional VAE folder or hub id (e.g. an fp16-fixed SDXL VAE)"})
+    # data
+    data: str = field(default="tiny", metadata={"help": "parquet file/folder, images folder with pairs.jsonl, HF dataset id, or tiny (built in)"})
+    split: str = field(default="train", metadata={"help": "dataset split (HF datasets)"})
+    streaming: bool = field(default=False, metadata={"help": "stream a HF dataset instead of downloading it whole"})
+    keep_ties: bool = field(default=False, metadata={"help": "keep tied pairs (label 0.5) with jpg_0 first; dropped by default"})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "skip and count rows whose images do not decode instead of stopping"})
+    max_examples: int | None = field(default=None, metadata={"help": "use at most this many rows"})
+    resolution: int = field(default=512, metadata={"help": "training resolution in pixels (square)"})
+    center_crop: bool = field(default=True, metadata={"help": "centre crop (else random crop)"})
+    random_flip: bool = field(default=False, metadata={"help": "flip both images of a pair horizontally at random"})
+    # method
+    method: str = field(default="dpo", metadata={"help": "alignment method; see `python -m trainer methods`"})
+    method_args: dict[str, Any] = field(default_factory=dict, metadata={"help": "method hyper-parameters, e.g. beta=2500 (TOML table [method_args])"})
+    embedder: str | None = field(default=None, metadata={"help": "CLIP model (path or hub id) for methods that need embeddings; default: the pipeline's text encoder"})
+    # LoRA
+    rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={"help": "UNet modules that get a LoRA"})
+    # optimisation
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (LoRA DPO: 1e-5..1e-4)"})
+    lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": f"one of {', '.join(LR_SCHEDULERS)}"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    use_8bit_adam: bool = field(default=False, metadata={"help": "8-bit AdamW (needs bitsandbytes)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping (0 disables)"})
+    batch_size: int = field(default=1, metadata={"help": "pairs per device per micro-step"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimiser step"})
+    max_steps: int = field(default=1000, metadata={"help": "optimiser steps"})
+    mixed_precision: str = field(default="no", metadata={"help": f"one of {', '.join(MIXED_PRECISION)}"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations to save memory"})
+    seed: int = field(default=0, metadata={"help": "seed for data order, noise and timesteps"})
+    # output
+    output_dir: str = field(default="out", metadata={"help": "where lora.safetensors, metrics.jsonl, config.toml and checkpoints/ go"})
+    checkpoint_every: int = field(default=500, metadata={"help": "save a resumable checkpoint every N steps (0: only at the end)"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "keep the newest N checkpoints"})
+    resume: str | None = field(default=None, metadata={"help": "latest, or a checkpoint folder"})
+    log_every: int = field(default=1, metadata={"help": "read metrics from the device every N steps"})
+    tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard under OUTPUT/tensorboard"})
+    cache_dir: str | None = field(default=None, metadata={"help": "on-disk cache of latents and text embeddings (default OUTPUT/../.cache)"})
+    cache: bool = field(default=True, metadata={"help": "encode images and prompts once and reuse them; off: encode every step"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+
+    def __post_init__(self) -> None:
+        choices = {"mixed_precision": MIXED_PRECISION, "lr_scheduler": LR_SCHEDULERS}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        positive = ("rank", "batch_size", "gradient_accumulation_steps", "max_steps", "resolution", "log_every")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be at least 1, got {getattr(self, key)}")
+        if self.resolution % 8:
+            raise ConfigError("resolution", f"must be a multiple of 8, got {self.resolution}")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config key {key!r}: {problem}")
+        self.key = key
+
+
+def config_fields() -> dict[str, tuple[dataclasses.Field, Any]]:
+    """Field objects with their resolved types, in declaration order."""
+    hints = get_type_hints(TrainConfig)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(TrainConfig)}
+
+
+def coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check (and widen int -> float) one value against its annotated type; errors name the key."""
+    text = str(annotation)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ConfigError(key, "may not be empty")
+    if annotation is bool or text.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if annotation is float or text.startswith("float"):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if annotation is int or text.startswith("int"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if annotation is str or text.startswith("str"):
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    if text.startswith("list"):
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise ConfigError(key, f"expected a list of strings, got {value!r}")
+    if text.startswith("dict"):
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(key, f"expected a table, got {value!r}")
+    raise ConfigError(key, f"unsupported type {annotation}")  # pragma: no cover
+
+
+def make_config(values: dict[str, Any]) -> TrainConfig:
+    """Build a config from plain values; unknown keys and wrong types name the key."""
+    fields = config_fields()
+    checked = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(key, "unknown option (see `python -m trainer train --help`)")
+        checked[key] = coerce(key, value, fields[key][1])
+    return TrainConfig(**checked)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config file {path}: {e}") from None
+
+
+def to_toml(config: TrainConfig) -> str:
+    """The resolved configuration as TOML (written to OUTPUT/config.toml)."""
+    lines, tables = [], []
+    for key, value in dataclasses.asdict(config).items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            tables.append(f"\n[{key}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in value.items()))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}\n")
+    return "".join(lines) + "".join(tables)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

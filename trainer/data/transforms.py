@@ -1,0 +1,127 @@
+"""Image decoding and the shared resize / crop / flip of a pair."""
+from __future__ import annotations
+
+import io
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import BadImageError
+from .records import ImageSource, PreferenceExample, ProcessedExample
+
+#: Default refusal threshold: 64 megapixels (8192 x 8192), below Pillow's own bomb warning.
+MAX_PIXELS = 8192 * 8192
+
+
+def _open(image: ImageSource) -> Image.Image:
+    return Image.open(io.BytesIO(image) if isinstance(image, bytes) else Path(image))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB: alpha composited on white, 16-bit scaled down, palette / CMYK / grey converted."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        wide = np.asarray(img, dtype=np.int64)
+        scale = 257.0 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 1.0
+        img = Image.fromarray(np.clip(wide / scale + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(
+    image: ImageSource, where: str, max_pixels: int = MAX_PIXELS, draft_size: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode to 8-bit RGB with EXIF orientation applied; also return the original (h, w).
+
+    Anything that fails raises BadImageError naming `where`; an image above `max_pixels` is
+    refused before its pixels are decoded. `draft_size` lets a JPEG decode at a reduced scale
+    whose shorter side stays at least `draft_size` (much faster for large images)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = _open(image)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImageError(
+                    f"{where}: image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} "
+                    "(decompression bomb?); raise max_pixels to accept it"
+                )
+            original = (w, h) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)
+            if draft_size is not None and img.format == "JPEG":
+                scale = draft_size / min(w, h)
+                img.draft("RGB", (int(w * scale + 1), int(h * scale + 1)))
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            return _to_rgb(img), original
+    except BadImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise BadImageError(f"{where}: image does not decode: {type(e).__name__}: {e}") from None
+
+
+class ImageTransform:
+    """Decode the images of a row, resize each (shorter side to `resolution`), crop a square.
+
+    Both images of a pair get the same relative crop position and the same flip, so that
+    corresponding pixels stay aligned even when the two images differ in size. Crops are
+    centred, or drawn from `crop_rng` when `center_crop` is False. `time_ids` per image follow
+    SDXL: (original h, original w, crop top, crop left, resolution, resolution), where the crop
+    offsets are in the resized image and, after a flip, measured in the flipped image.
+    """
+
+    def __init__(self, resolution: int, center_crop: bool = True, max_pixels: int = MAX_PIXELS):
+        if resolution < 1:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.max_pixels = max_pixels
+
+    def __call__(self, example: PreferenceExample, flip: bool, crop_rng: random.Random | None) -> ProcessedExample:
+        if self.center_crop or crop_rng is None:
+            fy = fx = 0.5
+        else:
+            fy, fx = crop_rng.random(), crop_rng.random()
+        pixels, time_ids = [], []
+        for k, image in enumerate(example.images):
+            role = ("chosen", "rejected")[k] if example.is_pair else "image"
+            where = f"{example.source} ({role} image)"
+            img, original = decode_image(image, where, self.max_pixels, draft_size=self.resolution)
+            tensor, ids = self._resize_crop(img, original, fy, fx, flip, where)
+            pixels.append(tensor)
+            time_ids.append(ids)
+        return ProcessedExample(
+            prompt=example.prompt,
+            pixels=torch.stack(pixels),
+            time_ids=torch.tensor(time_ids, dtype=torch.float32),
+            labels=torch.tensor(example.labels, dtype=torch.float32),
+            source=example.source,
+        )
+
+    def _resize_crop(
+        self, img: Image.Image, original: tuple[int, int], fy: float, fx: float, flip: bool, where: str
+    ) -> tuple[torch.Tensor, list[int]]:
+        res = self.resolution
+        orig_h, orig_w = original
+        scale = res / min(orig_w, orig_h)
+        w, h = max(res, round(orig_w * scale)), max(res, round(orig_h * scale))
+        try:
+            img = img.resize((w, h), Image.Resampling.BICUBIC)
+        except (OSError, ValueError) as e:
+            raise BadImageError(f"{where}: image does not resize: {e}") from None
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            fx = 1.0 - fx
+        top, left = round(fy * (h - res)), round(fx * (w - res))
+        img = img.crop((left, top, left + res, top + res))
+        array = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return array.float().div_(127.5).sub_(1.0), [orig_h, orig_w, top, left, res, res]

@@ -1,0 +1,62 @@
+"""Ranks of a data-parallel run (torchrun / accelerate launch), or a single process.
+
+LoRA gradients are small, so they are all-reduced explicitly after backward (DDP semantics) rather
+than by wrapping the UNet: the adapter can then be switched off for the reference forward on the
+plain module, and gradient checkpointing needs no special care.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> "Ranks":
+        return cls(0, 1, torch.device(device))
+
+    @classmethod
+    def from_environment(cls, cpu: bool = False) -> "Ranks":
+        """Join the process group that torchrun or accelerate set up (gloo on CPU, nccl on GPU)."""
+        from accelerate import PartialState
+
+        state = PartialState(cpu=cpu)
+        return cls(state.process_index, state.num_processes, state.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        if self.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def average_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One host sync for all metrics (and one all-reduce across ranks)."""
+        names = sorted(metrics)
+        values = torch.stack([metrics[n].detach().float().reshape(()).to(self.device) for n in names])
+        if self.world_size > 1:
+            dist.all_reduce(values)
+            values /= self.world_size
+        return dict(zip(names, values.cpu().tolist()))
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()

@@ -1,0 +1,163 @@
+"""The training loop: generic over methods (it reads only their declared needs) and over backends.
+
+nanoGPT-style: everything a step does is readable in `train`. The CLI and the ComfyUI node both
+drive it; they pass hooks for progress and for a stop request.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .atomic import write_text
+from .batches import BatchStream
+from .checkpoint import TrainingState, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .config import TrainConfig, to_toml
+from .data.records import PreferenceExample
+from .distributed import Ranks
+from .export import lora_metadata, write_lora
+from .methods import Method, build_method
+from .metrics import MetricsLog, MetricsMeter, Progress
+from .models.backend import Backend
+from .optim import make_lr_scheduler, make_optimizer
+from .step import compute_outputs, draw_noise
+
+
+@dataclass
+class StepReport:
+    step: int
+    total: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class TrainHooks:
+    on_step: Callable[[StepReport], None] | None = None  # after each logged optimiser step
+    should_stop: Callable[[], bool] | None = None  # checked at every step boundary
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    metrics: dict[str, float]
+    output_dir: Path
+    lora_path: Path | None
+    stopped: bool
+    checkpoint: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def check_compatible(method: Method, examples: Sequence[PreferenceExample]) -> None:
+    if len(examples) == 0:
+        raise ValueError("the dataset is empty")
+    if method.paired and not examples[0].is_pair:
+        raise ValueError(f"method {method.name!r} trains on chosen/rejected pairs, but the dataset holds single "
+                         "labelled images; use a pairwise dataset or an unpaired method such as kto")
+
+
+def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceExample],
+          hooks: TrainHooks | None = None, ranks: Ranks | None = None) -> TrainResult:
+    """Train the backend's adapter on `examples` with `config.method`; write the LoRA and checkpoints."""
+    hooks = hooks or TrainHooks()
+    ranks = ranks or Ranks.single()
+    method = build_method(config.method, config.method_args)
+    check_compatible(method, examples)
+    out = Path(config.output_dir)
+    ckpt_root = out / "checkpoints"
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.toml", to_toml(config))
+
+    params = backend.trainable_parameters()
+    optimizer = make_optimizer(config, params)
+    lr_scheduler = make_lr_scheduler(config, optimizer)
+    generator = torch.Generator().manual_seed(config.seed)
+    stream = BatchStream(config, backend, examples, method, ranks)
+    step = 0
+    if config.resume:
+        folder = resolve_resume(config.resume, ckpt_root)
+        if folder is not None:
+            state = load_checkpoint(folder)
+            backend.load_adapter_state_dict(state.adapter)
+            optimizer.load_state_dict(state.optimizer)
+            lr_scheduler.load_state_dict(state.lr_scheduler)
+            generator.set_state(state.generator)
+            stream.load_state_dict(state.data)
+            step = state.step
+    log = MetricsLog(out / "metrics.jsonl", enabled=ranks.is_main, after_step=step, tensorboard=config.tensorboard)
+    meter = MetricsMeter()
+    progress = Progress(config.max_steps, step, ranks.is_main)
+    autocast = _autocast(config.mixed_precision, backend.device)
+    scaler = torch.amp.GradScaler(backend.device.type, enabled=config.mixed_precision == "fp16")
+    accum = config.gradient_accumulation_steps
+    last_good = list_checkpoints(ckpt_root)[-1] if list_checkpoints(ckpt_root) else None
+    stopped, metrics = False, {}
+
+    def checkpoint() -> Path | None:
+        if not ranks.is_main:
+            return None
+        state = TrainingState(step, backend.adapter_state_dict(), optimizer.state_dict(), lr_scheduler.state_dict(),
+                              generator.get_state(), stream.state_dict())
+        return save_checkpoint(ckpt_root, state, config.keep_checkpoints)
+
+    backend.model.train()
+    while step < config.max_steps:
+        if hooks.should_stop is not None and hooks.should_stop():
+            stopped = True
+            break
+        for _ in range(accum):
+            batch = stream.next_batch()
+            noise = draw_noise(method, batch.global_shape, batch.local.paired, backend.num_train_timesteps, generator)
+            with autocast:
+                outputs = compute_outputs(backend, method, batch.local, noise.take(batch.rows))
+                loss, step_metrics = method.loss(outputs)
+            scaler.scale(loss / accum).backward()
+            meter.add(step_metrics)
+        ranks.average_gradients(params)
+        scaler.unscale_(optimizer)
+        if config.max_grad_norm > 0:
+            meter.add({"grad_norm": torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)})
+        scaler.step(optimizer)
+        scaler.update()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % config.log_every == 0 or step == config.max_steps:
+            metrics = ranks.average_metrics(meter.read())
+            metrics["lr"] = lr_scheduler.get_last_lr()[0]
+            if not math.isfinite(metrics["loss"]):
+                raise NonFiniteLossError(
+                    f"loss is {metrics['loss']} at step {step}; stopped. Last good checkpoint: "
+                    f"{last_good or 'none'}. Lower the learning rate or beta, or use bf16/fp32 instead of fp16.")
+            log.write(step, metrics)
+            progress.update(step, metrics)
+            if hooks.on_step is not None:
+                hooks.on_step(StepReport(step, config.max_steps, metrics))
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                last_good = checkpoint() or last_good
+    progress.close()
+    result = TrainResult(step, metrics, out, None, stopped)
+    if ranks.is_main:
+        if step > 0 and (last_good is None or not last_good.name.endswith(f"-{step}")):
+            last_good = checkpoint()
+        result.checkpoint = last_good
+        meta = lora_metadata(config, backend.model_info(), step, metrics)
+        result.lora_path = write_lora(out / "lora.safetensors", backend.export_lora(), meta)
+        write_text(out / "summary.json", json.dumps({"steps": step, "stopped": stopped, "metrics": metrics,
+                                                     "lora": str(result.lora_path)}, indent=2))
+    log.close()
+    ranks.barrier()
+    return result
+
+
+def _autocast(mixed_precision: str, device: torch.device) -> torch.autocast:
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

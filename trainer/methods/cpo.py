@@ -1,0 +1,49 @@
+"""CPO for diffusion, the reference-free form used by NCP-DPO (Gambashidze et al. 2024).
+
+    loss = mean(-log sigmoid(-beta * (e_theta_w - e_theta_l))) + sft_weight * mean(e_theta_w)
+
+Source: sakharok13/Aligning-Stable-Diffusion-with-Noise-Conditioned-Perception
+`src/train/train_sd15.py`, `loss_type=cpo` (beta 2500, no 0.5 factor: the same multiplier as DPO's
+official beta 5000; no SFT term). `sft_weight` adds the chosen-image NLL term of LLM-CPO (Xu et al.
+2024); default 0 (the NCP form). `space` picks latent or NCP errors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Method, MethodConfig, StepOutputs, check_choice
+from .dpo import SPACES, error_metrics
+from .registry import register
+
+
+@dataclass
+class CPOConfig(MethodConfig):
+    beta: float = 2500.0
+    sft_weight: float = 0.0
+    space: str = "latent"
+
+    def __post_init__(self) -> None:
+        check_choice("space", self.space, SPACES)
+
+
+@register
+class CPO(Method):
+    name = "cpo"
+    paper = "CPO, diffusion form of NCP-DPO (Gambashidze et al., 2024)"
+    Config = CPOConfig
+    config: CPOConfig
+    needs_reference = False
+
+    def loss(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
+        inside = -self.config.beta * (out.err_w - out.err_l)
+        loss = -F.logsigmoid(inside).mean() + self.config.sft_weight * out.err_w.mean()
+        inside = inside.detach()
+        return loss, {
+            "loss": loss.detach(),
+            "implicit_acc": (inside > 0).float().mean(),
+            "reward_margin": inside.mean(),
+            **error_metrics(out),
+        }

@@ -1,0 +1,40 @@
+"""The methods table: `python -m trainer methods` and the README."""
+from __future__ import annotations
+
+import dataclasses
+
+from .registry import method_class, method_names
+
+COLUMNS = ("method", "paper", "reference", "hyper-parameters (defaults)")
+
+
+def _format(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def methods_table_rows() -> list[tuple[str, str, str, str]]:
+    """(name, paper, needs a reference "yes"/"no", "key=default, ...") for every registered method."""
+    rows = []
+    for name in method_names():
+        cls = method_class(name)
+        config = cls.Config()
+        options = ", ".join(
+            f"{f.name}={_format(getattr(config, f.name))}" + (" (auto)" if f.default is None else "")
+            for f in dataclasses.fields(config)
+        )
+        rows.append((name, cls.paper, "yes" if cls.needs_reference else "no", options or "-"))
+    return rows
+
+
+def methods_table_markdown() -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row[:3]) + f" | `{row[3]}` |" for row in methods_table_rows()]
+    return "\n".join(lines)
+
+
+def methods_table_text() -> str:
+    rows = [COLUMNS, *methods_table_rows()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows
+    )

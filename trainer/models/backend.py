@@ -1,0 +1,61 @@
+"""The model interface the training loop drives: the diffusers backend and ComfyUI's implement it.
+
+Timesteps are integers in [0, num_train_timesteps). Conditioning is a dict of batch-first tensors
+(`prompt_embeds`, and for SDXL `pooled` and `time_ids`) so it can be cached, indexed and concatenated.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor, nn
+
+Cond = dict[str, Tensor]
+
+
+class Backend(Protocol):
+    num_train_timesteps: int
+    prediction_type: str  # "epsilon" or "v_prediction"
+    alphas_cumprod: Tensor  # DDPM schedule [num_train_timesteps] (NCP's posterior step)
+    device: torch.device
+
+    @property
+    def model(self) -> nn.Module:
+        """The trainable network (what accelerate wraps)."""
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        """Text conditioning for each prompt (no grad); includes `pooled`, a per-prompt vector."""
+
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """Pixels [N, 3, H, W] in [-1, 1] -> latents scaled for the model (no grad)."""
+
+    def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The forward process x_t."""
+
+    def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """What the model is trained to predict (eps or velocity)."""
+
+    def predict(self, noisy: Tensor, timesteps: Tensor, cond: Cond) -> Tensor:
+        """The policy's prediction (adapter enabled, with grad)."""
+
+    def reference(self) -> AbstractContextManager[None]:
+        """Inside this context `predict` is the reference: the trainable adapter is switched off."""
+
+    def encoder_features(self, sample: Tensor, timesteps: Tensor, cond: Cond) -> Tensor:
+        """Noise-conditioned features of the frozen pretrained encoder (NCP space), flattened [N, F]."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The adapter's parameters, and nothing else."""
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """The adapter's weights, for checkpoints."""
+
+    def load_adapter_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore `adapter_state_dict` output exactly."""
+
+    def export_lora(self) -> dict[str, Tensor]:
+        """The adapter under kohya names (`lora_unet_…` + `.lora_down.weight`/`.lora_up.weight`/`.alpha`)."""
+
+    def model_info(self) -> dict[str, str]:
+        """Base-model facts for the LoRA metadata: at least `name`, `hash` and `architecture` (sd15/sdxl/...)."""

@@ -1,0 +1,70 @@
+"""Loading the shipped toy model and sampling from it deterministically on CPU (DDIM, eta 0)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+from torch import Tensor
+
+#: Classifier-free guidance used for every toy evaluation unless told otherwise.
+GUIDANCE_SCALE = 3.0
+
+
+def toy_model_path() -> Path:
+    """The shipped toy model (diffusers layout); what `--model toy` resolves to."""
+    return Path(__file__).resolve().parent / "model"
+
+
+def load_toy_pipeline(path: str | os.PathLike | None = None) -> StableDiffusionPipeline:
+    """The toy StableDiffusionPipeline in fp32 on CPU, from `path` (default: the shipped model)."""
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path or toy_model_path(), safety_checker=None, requires_safety_checker=False, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample_images(
+    pipeline_or_path: StableDiffusionPipeline | str | os.PathLike | None,
+    prompts: str | Sequence[str],
+    seeds: Sequence[int],
+    steps: int = 20,
+    lora: str | os.PathLike | dict[str, Tensor] | None = None,
+    guidance_scale: float = GUIDANCE_SCALE,
+    batch_size: int = 64,
+) -> list[Image.Image]:
+    """One image per seed, `prompts[i]` for `seeds[i]` (a single prompt is used for all seeds).
+
+    Each image's starting noise comes from its own seed, so an image does not depend on the batch
+    it is drawn in. `lora` (a LoRA file/folder or state dict that `load_lora_weights` accepts) is
+    applied for this call only; a pipeline passed in is left as it was.
+    """
+    prompts = [prompts] * len(seeds) if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
+    base = pipeline_or_path if isinstance(pipeline_or_path, StableDiffusionPipeline) else load_toy_pipeline(pipeline_or_path)
+    pipe = StableDiffusionPipeline(
+        **{**base.components, "scheduler": DDIMScheduler.from_config(base.scheduler.config)},
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(lora, adapter_name="toy_sample_lora")
+    try:
+        images: list[Image.Image] = []
+        for start in range(0, len(seeds), batch_size):
+            chunk = slice(start, start + batch_size)
+            generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[chunk]]
+            with torch.inference_mode():
+                out = pipe(
+                    prompts[chunk], num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators, eta=0.0
+                )
+            images.extend(out.images)
+        return images
+    finally:
+        if lora is not None:
+            pipe.delete_adapters("toy_sample_lora")

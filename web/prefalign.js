@@ -1,0 +1,297 @@
+// PrefAlign ComfyUI frontend extension: the gallery picker and the live loss chart.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import {
+  acceptsTrainMessage, chartGeometry, clickMark, createMarkSender, imageUrl, keyAction, markBody, mergePoints,
+  moveCursor, nextMark, progressText, smooth, summary,
+} from "./prefalign_logic.js";
+
+const GALLERY = "PrefAlignGalleryPicker";
+const TRAIN = "PrefAlignTrainLoRA";
+const COLORS = { chosen: "#2e9e44", rejected: "#c8323c", none: "transparent" };
+
+const STYLE = `
+.prefalign-gallery { display:flex; flex-direction:column; gap:4px; font:12px sans-serif; color:var(--fg-color,#ddd); outline:none; overflow:auto; height:100%; box-sizing:border-box; }
+.prefalign-gallery:focus { box-shadow: inset 0 0 0 1px #4a8fe7; }
+.prefalign-gallery .pa-prompt { opacity:.85; white-space:nowrap; overflow:hidden; text-overflow:ellipsis; }
+.prefalign-gallery .pa-grid { display:grid; grid-template-columns:repeat(auto-fill,minmax(96px,1fr)); gap:4px; }
+.prefalign-gallery .pa-tile { position:relative; border:3px solid transparent; border-radius:4px; cursor:pointer; }
+.prefalign-gallery .pa-tile.pa-cursor { outline:2px dashed #4a8fe7; outline-offset:1px; }
+.prefalign-gallery .pa-tile img { width:100%; display:block; border-radius:2px; }
+.prefalign-gallery .pa-badge { position:absolute; top:2px; left:2px; padding:0 4px; border-radius:3px; font-weight:bold; color:#fff; }
+.prefalign-gallery .pa-status { opacity:.85; }
+.prefalign-gallery .pa-error { color:#f66; }
+.prefalign-chart { width:100%; height:100%; display:flex; flex-direction:column; font:11px sans-serif; color:var(--fg-color,#ddd); }
+.prefalign-chart canvas { flex:1; width:100%; min-height:80px; background:rgba(0,0,0,.25); border-radius:4px; }
+`;
+
+function injectStyle() {
+  if (document.getElementById("prefalign-style")) return;
+  const el = document.createElement("style");
+  el.id = "prefalign-style";
+  el.textContent = STYLE;
+  document.head.appendChild(el);
+}
+
+async function jsonFetch(path, options) {
+  const res = await api.fetchApi(path, options);
+  let body = null;
+  try { body = await res.json(); } catch { /* not JSON */ }
+  if (!res.ok) throw new Error((body && body.error) || `HTTP ${res.status}`);
+  return body;
+}
+
+// ---------------------------------------------------------------- gallery picker
+class Gallery {
+  constructor(node) {
+    this.node = node;
+    this.batch = null;
+    this.marks = [];
+    this.cursor = 0;
+    this.saved = true;
+    this.el = document.createElement("div");
+    this.el.className = "prefalign-gallery";
+    this.el.tabIndex = 0;
+    this.el.innerHTML = `<div class="pa-prompt"></div><div class="pa-grid"></div><div class="pa-status">Run the graph to show a batch here. Click = chosen, right-click/shift-click = rejected; keys C / R / X, arrows move.</div>`;
+    this.promptEl = this.el.querySelector(".pa-prompt");
+    this.grid = this.el.querySelector(".pa-grid");
+    this.status = this.el.querySelector(".pa-status");
+    this.sender = createMarkSender(
+      (body) => jsonFetch("/prefalign/mark", { method: "POST", headers: { "Content-Type": "application/json" }, body }),
+      (state, pending, err) => this.onServer(state, pending, err),
+    );
+    this.el.addEventListener("keydown", (e) => this.onKey(e));
+    this.el.addEventListener("contextmenu", (e) => e.preventDefault());
+    this.el.addEventListener("pointerdown", (e) => e.stopPropagation());
+  }
+
+  async show(batch, restore = false) {
+    this.batch = batch;
+    this.marks = Array(batch.count).fill("none");
+    this.cursor = 0;
+    this.promptEl.textContent = batch.prompt || "(no prompt)";
+    this.promptEl.title = batch.prompt || "";
+    this.grid.replaceChildren();
+    this.tiles = [];
+    for (let i = 0; i < batch.count; i++) {
+      const tile = document.createElement("div");
+      tile.className = "pa-tile";
+      tile.dataset.index = String(i);
+      const img = document.createElement("img");
+      img.src = api.apiURL ? api.apiURL(imageUrl(batch, i)) : imageUrl(batch, i);
+      img.draggable = false;
+      const badge = document.createElement("span");
+      badge.className = "pa-badge";
+      tile.append(img, badge);
+      tile.addEventListener("mousedown", (e) => {
+        e.preventDefault(); e.stopPropagation();
+        this.cursor = i;
+        this.el.focus();
+        this.mark(i, clickMark(e));
+      });
+      this.grid.appendChild(tile);
+      this.tiles.push(tile);
+    }
+    this.render();
+    try {
+      const state = await jsonFetch(`/prefalign/batch?${new URLSearchParams({ store: batch.store, batch: batch.batch })}`);
+      this.marks = state.marks;
+      this.render(state);
+    } catch (err) {
+      if (restore) this.status.textContent = `This batch is no longer in store "${batch.store}".`;
+    }
+  }
+
+  mark(index, wanted) {
+    if (!this.batch) return;
+    const mark = nextMark(this.marks[index], wanted);
+    this.marks[index] = mark;
+    this.saved = false;
+    this.render();
+    this.sender.send(markBody(this.batch, index, mark));
+  }
+
+  onKey(e) {
+    const action = keyAction(e.key);
+    if (!action || !this.batch) return;
+    e.preventDefault();
+    e.stopPropagation();
+    if (action.type === "move") this.cursor = moveCursor(this.cursor, action.delta, this.batch.count);
+    else this.mark(this.cursor, action.mark === "none" ? this.marks[this.cursor] : action.mark);
+    this.render();
+  }
+
+  onServer(state, pending, err) {
+    if (state && this.batch && state.batch === this.batch.batch && pending === 0) {
+      this.marks = state.marks;
+      this.saved = true;
+    }
+    this.render(state, err, pending);
+  }
+
+  render(state = null, err = null, pending = 0) {
+    (this.tiles || []).forEach((tile, i) => {
+      const m = this.marks[i];
+      tile.style.borderColor = COLORS[m];
+      tile.classList.toggle("pa-cursor", i === this.cursor);
+      const badge = tile.querySelector(".pa-badge");
+      badge.textContent = m === "none" ? "" : m === "chosen" ? "✓ chosen" : "✗ rejected";
+      badge.style.background = COLORS[m];
+    });
+    if (!this.batch) return;
+    const s = summary(this.marks);
+    const total = state && state.total_pairs !== undefined ? ` · store "${this.batch.store}" holds ${state.total_pairs}` : "";
+    const saving = pending > 0 || !this.saved ? " · saving…" : " · saved";
+    this.status.textContent = `${s.chosen} chosen, ${s.rejected} rejected → ${s.pairs} pairs${total}${saving}`;
+    this.status.classList.toggle("pa-error", !!err);
+    if (err) this.status.textContent += ` · not saved yet (${err.message}), retrying`;
+  }
+}
+
+function setupGallery(node) {
+  injectStyle();
+  const gallery = new Gallery(node);
+  node.prefalignGallery = gallery;
+  node.addDOMWidget("prefalign_gallery", "prefalign_gallery", gallery.el, { serialize: false, hideOnZoom: false, getMinHeight: () => 220 });
+  node.setSize([Math.max(node.size[0], 420), Math.max(node.size[1], 420)]);
+  const saved = node.properties && node.properties.prefalign_batch;
+  if (saved) gallery.show(saved, true);
+}
+
+// ---------------------------------------------------------------- loss chart
+class LossChart {
+  constructor(node) {
+    this.node = node;
+    this.state = { step: 0, total: 0, points: [], status: "" };
+    this.el = document.createElement("div");
+    this.el.className = "prefalign-chart";
+    this.label = document.createElement("div");
+    this.label.textContent = "loss: waiting for training";
+    this.canvas = document.createElement("canvas");
+    this.el.append(this.label, this.canvas);
+  }
+
+  update(detail) {
+    if (detail.prompt_id && this.state.prompt_id && detail.prompt_id !== this.state.prompt_id && detail.status === "running" && detail.step === 0) {
+      this.state = { step: 0, total: 0, points: [], status: "" };
+    }
+    if (detail.step === 0 && detail.status === "running") this.state.points = [];
+    this.state = { ...this.state, ...detail, points: mergePoints(this.state.points, detail.points || detail.loss || []) };
+    this.draw();
+  }
+
+  draw() {
+    this.label.textContent = progressText(this.state) || "loss";
+    const c = this.canvas;
+    const w = (c.width = c.clientWidth || 300), h = (c.height = c.clientHeight || 120);
+    const ctx = c.getContext("2d");
+    ctx.clearRect(0, 0, w, h);
+    const pts = this.state.points;
+    if (!pts.length) return;
+    const g = chartGeometry(pts, w, h, 18, this.state.total);
+    ctx.strokeStyle = "rgba(120,160,255,.35)";
+    ctx.beginPath();
+    g.lines.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+    ctx.stroke();
+    const sm = chartGeometry(smooth(pts), w, h, 18, this.state.total);
+    const yScale = (v) => 18 + (1 - (v - g.min) / (g.max - g.min)) * (h - 36);
+    ctx.strokeStyle = "#6fa0ff";
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    smooth(pts).forEach(([, v], i) => { const x = sm.lines[i][0]; const y = yScale(v); i ? ctx.lineTo(x, y) : ctx.moveTo(x, y); });
+    ctx.stroke();
+    ctx.fillStyle = "#aaa";
+    ctx.fillText(g.max.toPrecision(4), 2, 12);
+    ctx.fillText(g.min.toPrecision(4), 2, h - 4);
+  }
+}
+
+let methodTable = null;
+async function methods() {
+  if (!methodTable) methodTable = await jsonFetch("/prefalign/methods");
+  return methodTable;
+}
+
+function setupTrain(node) {
+  injectStyle();
+  const chart = new LossChart(node);
+  node.prefalignChart = chart;
+  node.addDOMWidget("prefalign_loss", "prefalign_loss", chart.el, { serialize: false, getMinHeight: () => 140 });
+  node.setSize([Math.max(node.size[0], 360), node.size[1] + 150]);
+  const method = node.widgets && node.widgets.find((w) => w.name === "method");
+  const args = node.widgets && node.widgets.find((w) => w.name === "method_args");
+  if (method && args) {
+    const orig = method.callback;
+    method.callback = async function (value, ...rest) {
+      const r = orig ? orig.call(this, value, ...rest) : undefined;
+      try {
+        const table = await methods();
+        if (table[value]) { args.value = table[value].text; node.setDirtyCanvas(true, true); }
+      } catch (err) { console.warn("PrefAlign: could not read method defaults", err); }
+      return r;
+    };
+  }
+  // a reloaded page recovers the curve of a run that is still going (or just finished)
+  jsonFetch("/prefalign/train/status").then((s) => {
+    const run = s && s.runs && s.runs[String(node.id)];
+    if (run) chart.update({ ...run, points: run.loss });
+  }).catch(() => {});
+}
+
+app.registerExtension({
+  name: "prefalign.ui",
+  async setup() {
+    // register before any message arrives: the frontend drops custom events nobody listens to
+    api.addEventListener("prefalign.train", (event) => {
+      const detail = event.detail;
+      for (const node of app.graph ? app.graph._nodes || app.graph.nodes || [] : []) {
+        if (node.prefalignChart && acceptsTrainMessage(detail, node.id)) node.prefalignChart.update(detail);
+      }
+    });
+  },
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name === GALLERY) {
+      const created = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function () {
+        const r = created ? created.apply(this, arguments) : undefined;
+        setupGallery(this);
+        return r;
+      };
+      const executed = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (message) {
+        const r = executed ? executed.apply(this, arguments) : undefined;
+        const batch = message && message.prefalign_batch && message.prefalign_batch[0];
+        if (batch) {
+          this.properties = this.properties || {};
+          this.properties.prefalign_batch = batch; // saved with the workflow: reopening restores the marks
+          this.prefalignGallery && this.prefalignGallery.show(batch);
+        }
+        return r;
+      };
+      const configured = nodeType.prototype.onConfigure;
+      nodeType.prototype.onConfigure = function () {
+        const r = configured ? configured.apply(this, arguments) : undefined;
+        const saved = this.properties && this.properties.prefalign_batch;
+        if (saved && this.prefalignGallery && (!this.prefalignGallery.batch || this.prefalignGallery.batch.batch !== saved.batch)) {
+          this.prefalignGallery.show(saved, true);
+        }
+        return r;
+      };
+    }
+    if (nodeData.name === TRAIN) {
+      const created = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function () {
+        const r = created ? created.apply(this, arguments) : undefined;
+        setupTrain(this);
+        return r;
+      };
+      const executed = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (message) {
+        const r = executed ? executed.apply(this, arguments) : undefined;
+        const info = message && message.prefalign_train && message.prefalign_train[0];
+        if (info && this.prefalignChart) this.prefalignChart.update({ status: info.stopped ? "stopped" : "done", lora: info.lora, step: info.steps });
+        return r;
+      };
+    }
+  },
+});
