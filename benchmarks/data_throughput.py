@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -26,8 +29,37 @@ from trainer.data import DataSpec, ImageTransform, make_loader, open_examples  #
 from trainer.data.synthetic import pickapic_rows, write_parquet  # noqa: E402
 
 
+class PeakMemory:
+    """Samples, every `interval` s, the PSS of this process and of its (worker) children."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peak_total, self.peak_main = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            try:
+                main = me.memory_full_info().pss
+                total = main + sum(c.memory_full_info().pss for c in me.children(recursive=True))
+            except psutil.Error:  # a worker exited between listing and reading
+                continue
+            self.peak_main, self.peak_total = max(self.peak_main, main), max(self.peak_total, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_once(path: str, workers: int, streaming: bool, batch_size: int, resolution: int) -> dict:
-    """One epoch through the loader in this process; returns timings and peak RSS (MiB)."""
+    """One epoch through the loader in this process; returns timings and peak memory (MiB)."""
+    memory = PeakMemory().__enter__()
     start = time.perf_counter()
     source = open_examples(DataSpec(path))
     opened = time.perf_counter()
@@ -37,13 +69,14 @@ def run_once(path: str, workers: int, streaming: bool, batch_size: int, resoluti
     while pairs < len(source) - batch_size + 1:
         pairs += len(next(batches)["prompts"])
     elapsed = time.perf_counter() - opened
+    memory.__exit__()
     del batches
     return {
         "open_s": opened - start,
         "pairs": pairs,
         "pairs_per_s": pairs / elapsed,
-        "main_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "main_mib": memory.peak_main / 2**20,
+        "total_mib": memory.peak_total / 2**20,
     }
 
 
@@ -73,21 +106,26 @@ def main() -> None:
             f"{args.pairs} pairs of {args.image_size} px JPEGs ({size_mib:.1f} MiB parquet, row groups of "
             f"{args.row_group_size}), one epoch at resolution {args.resolution}, batch {args.batch_size}, random flip. "
             "Sampler: random access through the row-group cache; streaming: row group by row group with a "
-            "1000-pair shuffle buffer. RSS: peak of the main process / of the largest worker.",
+            "1000-pair shuffle buffer. Memory: peak PSS (proportional set size, so pages shared between "
+            "processes count once) of the main process, and of the main process plus its workers, sampled every "
+            "200 ms; most of it is the torch/pyarrow/datasets import.",
             "",
-            "| access | workers | pairs/s | open (index) s | main peak RSS MiB | worker peak RSS MiB |",
+            "| access | workers | pairs/s | open (index) s | main peak PSS MiB | main + workers peak PSS MiB |",
             "|---|---:|---:|---:|---:|---:|",
         ]
+        loads: list[float] = []
         for streaming in (False, True):
             for workers in (int(w) for w in args.workers.split(",")):
+                loads.append(os.getloadavg()[0])
                 child = f"{path}|{workers}|{int(streaming)}"
                 out = subprocess.run([sys.executable, __file__, "--child", child, "--batch-size", str(args.batch_size),
                                       "--resolution", str(args.resolution)], capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
-                worker_rss = f"{r['worker_rss_mib']:.0f}" if workers else "-"
                 lines.append(f"| {'streaming' if streaming else 'sampler'} | {workers} | {r['pairs_per_s']:.0f} | "
-                             f"{r['open_s']:.2f} | {r['main_rss_mib']:.0f} | {worker_rss} |")
+                             f"{r['open_s']:.2f} | {r['main_mib']:.0f} | {r['total_mib']:.0f} |")
                 print(lines[-1], flush=True)
+    lines.append(f"\nLoad average (1 min) before each run: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} "
+                 "logical CPUs; above the CPU count, other processes sharing the machine depress the figures.")
     table = "\n".join(lines)
     if not args.no_write:
         write_section("data_throughput", table)

@@ -74,6 +74,17 @@ def interrupted() -> bool:
     return bool(getattr(mm, "interrupt_processing", False))
 
 
+def is_interrupt(exc: BaseException) -> bool:
+    return type(exc).__name__ == "InterruptProcessingException"
+
+
+def raise_interrupt() -> None:
+    """Raise ComfyUI's InterruptProcessingException (reported as execution_interrupted)."""
+    import comfy.model_management as mm
+
+    raise mm.InterruptProcessingException()
+
+
 def progress_bar(total: int, node_id: str | None = None):
     try:
         import comfy.utils

@@ -143,18 +143,31 @@ class TrainPreferenceLoRA:
         state = live.start(node_id, prompt_id, steps, method)
         pbar = comfy_env.progress_bar(steps, node_id)
 
+        cancel = {"requested": False}
+
         def on_step(report):
             loss = report.metrics.get("loss")
             live.step(state, report.step, loss, report.metrics)
             if pbar is not None:
-                pbar.update_absolute(report.step, report.total)
+                try:  # ComfyUI's progress hook raises on Cancel (and clears the flag): stop at this boundary instead
+                    pbar.update_absolute(report.step, report.total)
+                except Exception as e:
+                    if not comfy_env.is_interrupt(e):
+                        raise
+                    cancel["requested"] = True
+
+        def should_stop() -> bool:
+            cancel["requested"] = cancel["requested"] or comfy_env.interrupted()
+            return cancel["requested"]
 
         try:
             with torch.inference_mode(False):
                 backend = ComfyBackend(model, clip, vae, rank, alpha, targets, seed=seed, model_name="comfyui")
-                result = train(config, backend, pairs, TrainHooks(on_step=on_step, should_stop=comfy_env.interrupted))
+                result = train(config, backend, pairs, TrainHooks(on_step=on_step, should_stop=should_stop))
         except Exception as e:
-            live.finish(state, "error", message=str(e))
+            interrupted = comfy_env.is_interrupt(e)
+            live.finish(state, "stopped" if interrupted else "error",
+                        message="cancelled before the first step" if interrupted else str(e))
             raise
         if result.lora_path is None:
             live.finish(state, "error", message="the trainer wrote no LoRA file")
@@ -168,8 +181,9 @@ class TrainPreferenceLoRA:
         rel = f"prefalign/{name}"
         live.finish(state, "stopped" if result.stopped else "done", lora=rel,
                     message=f"saved {rel} after {result.steps} steps")
-        if result.stopped:
-            comfy_env.throw_if_interrupted()  # report the Cancel to ComfyUI; the file is already saved
+        if result.stopped:  # report the Cancel to ComfyUI (execution_interrupted); the file is already saved
+            comfy_env.throw_if_interrupted()
+            comfy_env.raise_interrupt()
         lora_sd = load_file(str(dest))
         import comfy.sd
 

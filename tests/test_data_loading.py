@@ -153,15 +153,19 @@ def test_streaming_ranks_and_workers_are_disjoint_and_cover_an_epoch(tmp_path):
         stream_dataset(source, world_size=2).shard_order(0, 0, 6)
 
 
-def test_streaming_hf_source_counts_ties(tmp_path, monkeypatch):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_streaming_hf_source_with_workers_counts_ties_and_covers_an_epoch(tmp_path, monkeypatch, num_workers):
     import datasets
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
-    write_parquet(tmp_path / "hub" / "train.parquet", pickapic_rows(12, size=16, tie_every=3), row_group_size=4)
+    rows = pickapic_rows(24, size=16, tie_every=3)
+    write_parquet(tmp_path / "hub" / "train-0.parquet", rows[:12])
+    write_parquet(tmp_path / "hub" / "train-1.parquet", rows[12:])
     source = open_examples(DataSpec(f"hf:{tmp_path / 'hub'}", streaming=True))
-    loader = make_loader(source, ImageTransform(8), seed=0, batch_size=4)
-    batches = take(loader, 2)
-    assert [len(b["prompts"]) for b in batches] == [4, 4]
-    assert loader.stats.ties_dropped == 4 and loader.stats.rows_read == 12
+    loader = make_loader(source, ImageTransform(8), seed=0, batch_size=4, num_workers=num_workers)
+    batches = take(loader, 4)
+    prompts = sorted(p for b in batches for p in b["prompts"])
+    assert prompts == sorted(r["caption"] for i, r in enumerate(rows) if i % 3 != 2)
+    assert loader.stats.ties_dropped == 8 and loader.stats.rows_read == 24
 
 
 def _sources(batches):

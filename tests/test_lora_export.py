@@ -72,9 +72,21 @@ def test_comfyui_maps_every_exported_key(tmp_path, model):
 
     backend = make_backend(tiny_config(tmp_path, model=model), torch.device("cpu"))
     modules = {k.split(".")[0] for k in backend.export_lora()}
-    # ComfyUI derives kohya names from the diffusers UNet layout of the checkpoint's config.
-    unet_config = {"num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1 if model == "tiny-sd" else 2],
-                   "transformer_depth_output": [0, 0, 1 if model == "tiny-sd" else 2, 1 if model == "tiny-sd" else 2]}
-    names = comfy.utils.unet_to_diffusers(unet_config)
-    mapped = {"lora_unet_" + k.rsplit(".", 1)[0].replace(".", "_") for k in names}
+    names = comfy.utils.unet_to_diffusers(comfy_unet_config(backend.model.config))
+    mapped = {"lora_unet_" + k[: -len(".weight")].replace(".", "_") for k in names if k.endswith(".weight")}
     assert modules <= mapped, sorted(modules - mapped)[:5]
+
+
+def comfy_unet_config(config) -> dict:
+    """ComfyUI's description of a diffusers UNet layout (what its checkpoint detection derives)."""
+    levels = len(config.block_out_channels)
+    layers = config.transformer_layers_per_block
+    layers = list(layers) if isinstance(layers, (list, tuple)) else [layers] * levels
+    depth = [layers[i] if "CrossAttn" in config.down_block_types[i] else 0 for i in range(levels)]
+    return {
+        "num_res_blocks": [config.layers_per_block] * levels,
+        "channel_mult": [c // config.block_out_channels[0] for c in config.block_out_channels],
+        "transformer_depth": [d for d in depth for _ in range(config.layers_per_block)],
+        "transformer_depth_output": [d for d in depth for _ in range(config.layers_per_block + 1)],
+        "transformer_depth_middle": layers[-1],
+    }

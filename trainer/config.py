@@ -56,6 +56,7 @@ class TrainConfig:
     max_steps: int = field(default=1000, metadata={"help": "optimiser steps"})
     mixed_precision: str = field(default="no", metadata={"help": f"one of {', '.join(MIXED_PRECISION)}"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations to save memory"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the UNet (faster steps after a warm-up)"})
     seed: int = field(default=0, metadata={"help": "seed for data order, noise and timesteps"})
     # output
     output_dir: str = field(default="out", metadata={"help": "where lora.safetensors, metrics.jsonl, config.toml and checkpoints/ go"})

@@ -2,15 +2,26 @@
 
 LoRA gradients are small, so they are all-reduced explicitly after backward (DDP semantics) rather
 than by wrapping the UNet: the adapter can then be switched off for the reference forward on the
-plain module, and gradient checkpointing needs no special care.
+plain module (there is no DDP wrapper to unwrap, so peft's hooks and `requires_grad` are never touched
+behind DDP's back), and gradient checkpointing needs no special care.
+
+Every rank draws the same global batch of keys and the same noise from the same seed and keeps its
+share, so W processes with batch B train exactly what one process with batch W*B trains; the
+averaged gradients are bit-identical on every rank, so the adapters stay identical without a
+broadcast. Rank 0 alone writes files; every rank reads a checkpoint when resuming. See
+docs/distributed.md.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,15 @@ class Ranks:
         from accelerate import PartialState
 
         state = PartialState(cpu=cpu)
+        kind = str(getattr(state.distributed_type, "value", state.distributed_type))
+        for name in SHARDED:  # accelerate launch marks these in the environment
+            if os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true":
+                kind = name
+        if kind in SHARDED:
+            raise ValueError(
+                f"accelerate config: distributed_type {kind} is not used by PrefAlign. Only the LoRA (a few MB) "
+                "is trained; the frozen base model is replicated and the LoRA gradients are all-reduced "
+                "(data parallel, DDP semantics). Launch with a MULTI_GPU config (examples/accelerate/) or torchrun.")
         return cls(state.process_index, state.num_processes, state.device)
 
     @property

@@ -60,14 +60,118 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return load_file(str(path)), meta
 
 
-def check_lora_matches(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Refuse a LoRA trained for another base model, naming the first mismatch."""
-    missing = sorted(set(expected) - set(weights))
-    unknown = sorted(set(weights) - set(expected))
-    if unknown or missing:
-        raise ValueError(f"{path}: LoRA does not match this base model: "
-                         f"{len(unknown)} unknown keys (e.g. {unknown[:1]}), {len(missing)} missing (e.g. {missing[:1]})")
+LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+
+
+def lora_target_shapes(model: torch.nn.Module, prefix: str = "lora_unet") -> dict[str, tuple[int, int]]:
+    """kohya module name -> (in, out) features of every Linear/Conv2d of `model` a LoRA can patch."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        if not name or ".lora_" in name or name.endswith(".base_layer"):  # peft's own sub-modules
+            continue
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if isinstance(base, torch.nn.Linear):
+            shapes[f"{prefix}_{name.replace('.', '_')}"] = (base.in_features, base.out_features)
+        elif isinstance(base, torch.nn.Conv2d):
+            shapes[f"{prefix}_{name.replace('.', '_')}"] = (base.in_channels, base.out_channels)
+    return shapes
+
+
+def lora_modules(weights: dict[str, torch.Tensor], path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Group kohya keys by module: {module: {"lora_down.weight": ..., "lora_up.weight": ..., "alpha": ...}}."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
-        if tensor.shape != expected[key].shape:
-            raise ValueError(f"{path}: LoRA does not match this base model: {key} has shape "
-                             f"{tuple(tensor.shape)}, the model needs {tuple(expected[key].shape)}")
+        module, _, part = key.partition(".")
+        if part not in LORA_PARTS:
+            raise ValueError(f"{path}: not a kohya-format LoRA (unexpected key {key!r}; expected "
+                             f"<module>.lora_down.weight / .lora_up.weight / .alpha)")
+        modules.setdefault(module, {})[part] = tensor
+    for module, parts in modules.items():
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise ValueError(f"{path}: LoRA module {module} lacks its lora_down or lora_up weight")
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if down.dim() < 2 or up.dim() < 2 or down.shape[0] != up.shape[1]:
+            raise ValueError(f"{path}: LoRA module {module} is damaged: lora_down {tuple(down.shape)} and "
+                             f"lora_up {tuple(up.shape)} do not fit together")
+    return modules
+
+
+def _describe_base(meta: dict[str, str] | None, model_info: dict[str, str] | None) -> str:
+    trained = (meta or {}).get("prefalign.architecture") or (meta or {}).get("ss_base_model_version") or "?"
+    trained_name = (meta or {}).get("prefalign.base_model") or (meta or {}).get("ss_sd_model_name") or ""
+    this = (model_info or {}).get("architecture", "?")
+    this_name = (model_info or {}).get("name", "")
+    if trained == "?" and not trained_name:
+        return f"this model is {this} {this_name}".rstrip()
+    return f"the LoRA was trained for {trained} {trained_name}".rstrip() + f", this model is {this} {this_name}".rstrip()
+
+
+def check_lora_matches(weights: dict[str, torch.Tensor], expected: dict[str, tuple[int, int]], path: str | Path,
+                       meta: dict[str, str] | None = None, model_info: dict[str, str] | None = None) -> None:
+    """Refuse a LoRA made for another base model, naming the first mismatch.
+
+    `expected` maps kohya module names to (in, out) features (`lora_target_shapes`). Modules and
+    their in/out sizes are compared, not the rank: any rank fits any base model.
+    """
+    modules = lora_modules(weights, path)
+    where = _describe_base(meta, model_info)
+    if not modules:
+        raise ValueError(f"{path}: the file holds no LoRA weights")
+    other = sorted(m for m in modules if not m.startswith("lora_unet_"))
+    if other:
+        raise ValueError(f"{path}: holds weights for modules outside the UNet (e.g. {other[0]}); PrefAlign "
+                         "loads UNet LoRAs (lora_unet_*) only")
+    unknown = sorted(set(modules) - set(expected))
+    if unknown:
+        raise ValueError(f"{path}: LoRA does not match this base model ({where}): {len(unknown)} of its "
+                         f"{len(modules)} modules do not exist in it, e.g. {unknown[0]}")
+    for module in sorted(modules):
+        down, up = modules[module]["lora_down.weight"], modules[module]["lora_up.weight"]
+        have = (down.shape[1], up.shape[0])
+        if have != expected[module]:
+            raise ValueError(f"{path}: LoRA does not match this base model ({where}): module {module} has "
+                             f"in/out features {have[0]}/{have[1]} in the LoRA, {expected[module][0]}/"
+                             f"{expected[module][1]} in the model")
+
+
+def load_lora_into(backend, path: str | Path) -> dict[str, str]:
+    """Load a kohya LoRA file into `backend`'s adapter (e.g. to continue training it); returns its metadata.
+
+    Checks first that it was made for this base model (`check_lora_matches`), then that it fits the
+    adapter (same rank, modules within target_modules). Its alpha is kept: lora_up is rescaled so the
+    adapter's alpha/rank gives the file's update. Adapter modules the file does not cover get a zero update.
+    """
+    from .models.lora import lora_parameters
+
+    weights, meta = read_lora(path)
+    model = backend.model
+    check_lora_matches(weights, lora_target_shapes(model), path, meta, backend.model_info())
+    modules = lora_modules(weights, path)
+    params = lora_parameters(model)
+    by_module: dict[str, dict[str, str]] = {}
+    for name in params:
+        module, _, rest = name.partition(".lora_")
+        by_module.setdefault(f"lora_unet_{module.replace('.', '_')}", {})[rest.split(".", 1)[0]] = name
+    outside = sorted(set(modules) - set(by_module))
+    if outside:
+        raise ValueError(f"{path}: LoRA patches modules this run's adapter does not have (e.g. {outside[0]}); "
+                         "add them to target_modules")
+    our_rank = params[next(iter(by_module.values()))["A"]].shape[0]
+    our_alpha = float(backend.lora.alpha)
+    state = {name: p.detach().clone() for name, p in params.items()}
+    for module, names in by_module.items():
+        if module not in modules:
+            state[names["B"]].zero_()
+            continue
+        down, up = modules[module]["lora_down.weight"], modules[module]["lora_up.weight"]
+        if down.shape[0] != our_rank:
+            raise ValueError(f"{path}: LoRA has rank {down.shape[0]}, this run's adapter rank {our_rank}; "
+                             f"set rank = {down.shape[0]}")
+        alpha = float(modules[module].get("alpha", torch.tensor(float(down.shape[0]))).item())
+        a, b = state[names["A"]], state[names["B"]]
+        state[names["A"]] = down.to(a.dtype).reshape(a.shape)
+        state[names["B"]] = (up.float() * (alpha / our_alpha)).to(b.dtype).reshape(b.shape)
+    backend.load_adapter_state_dict(state)
+    return meta

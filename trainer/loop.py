@@ -130,7 +130,8 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if step % config.log_every == 0 or step == config.max_steps:
+        save_now = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+        if step % config.log_every == 0 or step == config.max_steps or save_now:  # a checkpoint needs a finite check
             metrics = ranks.average_metrics(meter.read())
             metrics["lr"] = lr_scheduler.get_last_lr()[0]
             if not math.isfinite(metrics["loss"]):
@@ -141,10 +142,13 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
             progress.update(step, metrics)
             if hooks.on_step is not None:
                 hooks.on_step(StepReport(step, config.max_steps, metrics))
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
+            if save_now:
+                _check_finite_adapter(params, step, last_good)
                 last_good = checkpoint() or last_good
     progress.close()
     result = TrainResult(step, metrics, out, None, stopped)
+    if step > 0:
+        _check_finite_adapter(params, step, last_good)  # every rank: they hold the same weights
     if ranks.is_main:
         if step > 0 and (last_good is None or not last_good.name.endswith(f"-{step}")):
             last_good = checkpoint()
@@ -156,6 +160,14 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
     log.close()
     ranks.barrier()
     return result
+
+
+def _check_finite_adapter(params: list[torch.nn.Parameter], step: int, last_good: Path | None) -> None:
+    """Never save NaN/inf weights (a finite loss can still come with non-finite gradients)."""
+    if not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+        raise NonFiniteLossError(
+            f"the LoRA weights became NaN or infinite at step {step}; stopped. Last good checkpoint: "
+            f"{last_good or 'none'}. Lower the learning rate or beta, or use bf16/fp32 instead of fp16.")
 
 
 def _autocast(mixed_precision: str, device: torch.device) -> torch.autocast:

@@ -30,7 +30,8 @@ class MetricsMeter:
 class MetricsLog:
     """Append-only `metrics.jsonl` (one flushed line per logged step) and optional TensorBoard.
 
-    On resume, lines past the resumed step (written after the checkpoint) are dropped first.
+    On resume, lines past the resumed step (written after the checkpoint) and a line torn by a crash
+    are dropped first (that rewrite is atomic); each new line is flushed and fsynced.
     """
 
     def __init__(self, path: Path, enabled: bool, after_step: int = 0, tensorboard: bool = False) -> None:
@@ -38,7 +39,7 @@ class MetricsLog:
         if not enabled:
             return
         if path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+            keep = [line for line in path.read_text(errors="replace").splitlines() if _step_of(line) <= after_step]
             from .atomic import write_text
 
             write_text(path, "".join(line + "\n" for line in keep))
@@ -63,6 +64,14 @@ class MetricsLog:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line torn by a crash (kill -9, power cut) counts as past any step."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class Progress:

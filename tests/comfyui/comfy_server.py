@@ -42,17 +42,12 @@ class ComfyServer:
         if not self.checkpoint.exists():
             subprocess.run([python, str(HERE / "make_tiny_sd15.py"), str(comfy_dir), str(self.checkpoint)], check=True,
                            cwd=base, timeout=600)
-        (base / "extra_model_paths.yaml").write_text(
-            f"prefalign_test:\n  base_path: {base}\n  checkpoints: models/checkpoints\n  loras: models/loras\n"
-            f"  custom_nodes: custom_nodes\n")
         self.log_path = base / "server.log"
         self.proc = None
 
     def start(self, timeout: float = 180) -> "ComfyServer":
         cmd = [self.python, "-u", "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--extra-model-paths-config", str(self.base / "extra_model_paths.yaml"),
-               "--output-directory", str(self.base / "output"), "--input-directory", str(self.base / "input"),
-               "--temp-directory", str(self.base / "temp"), "--user-directory", str(self.base / "user"),
+               "--base-directory", str(self.base),  # models/, custom_nodes/, input/, output/, temp/, user/ under base
                "--disable-auto-launch"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("PREFALIGN_STORE_DIR", None)

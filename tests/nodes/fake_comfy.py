@@ -266,6 +266,7 @@ def install(folders) -> dict:
 
         def update_absolute(self, value, total=None, preview=None):
             calls["progress"].append((value, total or self.total))
+            throw_exception_if_processing_interrupted()  # ComfyUI's progress hook checks for Cancel
 
     utils.ProgressBar = ProgressBar
 

@@ -159,9 +159,9 @@ def test_train_node_interrupt_keeps_lora(pack, comfy_folders):
 
     class Interrupting(progress):
         def update_absolute(self, value, total=None, preview=None):
-            super().update_absolute(value, total, preview)
             if value == 2:
-                calls["interrupt"] = True  # the user presses Cancel during step 2
+                calls["interrupt"] = True  # the user presses Cancel during step 2; the hook raises
+            super().update_absolute(value, total, preview)
 
     sys.modules["comfy.utils"].ProgressBar = Interrupting
     node = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]()

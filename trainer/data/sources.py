@@ -32,7 +32,8 @@ class DataSpec:
     `streaming`: for a hub id, stream instead of downloading; for any source, read it shard by
     shard (parquet: row group by row group) with a bounded shuffle buffer instead of random access.
     `skip_bad_rows`: rows whose images do not decode are skipped and counted instead of stopping.
-    `limit`: use at most this many rows (after filtering).
+    `limit`: use at most this many rows: kept rows for indexed sources; for a streamed Hugging
+    Face dataset, rows read (`IterableDataset.take`, ties included).
     """
 
     source: str

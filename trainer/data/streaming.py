@@ -114,7 +114,10 @@ class StreamingPreferenceDataset(IterableDataset):
                     yield block[order[j]], bool(flips[j]), int(crop_seeds[j]), after
                 skip = 0
             if not yielded and not resuming:
-                raise DataError(f"{self.source.name}: no examples in an epoch of this worker's shards ({stats})")
+                raise DataError(
+                    f"{self.source.name}: worker {worker} of rank {self.rank} found no examples in a whole epoch of "
+                    f"its {len(shards)} shards (every row dropped as a tie?); use fewer workers or ranks"
+                )
             epoch += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

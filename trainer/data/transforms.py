@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 import random
 import warnings
 from pathlib import Path
@@ -59,13 +60,13 @@ def decode_image(
             original = (w, h) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)
             if draft_size is not None and img.format == "JPEG":
                 scale = draft_size / min(w, h)
-                img.draft("RGB", (int(w * scale + 1), int(h * scale + 1)))
+                img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
             img = ImageOps.exif_transpose(img)
             img.load()
             return _to_rgb(img), original
     except BadImageError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+    except Exception as e:  # malformed files raise many kinds of errors inside Pillow's plugins
         raise BadImageError(f"{where}: image does not decode: {type(e).__name__}: {e}") from None
 
 

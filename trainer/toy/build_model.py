@@ -2,7 +2,7 @@
 
     python -m trainer.toy.build_model --out trainer/toy/model
 
-Stage 1 trains a tiny AutoencoderKL (32 px -> 4x16x16 latents) on world images; stage 2 trains a
+Stage 1 trains a tiny AutoencoderKL (32 px -> 8x8x8 latents) on world images; stage 2 trains a
 tiny UNet2DConditionModel jointly with a tiny CLIPTextModel on captions that leave attributes open
 at random, so samples for an under-specified caption vary in the open attributes.
 Fixed seeds make the run reproducible on a given machine and thread count.
@@ -26,17 +26,20 @@ from .tokenizer import BOS, EOS, MAX_LENGTH, write_tokenizer
 from .world import SIZE, caption, caption_words, make_dataset, training_caption
 
 TEXT_DIM = 64
+VAE_CHANNELS = (16, 32, 32)  # one 2x downsampling per block after the first: 32 px -> 8x8 latents
+LATENT_CHANNELS = 8
+LATENT_SIZE = SIZE // 2 ** (len(VAE_CHANNELS) - 1)
 
 
 def build_vae() -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
+        block_out_channels=VAE_CHANNELS,
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=LATENT_CHANNELS,
         norm_num_groups=8,
         sample_size=SIZE,
         mid_block_add_attention=False,
@@ -61,9 +64,9 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 def build_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=SIZE // 2,
-        in_channels=4,
-        out_channels=4,
+        sample_size=LATENT_SIZE,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
         layers_per_block=1,
         block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -224,8 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it)")
     parser.add_argument("--report-only", action="store_true", help="only sample and score an existing model")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.report_only:
         report(args.out)
     else:
