@@ -108,7 +108,7 @@ def main() -> None:
             "Sampler: random access through the row-group cache; streaming: row group by row group with a "
             "1000-pair shuffle buffer. Memory: peak PSS (proportional set size, so pages shared between "
             "processes count once) of the main process, and of the main process plus its workers, sampled every "
-            "200 ms; most of it is the torch/pyarrow/datasets import.",
+            "200 ms; most of it is the torch and pyarrow import.",
             "",
             "| access | workers | pairs/s | open (index) s | main peak PSS MiB | main + workers peak PSS MiB |",
             "|---|---:|---:|---:|---:|---:|",

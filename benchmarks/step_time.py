@@ -48,7 +48,8 @@ def measure(backend, case: MethodCase, base: dict, pairs, unpaired, every: int, 
     train(config, backend, examples, TrainHooks(on_step=timer))
     return {"method": case.label, "reference": needs_reference(case), "images": 2 * config.batch_size
             if method.paired and method.uses_rejected else config.batch_size, "step": timer.step_s(),
-            "floor": timer.floor_s(), "ratio": timer.ratio(), "pairs": len(timer.trainer)}
+            "floor": timer.floor_s(), "ratio": timer.ratio(), "pairs": len(timer.trainer),
+            "trainer_all": timer.trainer, "floor_all": timer.floors}
 
 
 def main() -> None:
@@ -62,7 +63,8 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated labels (default: all, plus dpo space=ncp)")
     parser.add_argument("--mixed-precision", default=None, help="no/fp16/bf16 (default: bf16 on CUDA, no on CPU)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: stable ratios on a shared machine; 0: torch's default)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -87,6 +89,8 @@ def main() -> None:
             row = measure(backend, case, base, pairs, unpaired, args.every, intervals, 1, Path(tmp))
             print(f"{row['method']:>18}: step {row['step'] * 1e3:8.2f} ms  floor {row['floor'] * 1e3:8.2f} ms  "
                   f"ratio {row['ratio']:.3f}  ({row['pairs']} pairs)", flush=True)
+            print("    trainer", [round(x * 1e3, 1) for x in row["trainer_all"]], "floor",
+                  [round(x * 1e3, 1) for x in row["floor_all"]], flush=True)
             rows.append(row)
     if args.no_write:
         return

@@ -1,6 +1,7 @@
 """HTTP routes the web extension uses. Each takes only what it needs and checks it.
 
     GET  /prefalign/stores                              names of existing stores
+    GET  /prefalign/store?store=S                       how many pairs a store holds
     GET  /prefalign/batch?store=S&batch=B               a gallery batch with its marks
     GET  /prefalign/image?store=S&batch=B&index=I       one image of a gallery batch (PNG)
     POST /prefalign/mark   {store, batch, index, mark}  mark an image chosen / rejected / none; saved at once
@@ -37,6 +38,13 @@ def make_routes(stores_base: Callable[[], Path]) -> list[web.RouteDef]:
 
     async def stores(request: web.Request) -> web.Response:
         return web.json_response({"stores": list_stores(stores_base())})
+
+    async def store_info(request: web.Request) -> web.Response:
+        try:
+            s = store(request.query.get("store"))
+            return web.json_response({"store": s.name, "pairs": s.count()})
+        except StoreError as e:
+            return _json_error(400, str(e))
 
     async def batch(request: web.Request) -> web.Response:
         try:
@@ -86,6 +94,7 @@ def make_routes(stores_base: Callable[[], Path]) -> list[web.RouteDef]:
 
     return [
         web.get("/prefalign/stores", stores),
+        web.get("/prefalign/store", store_info),
         web.get("/prefalign/batch", batch),
         web.get("/prefalign/image", image),
         web.post("/prefalign/mark", mark),

@@ -5,12 +5,11 @@ import json
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
 from PIL import Image
 
 from trainer.data import DataError, DataSpec, MapSource, StreamSource, open_examples
-from trainer.data.synthetic import encode, noise_jpegs, pickapic_rows, write_parquet
+from trainer.data.synthetic import noise_jpegs, pickapic_rows, write_parquet
 
 
 def rows_with_labels(labels: list[float]) -> list[dict]:

@@ -1,7 +1,6 @@
 """Image decoding and the shared resize / crop / flip."""
 from __future__ import annotations
 
-import io
 import random
 
 import numpy as np

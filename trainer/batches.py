@@ -3,26 +3,38 @@
 Every rank draws the same global batch of keys and keeps its own share, so a run on W processes
 with batch B sees exactly the data and noise of one process with batch W*B. The position in the
 stream is the sampler's (epoch, index): resuming jumps straight there.
+
+Images are decoded by a DataLoader (`num_workers` processes, reading ahead, pinned memory on CUDA),
+both for filling the cache and for per-step encoding (`cache = false`); only the VAE / text-encoder
+calls run in the main process. However far the workers have read ahead, `state_dict()` is the
+position after the last batch handed out. On CUDA a batch is handed out already on the device
+(copied asynchronously from pinned memory), so the loop's own `.to(device)` is a no-op.
 """
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from .config import TrainConfig
-from .data.dataset import PreferenceDataset, ResumableSampler, collate
+from .data.dataset import Key, PreferenceDataset, ResumableSampler, collate
 from .data.records import PreferenceExample, TrainBatch
 from .data.transforms import ImageTransform
 from .distributed import Ranks
-from .encoding import EncodingCache, batch_from_cache, encode_collated, entry_key, fill_cache
+from .encoding import EncodingCache, batch_from_cache, cache_setting, encode_batches, encode_collated, entry_key
 from .methods import Method
 from .models.backend import Backend
 from .models.tiny import cache_root
+
+#: Images per VAE call when filling the cache, at 512 px (scaled by area for other resolutions).
+ENCODE_IMAGES_AT_512 = 16
+MAX_ROWS_PER_CALL = 16
 
 
 @dataclass
@@ -32,12 +44,30 @@ class StreamBatch:
     global_shape: torch.Size  # latents shape of the global batch
 
 
+class _KeyBatches:
+    """A DataLoader batch sampler: this rank's keys of each global batch, forever; queues the sampler
+    state after each batch so the stream knows its position whatever the workers read ahead."""
+
+    def __init__(self, stream: "BatchStream") -> None:
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        s = self.stream
+        while True:
+            keys = list(itertools.islice(s.keys, s.global_size))
+            s._states.append(s.sampler.state_dict())
+            yield keys[s.ranks.rank * s.local_size : (s.ranks.rank + 1) * s.local_size]
+
+
 class BatchStream:
     def __init__(self, config: TrainConfig, backend: Backend, examples: Sequence[PreferenceExample],
                  method: Method, ranks: Ranks) -> None:
         self.backend, self.ranks = backend, ranks
         self.local_size = config.batch_size
         self.global_size = config.batch_size * ranks.world_size
+        self.num_workers = config.num_workers
+        self.device = torch.device(backend.device)
+        self.pin = self.device.type == "cuda"
         self.transform = ImageTransform(config.resolution, config.center_crop)
         self.dataset = PreferenceDataset(examples, self.transform, config.seed)
         related = getattr(method, "wants_related_prompts", False)
@@ -45,43 +75,94 @@ class BatchStream:
                                         prompts=[e.prompt for e in examples] if related else None,
                                         group_size=self.global_size)
         self.keys = iter(self.sampler)
+        self._state = self.sampler.state_dict()  # position after the last batch handed out
+        self._states: deque[dict] = deque()  # positions after the batches the loader has queued
+        self._loader: Iterator[dict] | None = None
         self.cache = None
         if config.cache:
             self.cache = EncodingCache(_cache_folder(config, backend))
             self._fill_cache(config, examples)
 
+    # --- the cache ---------------------------------------------------------------------------------
     def _fill_cache(self, config: TrainConfig, examples: Sequence[PreferenceExample]) -> None:
-        """Encode every (row, flip) the run can draw once; the main process writes, the others read."""
+        """Encode every (row, flip) the run can draw once. With a cache folder the ranks split the
+        missing rows and each writes its own shards; without one every rank encodes all of them."""
         flips = (False, True) if config.random_flip else (False,)
-        setting = f"{self.backend.model_info().get('hash', '')}|{config.resolution}|{config.center_crop}"
+        setting = cache_setting(self.backend, config.resolution, config.center_crop, config.seed, config.vae)
         self.entry_keys = {(row, flip): entry_key(examples[row], flip, setting)
                            for row in range(len(examples)) for flip in flips}
-        if self.ranks.is_main or self.cache.folder is None:
-            missing = [(k, key) for k, key in self.entry_keys.items() if key not in self.cache]
-            fill_cache(self.cache, self.backend, ((key, self.dataset[k]) for k, key in missing),
-                       batch_size=max(8, self.local_size))
+        shared = self.cache.folder is not None
+        missing, seen = [], set()
+        for k, key in self.entry_keys.items():
+            if key not in self.cache and key not in seen:  # identical rows are encoded once
+                seen.add(key)
+                missing.append((k, key))
+        if shared and self.ranks.world_size > 1:
+            missing = missing[self.ranks.rank :: self.ranks.world_size]
+        if missing:
+            images = ENCODE_IMAGES_AT_512 * 512 * 512 // config.resolution ** 2
+            per_call = max(1, min(MAX_ROWS_PER_CALL, images // len(examples[0].images)))
+            chunks = [missing[i : i + per_call] for i in range(0, len(missing), per_call)]
+            loader = self._decode([[k for k, _ in chunk] for chunk in chunks])
+            encode_batches(self.cache, self.backend, (([key for _, key in chunk], raw) for chunk, raw in zip(chunks, loader)))
         self.ranks.barrier()
-        if not self.ranks.is_main and self.cache.folder is not None:
+        if shared and self.ranks.world_size > 1:
             self.cache = EncodingCache(self.cache.folder)
 
+    def _decode(self, batches) -> Iterator[dict]:
+        """Collated batches of processed rows for the given key batches, decoded by the workers."""
+        workers = self.num_workers if len(batches) > 1 else 0
+        return iter(DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                               pin_memory=self.pin))
+
+    # --- batches -----------------------------------------------------------------------------------
     def next_batch(self) -> StreamBatch:
-        keys = list(itertools.islice(self.keys, self.global_size))
-        mine = keys[self.ranks.rank * self.local_size : (self.ranks.rank + 1) * self.local_size]
         if self.cache is not None:
-            local = batch_from_cache(self.cache, [self.entry_keys[k] for k in mine])
+            keys = list(itertools.islice(self.keys, self.global_size))
+            self._state = self.sampler.state_dict()
+            mine = keys[self.ranks.rank * self.local_size : (self.ranks.rank + 1) * self.local_size]
+            local = self._to_device(batch_from_cache(self.cache, [self.entry_keys[k] for k in mine]))
         else:
-            local = encode_collated(self.backend, collate([self.dataset[k] for k in mine]))
+            if self._loader is None:
+                self._states.clear()
+                self._loader = iter(DataLoader(self.dataset, batch_sampler=_KeyBatches(self), collate_fn=collate,
+                                               num_workers=self.num_workers, pin_memory=self.pin,
+                                               prefetch_factor=4 if self.num_workers else None))
+            raw = next(self._loader)
+            self._state = self._states.popleft()
+            local = encode_collated(self.backend, raw, to_cpu=False)
         k = 2 if local.paired else 1
         start = self.ranks.rank * self.local_size
         rows = torch.cat([torch.arange(start, start + self.local_size) + j * self.global_size for j in range(k)])
         return StreamBatch(local, rows, torch.Size((self.global_size * k, *local.latents.shape[1:])))
 
+    def _to_device(self, batch: TrainBatch) -> TrainBatch:
+        if self.device.type != "cuda":
+            return batch
+
+        def move(x: Tensor) -> Tensor:
+            return x.pin_memory().to(self.device, non_blocking=True)
+
+        return TrainBatch(move(batch.latents), {n: move(v) for n, v in batch.cond.items()}, move(batch.labels),
+                          batch.prompts, batch.paired)
+
+    # --- position ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return self.sampler.state_dict()
+        return dict(self._state)
 
     def load_state_dict(self, state: dict) -> None:
         """Jump straight to the saved position (no image is decoded again)."""
+        self.close()
         self.sampler.load_state_dict(state)
+        self.keys = iter(self.sampler)
+        self._state = self.sampler.state_dict()
+
+    def close(self) -> None:
+        """Stop the decoding workers (they are also stopped when the stream is garbage-collected)."""
+        loader, self._loader = self._loader, None
+        if loader is not None and hasattr(loader, "_shutdown_workers"):
+            loader._shutdown_workers()
+        self._states.clear()
 
 
 def _cache_folder(config: TrainConfig, backend: Backend) -> Path:

@@ -23,6 +23,7 @@ class TrainConfig:
     # model
     model: str = field(default="tiny-sd", metadata={"help": "diffusers folder, hub id, single-file .safetensors, or tiny-sd / tiny-sdxl / toy"})
     vae: str | None = field(default=None, metadata={"help": "optional VAE folder or hub id (e.g. an fp16-fixed SDXL VAE)"})
+    model_config: str | None = field(default=None, metadata={"help": "diffusers folder or hub id describing a single-file checkpoint's architecture (default: inferred; the standard SD1.5/SDXL configs need the hub once)"})
     # data
     data: str = field(default="tiny", metadata={"help": "parquet file/folder, images folder with pairs.jsonl, HF dataset id, or tiny (built in)"})
     split: str = field(default="train", metadata={"help": "dataset split (HF datasets)"})

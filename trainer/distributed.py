@@ -24,6 +24,17 @@ from torch import nn
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
+def check_launch_config() -> None:
+    """Refuse accelerate configs that ask for sharding (PrefAlign would silently ignore them otherwise)."""
+    for kind in SHARDED:  # `accelerate launch` marks these in the environment
+        if os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true":
+            raise ValueError(
+                f"accelerate config: distributed_type {kind} is not used by PrefAlign. Only the LoRA (a few MB) "
+                "is trained; the frozen base model is replicated and the LoRA gradients are all-reduced "
+                "(data parallel, DDP semantics). Launch with a MULTI_GPU config (examples/accelerate/) or "
+                "torchrun; see docs/distributed.md.")
+
+
 @dataclass(frozen=True)
 class Ranks:
     rank: int
@@ -39,16 +50,8 @@ class Ranks:
         """Join the process group that torchrun or accelerate set up (gloo on CPU, nccl on GPU)."""
         from accelerate import PartialState
 
+        check_launch_config()
         state = PartialState(cpu=cpu)
-        kind = str(getattr(state.distributed_type, "value", state.distributed_type))
-        for name in SHARDED:  # accelerate launch marks these in the environment
-            if os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true":
-                kind = name
-        if kind in SHARDED:
-            raise ValueError(
-                f"accelerate config: distributed_type {kind} is not used by PrefAlign. Only the LoRA (a few MB) "
-                "is trained; the frozen base model is replicated and the LoRA gradients are all-reduced "
-                "(data parallel, DDP semantics). Launch with a MULTI_GPU config (examples/accelerate/) or torchrun.")
         return cls(state.process_index, state.num_processes, state.device)
 
     @property

@@ -1,15 +1,18 @@
 """Pixels and prompts -> latents and text conditioning, computed per step or once and cached.
 
-The cache is content-addressed: an entry's key hashes the images' bytes, the prompt, the flip, the
-resolution/crop and the model, so it is reused across runs and methods and never goes stale. Entries
-live in memory and in safetensors shards under the cache folder.
+The cache is content-addressed: an entry's key hashes the images' bytes, the prompt, the flip and a
+*setting* string (model, VAE, resolution, crop, encoder precision; see `cache_setting`), so it is
+reused across runs and methods and never goes stale. Entries live in safetensors shards under the
+cache folder; opening the cache reads only the shards' index, and an entry's tensors are read (from
+the memory-mapped shard) the first time a batch needs them, then kept in memory up to a budget, so a
+dataset larger than RAM trains from the page cache.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from safetensors import safe_open
@@ -19,13 +22,28 @@ from .atomic import save_safetensors
 from .data.records import PreferenceExample, TrainBatch
 from .models.backend import Backend
 
+#: Entries per shard file: large enough to keep the file count low, small enough that an interrupted
+#: cache fill loses little (each shard is written atomically as soon as it is full).
+SHARD_ENTRIES = 256
+#: Entries read from disk are kept in memory up to this many bytes (then read from the mmap each time).
+MEMORY_BUDGET = 8 << 30
+MAX_OPEN_SHARDS = 64
 
-def encode_collated(backend: Backend, raw: dict) -> TrainBatch:
-    """A collated batch (`prompts`, `pixels` [B,K,3,H,W], `time_ids` [B,K,6], `labels` [B,K]) -> TrainBatch."""
+
+def encode_collated(backend: Backend, raw: dict, to_cpu: bool = True) -> TrainBatch:
+    """A collated batch (`prompts`, `pixels` [B,K,3,H,W], `time_ids` [B,K,6], `labels` [B,K]) -> TrainBatch.
+
+    `to_cpu=False` leaves the encodings on the backend's device (per-step encoding: no round trip)."""
     b, k = raw["pixels"].shape[:2]
     pixels = raw["pixels"].transpose(0, 1).reshape(b * k, *raw["pixels"].shape[2:])
-    latents = backend.encode_images(pixels).cpu()
-    text = {name: v.cpu() for name, v in backend.encode_prompts(raw["prompts"]).items()}
+    latents = backend.encode_images(pixels)
+    text = backend.encode_prompts(raw["prompts"])
+    if to_cpu:
+        latents, text = latents.cpu(), {name: v.cpu() for name, v in text.items()}
+    else:
+        device = latents.device
+        raw = dict(raw, time_ids=raw["time_ids"].to(device, non_blocking=True),
+                   labels=raw["labels"].to(device, non_blocking=True))
     return assemble(latents, text, raw["time_ids"], raw["labels"], raw["prompts"])
 
 
@@ -35,6 +53,35 @@ def assemble(latents: Tensor, text: dict[str, Tensor], time_ids: Tensor, labels:
     cond = {name: v.repeat(k, *[1] * (v.dim() - 1)) for name, v in text.items()}
     cond["time_ids"] = time_ids.transpose(0, 1).reshape(b * k, -1).float()
     return TrainBatch(latents, cond, labels.transpose(0, 1).reshape(-1).float(), prompts * k, paired=k == 2)
+
+
+def file_fingerprint(location: str) -> str:
+    """A cheap content fingerprint of a weights file or folder (first MiB + size of each safetensors
+    file), or the string itself when it is not a local path (hub id)."""
+    path = Path(location)
+    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors")) if path.is_dir() else []
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            digest.update(f.read(1 << 20))
+        digest.update(str(file.stat().st_size).encode())
+    if not files:
+        digest.update(location.encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_setting(backend: Backend, resolution: int, center_crop: bool, seed: int, vae: str | None = None) -> str:
+    """Everything besides a row's content that changes its encodings: the model, a replacement VAE,
+    the encoders' precision, the resolution and the crop (a random crop is drawn from the seed)."""
+    parts = [backend.model_info().get("hash", ""), str(resolution), str(center_crop)]
+    if not center_crop:
+        parts.append(f"seed={seed}")
+    if vae:
+        parts.append(f"vae={file_fingerprint(vae)}")
+    dtype = getattr(backend, "weight_dtype", torch.float32)
+    if dtype != torch.float32:  # text encoders run in the weight dtype (the VAE stays fp32)
+        parts.append(f"text={dtype}")
+    return "|".join(parts)
 
 
 def entry_key(example: PreferenceExample, flip: bool, setting: str) -> str:
@@ -55,34 +102,82 @@ class CachedEntry:
     labels: Tensor  # [K]
     prompt: str
 
+    def nbytes(self) -> int:
+        tensors = [self.latents, self.time_ids, self.labels, *self.text.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 class EncodingCache:
-    """Encoded rows by content key, backed by safetensors shards in `folder` (None: memory only)."""
+    """Encoded rows by content key, backed by safetensors shards in `folder` (None: memory only).
 
-    def __init__(self, folder: Path | None) -> None:
+    Opening reads each shard's header only; `get` reads an entry's tensors on first use."""
+
+    def __init__(self, folder: Path | None, memory_budget: int = MEMORY_BUDGET) -> None:
         self.folder = folder
-        self.entries: dict[str, CachedEntry] = {}
+        self.memory_budget = memory_budget
+        self.entries: dict[str, CachedEntry] = {}  # in memory
+        self.index: dict[str, tuple[Path, str, list[str]]] = {}  # on disk: key -> (shard, prompt, tensor names)
+        self._handles: dict[Path, object] = {}
+        self._bytes = 0
+        self._unsaved: dict[str, CachedEntry] = {}
         if folder is not None and folder.is_dir():
             for shard in sorted(folder.glob("shard-*.safetensors")):
-                self._read_shard(shard)
+                self._index_shard(shard)
 
-    def _read_shard(self, path: Path) -> None:
+    def _index_shard(self, path: Path) -> None:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-            for key, prompt in meta.items():
-                names = [n for n in f.keys() if n.startswith(key + "/")]
-                part = {n.split("/", 1)[1]: f.get_tensor(n) for n in names}
-                text = {n[5:]: v for n, v in part.items() if n.startswith("text.")}
-                self.entries[key] = CachedEntry(part["latents"], text, part["time_ids"], part["labels"], prompt)
+            names: dict[str, list[str]] = {}
+            for name in f.keys():
+                names.setdefault(name.split("/", 1)[0], []).append(name)
+        for key, prompt in meta.items():
+            if key in names and key not in self.index:
+                self.index[key] = (path, prompt, names[key])
 
     def __contains__(self, key: str) -> bool:
-        return key in self.entries
+        return key in self.entries or key in self.index
 
-    def add(self, new: dict[str, CachedEntry]) -> None:
-        """Add entries and persist them as one new shard (atomic)."""
+    def __len__(self) -> int:
+        return len(set(self.entries) | set(self.index))
+
+    def get(self, key: str) -> CachedEntry:
+        entry = self.entries.get(key)
+        if entry is not None:
+            return entry
+        path, prompt, names = self.index[key]
+        handle = self._handles.get(path)
+        if handle is None:
+            if len(self._handles) >= MAX_OPEN_SHARDS:  # bound the open files / mappings
+                self._handles.pop(next(iter(self._handles)))
+            handle = self._handles[path] = safe_open(str(path), "pt")
+        part = {n.split("/", 1)[1]: handle.get_tensor(n) for n in names}
+        text = {n[5:]: v for n, v in part.items() if n.startswith("text.")}
+        entry = CachedEntry(part["latents"], text, part["time_ids"], part["labels"], prompt)
+        if self._bytes + entry.nbytes() <= self.memory_budget:
+            self.entries[key] = entry
+            self._bytes += entry.nbytes()
+        return entry
+
+    def add(self, new: dict[str, CachedEntry], flush: bool = True) -> None:
+        """Add entries; persist them as new shards (atomic). `flush=False` buffers up to SHARD_ENTRIES
+        entries before writing a shard (call `flush()` at the end)."""
         self.entries.update(new)
-        if self.folder is None or not new:
+        self._bytes += sum(e.nbytes() for e in new.values())
+        if self.folder is None:
             return
+        self._unsaved.update(new)
+        while len(self._unsaved) >= SHARD_ENTRIES:
+            keys = list(self._unsaved)[:SHARD_ENTRIES]
+            self._write_shard({k: self._unsaved.pop(k) for k in keys})
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.folder is not None and self._unsaved:
+            self._write_shard(self._unsaved)
+            self._unsaved = {}
+
+    def _write_shard(self, new: dict[str, CachedEntry]) -> None:
         tensors, meta = {}, {}
         for key, e in new.items():
             meta[key] = e.prompt
@@ -92,40 +187,64 @@ class EncodingCache:
         save_safetensors(self.folder / f"shard-{digest}.safetensors", tensors, metadata=meta)
 
 
+def cache_raw_batch(cache: EncodingCache, backend: Backend, keys: Sequence[str], raw: dict, flush: bool = True) -> None:
+    """Encode one collated batch (no grad) and add its rows under `keys`."""
+    b, k = raw["labels"].shape
+    pixels = raw["pixels"].reshape(b * k, *raw["pixels"].shape[2:])
+    latents = backend.encode_images(pixels).cpu()
+    latents = latents.reshape(b, k, *latents.shape[1:])
+    text = {n: v.cpu() for n, v in backend.encode_prompts(raw["prompts"]).items()}
+    cache.add({key: CachedEntry(latents[i].clone(), {n: v[i : i + 1].clone() for n, v in text.items()},
+                                raw["time_ids"][i].clone(), raw["labels"][i].clone(), raw["prompts"][i])
+               for i, key in enumerate(keys)}, flush=flush)
+
+
+def encode_batches(cache: EncodingCache, backend: Backend, batches: Iterable[tuple[Sequence[str], dict]],
+                   progress: Callable[[int], None] | None = None) -> None:
+    """Encode (keys, collated batch) pairs into the cache; on a CUDA out-of-memory error the batch is
+    split in halves and retried (the VAE at 1024 px needs a lot of activation memory)."""
+    def encode(keys: Sequence[str], raw: dict) -> None:
+        try:
+            cache_raw_batch(cache, backend, keys, raw, flush=False)
+        except torch.cuda.OutOfMemoryError:
+            if len(keys) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(keys) // 2
+            for part in (slice(0, half), slice(half, None)):
+                encode(keys[part], {n: v[part] for n, v in raw.items() if n in ("prompts", "pixels", "time_ids", "labels")})
+
+    try:
+        for keys, raw in batches:
+            encode(list(keys), raw)
+            if progress is not None:
+                progress(len(keys))
+    finally:
+        cache.flush()
+
+
 def fill_cache(cache: EncodingCache, backend: Backend, keyed: Iterable[tuple[str, object]], batch_size: int = 8,
                progress=None) -> None:
     """Encode the (key, ProcessedExample) items missing from the cache, in batches, without grad."""
     from .data.dataset import collate
 
-    pending: list[tuple[str, object]] = []
+    def batches():
+        pending: list[tuple[str, object]] = []
+        for key, item in keyed:
+            if key in cache:
+                continue
+            pending.append((key, item))
+            if len(pending) == batch_size:
+                yield [k for k, _ in pending], collate([x for _, x in pending])
+                pending = []
+        if pending:
+            yield [k for k, _ in pending], collate([x for _, x in pending])
 
-    def flush() -> None:
-        if not pending:
-            return
-        raw = collate([item for _, item in pending])
-        b, k = raw["labels"].shape
-        pixels = raw["pixels"].reshape(b * k, *raw["pixels"].shape[2:])
-        latents = backend.encode_images(pixels).cpu()
-        latents = latents.reshape(b, k, *latents.shape[1:])
-        text = backend.encode_prompts(raw["prompts"])
-        cache.add({key: CachedEntry(latents[i].clone(), {n: v[i : i + 1].cpu().clone() for n, v in text.items()},
-                                    raw["time_ids"][i].clone(), raw["labels"][i].clone(), raw["prompts"][i])
-                   for i, (key, _) in enumerate(pending)})
-        if progress is not None:
-            progress(len(pending))
-        pending.clear()
-
-    for key, item in keyed:
-        if key in cache:
-            continue
-        pending.append((key, item))
-        if len(pending) == batch_size:
-            flush()
-    flush()
+    encode_batches(cache, backend, batches(), progress)
 
 
 def batch_from_cache(cache: EncodingCache, keys: Sequence[str]) -> TrainBatch:
-    entries = [cache.entries[k] for k in keys]
+    entries = [cache.get(k) for k in keys]
     latents = torch.stack([e.latents for e in entries])  # [B, K, ...]
     b, k = latents.shape[:2]
     text = {n: torch.cat([e.text[n] for e in entries]) for n in entries[0].text}

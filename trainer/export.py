@@ -55,9 +55,14 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: LoRA files are read from .safetensors only")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return load_file(str(path)), meta
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors reports a bad header with its own exception type
+        raise ValueError(f"{path}: not a valid safetensors file ({e})") from e
 
 
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")

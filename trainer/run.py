@@ -30,13 +30,14 @@ def open_config_examples(config: TrainConfig):
 
 def make_ranks() -> Ranks:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return Ranks.from_environment(cpu=not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "1")
+        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        return Ranks.from_environment(cpu=cpu or not torch.cuda.is_available())
     return Ranks.single("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def make_backend(config: TrainConfig, device: torch.device) -> DiffusersBackend:
     lora = LoraSpec(config.rank, config.alpha, tuple(config.target_modules))
-    return DiffusersBackend.load(config.model, lora, vae=config.vae, device=device,
+    return DiffusersBackend.load(config.model, lora, vae=config.vae, model_config=config.model_config, device=device,
                                  weight_dtype=WEIGHT_DTYPES[config.mixed_precision] if device.type == "cuda" else torch.float32,
                                  gradient_checkpointing=config.gradient_checkpointing, seed=config.seed)
 

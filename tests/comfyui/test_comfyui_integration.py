@@ -111,6 +111,29 @@ def _images(server, entry, node_id) -> list:
     return out
 
 
+def sample(server, lora: str | None, seed: int = 7, strength: float = 1.0):
+    import numpy as np
+
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}}}
+    model, clip = ["1", 0], ["1", 1]
+    if lora:
+        g["2"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": lora,
+                                                         "strength_model": strength, "strength_clip": strength}}
+        model, clip = ["2", 0], ["2", 1]
+    g.update({
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "a watercolor fox"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["3", 0], "negative": ["4", 0],
+                                                   "latent_image": ["5", 0], "seed": seed, "steps": 3, "cfg": 7.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": f"it_{'lora' if lora else 'base'}_{strength}"}},
+    })
+    return np.asarray(_images(server, server.run(g), "8")[0], dtype=np.float32)
+
+
+
 def test_curate_train_compare(server, info):
     import numpy as np
     from safetensors import safe_open
@@ -129,6 +152,8 @@ def test_curate_train_compare(server, info):
     assert server.get(f"/prefalign/stores")["stores"] == [STORE]
     store_dir = server.base / "user" / "prefalign_stores" / STORE
     assert (store_dir / "pairs.sqlite").is_file()
+
+    base_before = sample(server, None)
 
     # 2. train: store -> train -> save; a big learning rate so 3 steps visibly change the model
     api = small(api_of("prefalign_train.json", info))
@@ -153,27 +178,11 @@ def test_curate_train_compare(server, info):
     print(f"\ntrain workflow (3 DPO steps, 4 pairs at 64 px, tiny SD1.5) took {train_s:.1f} s on CPU")
 
     # 3. stock LoraLoader: every key maps, and the image changes at the same seed
-    def sample(lora: str | None, seed: int = 7):
-        g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}}}
-        model, clip = ["1", 0], ["1", 1]
-        if lora:
-            g["2"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": lora,
-                                                             "strength_model": 1.0, "strength_clip": 1.0}}
-            model, clip = ["2", 0], ["2", 1]
-        g.update({
-            "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "a watercolor fox"}},
-            "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}},
-            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-            "6": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["3", 0], "negative": ["4", 0],
-                                                       "latent_image": ["5", 0], "seed": seed, "steps": 3, "cfg": 7.0,
-                                                       "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-            "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
-            "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": f"it_{'lora' if lora else 'base'}"}},
-        })
-        return np.asarray(_images(server, server.run(g), "8")[0], dtype=np.float32)
-
     log_before = len(server.log_text())
-    base, tuned = sample(None), sample(lora_name)
+    base, tuned = sample(server, lora_name, strength=0.0), sample(server, lora_name)
+    # strength 0 returns the untouched model through a new node chain (no cache hit): nothing of the
+    # training (weight wrappers on the shared UNet) may linger
+    assert np.array_equal(base, base_before), "training left the base model changed"
     assert "lora key not loaded" not in server.log_text()[log_before:]
     diff = np.abs(base - tuned).mean()
     assert diff > 0.5, f"the LoRA did not change the image (mean abs diff {diff:.3f})"
@@ -196,9 +205,17 @@ def test_curate_train_compare(server, info):
 
 def test_cancel_keeps_lora(server, info):
     """Cancel (POST /interrupt) during training: execution_interrupted, and a LoRA with fewer steps is saved."""
+    # pairs from the Add Pair node (two stock EmptyImage colours), in a store of its own
+    add = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0xCC3322}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x2233CC}},
+        "3": {"class_type": "PrefAlignAddPair", "inputs": {"chosen": ["1", 0], "rejected": ["2", 0], "prompt": "a red square", "store": "cancel_store"}},
+    }
+    entry = server.run(add)
+    assert entry["outputs"]["3"]["text"][0].endswith("holds 2")
     api = small(api_of("prefalign_train.json", info))
     train_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignTrainLoRA")
-    nodes_of(api, "PrefAlignLoadStore")[0]["inputs"]["store"] = STORE
+    nodes_of(api, "PrefAlignLoadStore")[0]["inputs"]["store"] = "cancel_store"
     api[train_id]["inputs"].update(steps=500, resolution=64, checkpoint_every=0, lora_name="cancelled",
                                    gradient_accumulation_steps=1)
     loras = server.base / "models" / "loras" / "prefalign"
@@ -206,7 +223,7 @@ def test_cancel_keeps_lora(server, info):
 
     def cancel_when_running():
         deadline = time.time() + 240
-        while time.time() < deadline:
+        while time.time() < deadline and pid not in server.get(f"/history/{pid}"):
             runs = server.get("/prefalign/train/status")["runs"]
             if any(r["prompt_id"] == pid and r["step"] >= 2 for r in runs.values()):
                 server.post("/interrupt", {})
@@ -223,3 +240,30 @@ def test_cancel_keeps_lora(server, info):
     assert len(saved) == 1 and "_500steps_" not in saved[0].name
     runs = server.get("/prefalign/train/status")["runs"]
     assert any(r["prompt_id"] == pid and r["status"] == "stopped" for r in runs.values())
+
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists() or not (HERE / "node_modules" / "playwright-core").is_dir(),
+                    reason="needs Debian's chromium (apt-get install chromium) and `npm install` in tests/comfyui")
+def test_browser_gallery_and_loss_chart(server, tmp_path):
+    """The real frontend: load the curate workflow, run it, pick with mouse and keys, reload, train, watch the chart."""
+    import subprocess
+
+    shots = Path(os.environ.get("PREFALIGN_SCREENSHOTS", tmp_path / "shots"))
+    out = subprocess.run(["node", str(HERE / "browser_test.mjs"), server.url, str(shots), "browser_store"],
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "CHROMIUM": CHROMIUM})
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\nbrowser saw: {json.dumps(seen)}\nscreenshots: {shots}")
+    assert seen["curate"]["missing"] == [] and seen["train"]["missing"] == []
+    assert seen["tiles"] == 4
+    assert "2 chosen, 2 rejected → 4 pairs" in seen["status"] and seen["status"].endswith("saved")
+    assert seen["restored"], seen.get("restoredStatus")
+    assert seen["trained"] and "step 4/4" in seen["chart"]
+    assert seen["errors"] == []  # no page errors, no console errors from the extension
+    # the picks are in the store: every chosen x rejected pairing, right away
+    assert server.get("/prefalign/store?store=browser_store")["pairs"] == 4
+    for name in ("gallery.png", "gallery_after_reload.png", "train.png"):
+        assert (shots / name).stat().st_size > 10_000

@@ -58,6 +58,10 @@ def test_mark_flow(batch):
         assert r.status == 200 and r.headers["Content-Type"] == "image/png"
         body = await r.read()
         assert body[:8] == b"\x89PNG\r\n\x1a\n"
+        r = await client.get("/prefalign/store", params={"store": "art"})
+        assert (await r.json()) == {"store": "art", "pairs": 4}
+        r = await client.get("/prefalign/store", params={"store": "../x"})
+        assert r.status == 400
         r = await client.get("/prefalign/train/status")
         assert "runs" in await r.json()
 

@@ -195,3 +195,37 @@ def test_loss_plot():
     assert img.size == (640, 360)
     prefalign_pack.nodes.loss_plot.plot_loss([])
     prefalign_pack.nodes.loss_plot.plot_loss([(1, 0.5)])
+
+
+def test_sdxl_style_conditioning_reaches_extra_conds(pack):
+    """Pooled output and per-row SDXL size conditioning (time_ids) go to ComfyUI's extra_conds per row."""
+    with torch.inference_mode(False):
+        _, b = backend()
+        seen = []
+        original = b.base.extra_conds
+
+        def spy(**kw):
+            seen.append(kw)
+            return original(**kw)
+
+        b.base.extra_conds = spy
+        cond = b.encode_prompts(["a", "b"])
+        cond["time_ids"] = torch.tensor([[512.0, 768, 0, 16, 64, 64], [1024, 1024, 8, 0, 64, 64]])
+        b.predict(torch.randn(2, 4, 8, 8), torch.tensor([5, 500]), cond)
+    assert [k["height"] for k in seen] == [512, 1024] and [k["width"] for k in seen] == [768, 1024]
+    assert [k["crop_w"] for k in seen] == [16, 0] and [k["crop_h"] for k in seen] == [0, 8]
+    assert all(k["pooled_output"].shape == (1, 8) for k in seen)
+
+
+def test_v_prediction_target_and_prediction_agree(pack):
+    """For a v-prediction model, predict() returns v computed from ComfyUI's x0, consistent with target()."""
+    with torch.inference_mode(False):
+        _, b = backend()
+        b.prediction_type = "v_prediction"
+        x0, noise, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([100, 900])
+        xt = b.add_noise(x0, noise, t)
+        # an oracle model that returns the true x0: its v must equal the target exactly (up to float error)
+        b.base.apply_model = lambda x, sigma, **kw: x0
+        assert torch.allclose(b.predict(xt, t, b.encode_prompts(["a", "b"])), b.target(x0, noise, t), atol=1e-4)
+        b.prediction_type = "epsilon"
+        assert torch.allclose(b.predict(xt, t, b.encode_prompts(["a", "b"])), noise, atol=1e-4)

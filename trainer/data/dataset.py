@@ -140,6 +140,6 @@ class ResumableSampler(Sampler[Key]):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"sampler state has {key}={state[key]} but this run has {getattr(self, key)}: "
-                    "the data, seed or sharding changed since the checkpoint"
+                    "the data, seed, batch size or sharding changed since the checkpoint"
                 )
         self.position = state["epoch"] * self.epoch_length + state["index"]

@@ -3,15 +3,17 @@ folder written by `save_to_disk`; indexed (map-style) or streamed shard by shard
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import datasets
 import numpy as np
 
 from .base import DataStats, MapSource, StreamSource
 from .errors import DataError
 from .records import PreferenceExample
 from .rows import Schema, detect_schema, kept_rows, row_to_example
+
+if TYPE_CHECKING:
+    import datasets
 
 SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _LABEL_BLOCK = 10_000
@@ -20,6 +22,8 @@ _STREAM_BATCH = 16
 
 def load_hf(source: str, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
     """Load one split, with image columns left as encoded bytes."""
+    import datasets  # imported on use: it is slow to import and only this path needs it
+
     path = Path(source)
     if path.is_dir() and any((path / m).exists() for m in SAVED_MARKERS):
         loaded = datasets.load_from_disk(source)

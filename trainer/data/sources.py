@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .base import DataStats, ExampleSource, MapSource, StreamSource
 from .folder import JsonlFolderSource, find_jsonl
-from .hf import HFSource, HFStreamSource, SAVED_MARKERS
+from .hf import SAVED_MARKERS, HFSource, HFStreamSource
 from .parquet import ParquetSource
 
 __all__ = ["DataSpec", "DataStats", "ExampleSource", "MapSource", "StreamSource", "open_examples"]

@@ -39,8 +39,9 @@ class DiffusersBackend:
         self.weight_dtype = weight_dtype
 
     @classmethod
-    def load(cls, model: str, lora: LoraSpec, vae: str | None = None, **kwargs) -> "DiffusersBackend":
-        return cls(load_components(model, vae), lora, **kwargs)
+    def load(cls, model: str, lora: LoraSpec, vae: str | None = None, model_config: str | None = None,
+             **kwargs) -> "DiffusersBackend":
+        return cls(load_components(model, vae, model_config=model_config), lora, **kwargs)
 
     @property
     def model(self) -> nn.Module:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .single_file import SINGLE_FILE_SUFFIXES, load_single_file
 from .tiny import TINY_MODELS, tiny_model_path
 
 
@@ -49,12 +50,15 @@ def model_hash(location: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_components(model: str, vae: str | None = None) -> Components:
-    """Load (frozen, fp32, CPU) components of an SD1.5 or SDXL model."""
+def load_components(model: str, vae: str | None = None, model_config: str | None = None) -> Components:
+    """Load (frozen, fp32, CPU) components of an SD1.5 or SDXL model.
+
+    `model_config` (a diffusers folder or hub id) describes a single-file checkpoint's architecture; unused otherwise.
+    """
     location = resolve_model(model)
     path = Path(location)
-    if path.suffix in (".safetensors", ".ckpt"):
-        parts = _from_single_file(path)
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        parts = _from_single_file(path, model_config)
     elif path.is_dir() and not (path / "model_index.json").exists():
         raise ValueError(f"config key 'model': {path} is a folder but not a diffusers pipeline (no model_index.json)")
     else:
@@ -70,14 +74,8 @@ def load_components(model: str, vae: str | None = None) -> Components:
     return Components(name=model, architecture="sdxl" if sdxl else "sd15", hash=model_hash(location), **parts)
 
 
-def _scheduler_from(config: dict) -> Any:
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(config)
-
-
 def _from_pretrained(location: str) -> dict[str, Any]:
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     index = _model_index(location)
@@ -87,13 +85,12 @@ def _from_pretrained(location: str) -> dict[str, Any]:
     if "text_encoder_2" in index:
         encoders.append(CLIPTextModelWithProjection.from_pretrained(location, subfolder="text_encoder_2"))
         tokenizers.append(AutoTokenizer.from_pretrained(location, subfolder="tokenizer_2"))
-    scheduler_config = DiffusionPipeline.load_config(location, subfolder="scheduler") if index else {}
     return dict(
         unet=UNet2DConditionModel.from_pretrained(location, subfolder="unet"),
         vae=AutoencoderKL.from_pretrained(location, subfolder="vae"),
         text_encoders=encoders,
         tokenizers=tokenizers,
-        scheduler=_scheduler_from(scheduler_config),
+        scheduler=DDPMScheduler.from_pretrained(location, subfolder="scheduler"),
     )
 
 
@@ -106,21 +103,6 @@ def _model_index(location: str) -> dict:
     return json.loads(Path(hf_hub_download(location, "model_index.json")).read_text())
 
 
-def _from_single_file(path: Path) -> dict[str, Any]:
-    """An A1111/ComfyUI-style checkpoint; SDXL is recognised by its second text encoder."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from safetensors import safe_open
-
-    if not path.exists():
-        raise ValueError(f"config key 'model': {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"config key 'model': {path}: only .safetensors single files are loaded (no pickles)")
-    with safe_open(str(path), "pt") as f:
-        sdxl = any(k.startswith("conditioner.embedders.1.") for k in f.keys())
-    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_single_file(str(path), **extra)
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if sdxl else [])
-    return dict(unet=pipe.unet, vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers,
-                scheduler=_scheduler_from(dict(pipe.scheduler.config)))
+def _from_single_file(path: Path, model_config: str | None = None) -> dict[str, Any]:
+    """An A1111/ComfyUI-style checkpoint (see `single_file`); SDXL is recognised by its second text encoder."""
+    return load_single_file(path, model_config)

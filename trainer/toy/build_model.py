@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .sampling import load_toy_pipeline, sample_images, toy_model_path
 from .scoring import classify
 from .tokenizer import BOS, EOS, MAX_LENGTH, write_tokenizer
-from .world import SIZE, caption, caption_words, make_dataset, training_caption
+from .world import SIZE, Spec, caption_words, make_dataset, training_caption
 
 TEXT_DIM = 64
 VAE_CHANNELS = (16, 32, 32)  # one 2x downsampling per block after the first: 32 px -> 8x8 latents
@@ -136,7 +136,7 @@ def train_unet(
     tokenizer: CLIPTokenizer,
     scheduler: DDPMScheduler,
     latents: tuple[torch.Tensor, torch.Tensor],
-    specs: list,
+    specs: list[Spec],
     steps: int,
     batch: int,
     lr: float,
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=toy_model_path())
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--vae-steps", type=int, default=300)
-    parser.add_argument("--unet-steps", type=int, default=1200)
+    parser.add_argument("--unet-steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it)")
