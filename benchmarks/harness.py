@@ -174,6 +174,18 @@ class InterleavedTimer:
     def ratio(self) -> float:
         return statistics.median(a / b for a, b in zip(self.trainer, self.floors))
 
+    def ratio_of_minimums(self) -> float:
+        """min(trainer) / min(floor): the least-disturbed intervals (robust on a loaded machine)."""
+        return min(self.trainer) / min(self.floors)
+
+    def ratio_spread(self) -> tuple[float, float]:
+        """The quartiles of the per-pair ratios."""
+        ratios = sorted(a / b for a, b in zip(self.trainer, self.floors))
+        if len(ratios) < 4:
+            return ratios[0], ratios[-1]
+        q = statistics.quantiles(ratios, n=4)
+        return q[0], q[2]
+
     def step_s(self) -> float:
         return statistics.median(self.trainer)
 

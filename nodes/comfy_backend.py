@@ -85,6 +85,7 @@ class ComfyBackend:
         self.clip, self.vae = clip, vae
         self.rank, self.alpha = int(rank), float(alpha)
         self.model_name = model_name
+        self.cancel_while_encoding = True  # the Train node turns this off once a step is done
         self.patcher = model.clone()
         base = self.patcher.model
         self.base = base
@@ -155,8 +156,16 @@ class ComfyBackend:
         return x.view(-1, *[1] * (like.dim() - 1)).to(like.device, like.dtype)
 
     # -- encoding (no grad) -------------------------------------------------------------------------
+    def _check_cancel(self) -> None:
+        """Cancel during the (possibly long) encoding of the dataset, before the first step: stop right away."""
+        if self.cancel_while_encoding:
+            from .comfy_env import throw_if_interrupted
+
+            throw_if_interrupted()
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        self._check_cancel()
         if self.clip is None:
             raise ValueError("the CLIP input is empty: connect the checkpoint's CLIP to encode prompts")
         embeds, pooled = [], []
@@ -177,6 +186,7 @@ class ComfyBackend:
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor) -> Tensor:
+        self._check_cancel()
         if self.vae is None:
             raise ValueError("the VAE input is empty: connect the checkpoint's VAE to encode images")
         images = ((pixels.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()  # ComfyUI IMAGE: NHWC 0..1

@@ -6,7 +6,6 @@ import re
 import shutil
 import sys
 import time
-from pathlib import Path
 
 from . import comfy_env, live
 from .store_nodes import PAIRS
@@ -145,7 +144,11 @@ class TrainPreferenceLoRA:
 
         cancel = {"requested": False}
 
+        holder = {}
+
         def on_step(report):
+            if "backend" in holder:
+                holder["backend"].cancel_while_encoding = False  # from now on Cancel stops at a step boundary
             loss = report.metrics.get("loss")
             live.step(state, report.step, loss, report.metrics)
             if pbar is not None:
@@ -162,13 +165,18 @@ class TrainPreferenceLoRA:
 
         try:
             with torch.inference_mode(False):
-                backend = ComfyBackend(model, clip, vae, rank, alpha, targets, seed=seed, model_name="comfyui")
+                backend = holder["backend"] = ComfyBackend(model, clip, vae, rank, alpha, targets, seed=seed,
+                                                           model_name="comfyui")
                 result = train(config, backend, pairs, TrainHooks(on_step=on_step, should_stop=should_stop))
         except Exception as e:
             interrupted = comfy_env.is_interrupt(e)
             live.finish(state, "stopped" if interrupted else "error",
                         message="cancelled before the first step" if interrupted else str(e))
             raise
+        if result.steps == 0:  # cancelled before the first step: nothing worth saving
+            live.finish(state, "stopped", message="cancelled before the first step")
+            comfy_env.throw_if_interrupted()
+            comfy_env.raise_interrupt()
         if result.lora_path is None:
             live.finish(state, "error", message="the trainer wrote no LoRA file")
             raise RuntimeError("the trainer wrote no LoRA file")

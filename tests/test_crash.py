@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_pairs, tiny_config
+from conftest import tiny_config
 from trainer import atomic
 from trainer.checkpoint import (TrainingState, list_checkpoints, load_checkpoint, resolve_resume,
                                 save_checkpoint)
@@ -31,11 +31,11 @@ def backend_for(config):
     return make_backend(config, torch.device("cpu"))
 
 
-def assert_same_lora(a: Path, b: Path) -> None:
+def assert_same_lora(a: Path, b: Path, note: str = "") -> None:
     x, y = load_file(str(a)), load_file(str(b))
     assert x.keys() == y.keys()
     for key in x:
-        assert torch.equal(x[key], y[key]), key
+        assert torch.equal(x[key], y[key]), f"{key} {note}"
 
 
 # --- kill -9 -----------------------------------------------------------------------------------
@@ -102,8 +102,11 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_lora(tmp
     ckpts = crashed / "checkpoints"
 
     first = cli(config, crashed)
+    wait_for(lambda: len(list_checkpoints(ckpts)) >= 1, first)
+    start = time.monotonic()
     wait_for(lambda: len(list_checkpoints(ckpts)) >= 2, first)
-    delay = random.uniform(0.0, 0.5)
+    step_time = time.monotonic() - start
+    delay = random.uniform(0.0, 3 * step_time)  # somewhere in the next three steps (and their saves)
     time.sleep(delay)
     kill9(first)
     reached = int(list_checkpoints(ckpts)[-1].name.split("-")[1])
@@ -118,7 +121,7 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_lora(tmp
     finally:
         torch.set_num_threads(threads)
     finish(second)
-    assert_same_lora(straight / "lora.safetensors", crashed / "lora.safetensors")
+    assert_same_lora(straight / "lora.safetensors", crashed / "lora.safetensors", f"(killed {delay:.3f}s after step-2)")
     steps = [json.loads(line)["step"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1)), (delay, steps)
     assert not [p for p in crashed.rglob("*") if p.name.endswith((".tmp", ".old"))]

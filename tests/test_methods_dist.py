@@ -2,21 +2,21 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ranks import run_ranks
 from trainer.methods import StepOutputs, build_method
 
 # each rank's policy errors; reference errors are 0.5, labels all desirable
 ERRORS = {0: [0.490, 0.494], 1: [0.497, 0.499]}  # g = 0.5 - e: means 0.008 and 0.002
 
 
-def _rank(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank(results) -> None:
+    rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         err = torch.tensor(ERRORS[rank], dtype=torch.float64)
@@ -28,10 +28,7 @@ def _rank(rank: int, port: int, results) -> None:
 
 
 def test_kto_reference_point_is_all_reduced():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_rank, args=(port, results), nprocs=2)
+    run_ranks(_rank, (results,))
     assert results[0] == pytest.approx(0.005, abs=1e-12)
     assert results[1] == pytest.approx(0.005, abs=1e-12)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,3 +104,26 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+class atomic_dir:
+    """Build a folder under a temp name and rename it into place; an existing complete folder wins."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def __enter__(self) -> Path:
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}."))
+        os.chmod(self.tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; the folder is for other users too
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                os.replace(self.tmp, self.folder)
+                return
+            except OSError:
+                if not self.folder.is_dir() or not any(self.folder.iterdir()):
+                    raise
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -98,6 +98,7 @@ class BatchStream:
                 seen.add(key)
                 missing.append((k, key))
         if shared and self.ranks.world_size > 1:
+            self.ranks.barrier()  # every rank has listed the cache before any rank adds a shard to it
             missing = missing[self.ranks.rank :: self.ranks.world_size]
         if missing:
             images = ENCODE_IMAGES_AT_512 * 512 * 512 // config.resolution ** 2

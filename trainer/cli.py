@@ -45,7 +45,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         elif text.startswith("dict"):
             kwargs.update(nargs="+", metavar="KEY=VALUE")
         else:
-            kwargs["type"] = int if text.startswith("int") else float if text.startswith("float") else str
+            kwargs["type"] = next((t for t in (int, float) if annotation is t or text.startswith(t.__name__)), str)
         parser.add_argument(*flags, **kwargs)
 
 
@@ -77,11 +77,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, default=192, help="samples per model for the rates (default: 192)")
     demo.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     demo.add_argument("--output-dir", "--output_dir", default="runs/demo", help="where everything goes")
+    add_eval_parser(sub)
     return parser
+
+
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="win rate / attribute rate of a LoRA against its base model",
+                        description="Sample base and base+LoRA on the same prompts and seeds and score both: "
+                                    "the toy attribute classifier, a CLIP preference model (PickScore-style), or "
+                                    "Diffusion-RPO-style style alignment. Writes eval.json and a grid PNG.")
+    ev.add_argument("--lora", required=True, help="the LoRA file to evaluate")
+    ev.add_argument("--model", default="toy", help="base model folder (default: toy, the built-in toy model)")
+    ev.add_argument("--scorer", default="attribute", choices=("attribute", "clip", "style"),
+                    help="attribute: toy classifier; clip: logit_scale*cos(text, image); style: fraction in style")
+    ev.add_argument("--scorer-model", "--scorer_model", default=None,
+                    help="CLIP folder or hub id for --scorer clip (and optional for style)")
+    ev.add_argument("--attribute", default="shaded", help="attribute / style to measure (default: shaded)")
+    ev.add_argument("--alternatives", nargs="+", default=[], help="other styles for CLIP zero-shot style judging")
+    ev.add_argument("--prompts", default=None, help="prompt file, one a line (default: toy captions leaving "
+                                                   "the attribute open)")
+    ev.add_argument("--samples", type=int, default=96, help="(prompt, seed) pairs (default: 96)")
+    ev.add_argument("--seed", type=int, default=10_000, help="first seed (default: 10000)")
+    ev.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
+    ev.add_argument("--output-dir", "--output_dir", default="runs/eval", help="where eval.json and grid.png go")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .atomic import DiskFullError
+    from .loop import NonFiniteLossError
+
     try:
         if args.command == "methods":
             from .methods.table import methods_table_text
@@ -97,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                               args.samples, args.seed, _key_values(args.method_args))
             print((Path(args.output_dir) / "report.md").read_text())
             return 0 if report["moved"] else 1
+        if args.command == "eval":
+            from .evaluate import evaluate, summary
+
+            print(summary(evaluate(args.lora, args.model, args.scorer, args.attribute, args.scorer_model, args.prompts,
+                                   args.samples, args.seed, args.steps, args.output_dir, args.alternatives)))
+            return 0
         if args.command == "train":
             from .run import run
 
@@ -105,4 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, DiskFullError) as e:  # the message says what was kept and what to do
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 1

@@ -80,6 +80,17 @@ class Ranks:
             values /= self.world_size
         return dict(zip(names, values.cpu().tolist()))
 
+    def check_agree(self, value: int, what: str) -> None:
+        """Raise on every rank unless all ranks hold the same `value` (e.g. the step they resumed at)."""
+        if self.world_size == 1:
+            return
+        mine = torch.tensor([value], dtype=torch.int64, device=self.device)
+        values = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(values, mine)
+        values = [int(v.item()) for v in values]
+        if len(set(values)) > 1:
+            raise ValueError(f"ranks disagree on {what}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()

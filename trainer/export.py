@@ -55,12 +55,12 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: LoRA files are read from .safetensors only")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such LoRA file")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         return load_file(str(path)), meta
-    except FileNotFoundError:
-        raise
     except Exception as e:  # safetensors reports a bad header with its own exception type
         raise ValueError(f"{path}: not a valid safetensors file ({e})") from e
 

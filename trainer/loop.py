@@ -92,6 +92,8 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
             generator.set_state(state.generator)
             stream.load_state_dict(state.data)
             step = state.step
+        ranks.check_agree(step, "the step to resume from (every rank must see the checkpoints rank 0 writes: "
+                                "put output_dir on storage that all machines share)")
     log = MetricsLog(out / "metrics.jsonl", enabled=ranks.is_main, after_step=step, tensorboard=config.tensorboard)
     meter = MetricsMeter()
     progress = Progress(config.max_steps, step, ranks.is_main)

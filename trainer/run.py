@@ -10,6 +10,7 @@ from .config import TrainConfig
 from .data.records import PreferenceExample
 from .distributed import Ranks
 from .loop import TrainHooks, TrainResult, train
+from .methods import build_method
 from .models.diffusers_backend import DiffusersBackend
 from .models.lora import LoraSpec
 from .models.tiny import cache_root
@@ -43,6 +44,7 @@ def make_backend(config: TrainConfig, device: torch.device) -> DiffusersBackend:
 
 
 def run(config: TrainConfig, hooks: TrainHooks | None = None, examples: list[PreferenceExample] | None = None) -> TrainResult:
+    build_method(config.method, config.method_args)  # a bad method option stops before any model loads
     ranks = make_ranks()
     torch.manual_seed(config.seed)
     backend = make_backend(config, ranks.device)

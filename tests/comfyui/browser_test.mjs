@@ -95,6 +95,16 @@ result.train = await loadWorkflow("prefalign_train.json", [
   ["PrefAlignTrainLoRA", "checkpoint_every", 0], ["PrefAlignTrainLoRA", "lora_name", "browser"],
   ["PrefAlignTrainLoRA", "gradient_accumulation_steps", 1],
 ]);
+// choosing another method fills in its default hyper-parameters
+result.methodArgs = await page.evaluate(async () => {
+  const node = (window.app.graph._nodes || window.app.graph.nodes).find((n) => n.type === "PrefAlignTrainLoRA");
+  const method = node.widgets.find((w) => w.name === "method");
+  const args = node.widgets.find((w) => w.name === "method_args");
+  const pick = async (v) => { method.value = v; await method.callback(v); return args.value; };
+  const kto = await pick("kto");
+  const dpo = await pick("dpo");
+  return { kto, dpo };
+});
 await page.evaluate(() => window.app.queuePrompt(0, 1));
 await page.waitForFunction(() => {
   const c = document.querySelector(".prefalign-chart div");

@@ -5,7 +5,6 @@ import asyncio
 import json
 
 import pytest
-import torch
 
 aiohttp = pytest.importorskip("aiohttp")
 from aiohttp import web  # noqa: E402

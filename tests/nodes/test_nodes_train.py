@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +228,14 @@ def test_v_prediction_target_and_prediction_agree(pack):
         assert torch.allclose(b.predict(xt, t, b.encode_prompts(["a", "b"])), b.target(x0, noise, t), atol=1e-4)
         b.prediction_type = "epsilon"
         assert torch.allclose(b.predict(xt, t, b.encode_prompts(["a", "b"])), noise, atol=1e-4)
+
+
+def test_cancel_while_encoding_stops_before_training(pack, comfy_folders):
+    pairs = store_pairs(pack)
+    comfy_folders["calls"]["interrupt"] = True  # Cancel pressed while the pairs are being encoded
+    node = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]()
+    with pytest.raises(fake.InterruptProcessingException):
+        node.train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(), pairs, **train_args(steps=50))
+    assert not (comfy_folders["loras"] / "prefalign").exists()
+    events = [m[1] for m in comfy_folders["calls"]["messages"] if m[0] == "prefalign.train"]
+    assert events[-1]["status"] == "stopped" and comfy_folders["calls"]["progress"] == []

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..atomic import atomic_dir
+
 PROMPTS = ("a square", "a small square", "a big square", "a square on grey")
 
 
@@ -22,17 +24,14 @@ def _image(rng: np.random.Generator, colour: tuple[int, int, int], size: int = 3
 
 def write_tiny_dataset(folder: Path, pairs: int = 8, seed: int = 0) -> Path:
     """Write `pairs` pairs as PNGs plus pairs.jsonl into `folder` (idempotent)."""
-    index = folder / "pairs.jsonl"
-    if index.exists():
+    if (folder / "pairs.jsonl").exists():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(pairs):
-        (folder / f"{i}-chosen.png").write_bytes(_image(rng, (220, 30, 30)))
-        (folder / f"{i}-rejected.png").write_bytes(_image(rng, (30, 30, 220)))
-        rows.append({"prompt": PROMPTS[i % len(PROMPTS)], "chosen": f"{i}-chosen.png", "rejected": f"{i}-rejected.png"})
-    from ..atomic import write_text
-
-    write_text(index, "".join(json.dumps(r) + "\n" for r in rows))
+    with atomic_dir(folder) as tmp:  # concurrent builders (ranks) never see a half-written folder
+        rows = []
+        for i in range(pairs):
+            (tmp / f"{i}-chosen.png").write_bytes(_image(rng, (220, 30, 30)))
+            (tmp / f"{i}-rejected.png").write_bytes(_image(rng, (30, 30, 220)))
+            rows.append({"prompt": PROMPTS[i % len(PROMPTS)], "chosen": f"{i}-chosen.png", "rejected": f"{i}-rejected.png"})
+        (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_path
+from ..atomic import atomic_dir
 
 TINY_MODELS = ("tiny-sd", "tiny-sdxl")
 TEXT_WIDTH = 32
@@ -118,29 +118,3 @@ def tiny_model_path(kind: str) -> Path:
     if not (folder / "model_index.json").exists():
         build_tiny_pipeline(kind, folder)
     return folder
-
-
-class atomic_dir:
-    """Build a folder under a temp name and rename it into place; an existing complete folder wins."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-
-    def __enter__(self) -> Path:
-        import tempfile
-
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}."))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        import shutil
-
-        if exc_type is None:
-            try:
-                os.replace(self.tmp, self.folder)
-                return
-            except OSError:
-                if not (self.folder / "model_index.json").exists():
-                    raise
-        shutil.rmtree(self.tmp, ignore_errors=True)
