@@ -35,39 +35,52 @@ from benchmarks.results import write_section  # noqa: E402
 TOY_METHOD_ARGS: dict[str, dict] = {}
 
 
-def reward_accuracy(lora_path: Path, data: Path, draws: int = 4, batch_pairs: int = 16, seed: int = 1234) -> float:
-    """Fraction of `data`'s pairs where the LoRA's mean DPO implicit margin (over `draws` noise draws) is positive."""
-    from trainer.config import make_config
-    from trainer.data.dataset import collate
-    from trainer.data.transforms import ImageTransform
-    from trainer.demo import DEMO_TRAINING
-    from trainer.encoding import encode_collated
-    from trainer.export import load_lora_into
-    from trainer.methods import build_method
-    from trainer.run import make_backend, open_config_examples
-    from trainer.step import compute_outputs, draw_noise
+class HeldOutPairs:
+    """Held-out toy pairs encoded once; `accuracy(lora)` loads a LoRA into the same backend and scores it."""
 
-    with tempfile.TemporaryDirectory() as tmp:
-        config = make_config({**DEMO_TRAINING, "data": str(data), "output_dir": tmp, "cache_dir": tmp})
-        backend = make_backend(config, torch.device("cpu"))
-        load_lora_into(backend, lora_path)
-        examples = list(open_config_examples(config))
-    method = build_method("dpo")
-    transform = ImageTransform(config.resolution)
-    margins = []
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_pairs):
-            chunk = examples[start:start + batch_pairs]
-            batch = encode_collated(backend, collate([transform(e, False, None) for e in chunk]))
-            total = torch.zeros(len(chunk))
-            for d in range(draws):
-                noise = draw_noise(method, batch.latents.shape, batch.paired, backend.num_train_timesteps,
-                                   torch.Generator().manual_seed(seed + d))
-                out = compute_outputs(backend, method, batch, noise)
-                n = len(chunk)  # chosen-first layout: rows [0, n) chosen, [n, 2n) rejected
-                total += ((out.ref_err[:n] - out.err[:n]) - (out.ref_err[n:] - out.err[n:])).float().cpu()
-            margins.append(total / draws)
-    return float((torch.cat(margins) > 0).float().mean())
+    def __init__(self, data: Path, draws: int = 4, batch_pairs: int = 16, seed: int = 1234) -> None:
+        from trainer.config import make_config
+        from trainer.data.dataset import collate
+        from trainer.data.transforms import ImageTransform
+        from trainer.demo import DEMO_TRAINING
+        from trainer.encoding import encode_collated
+        from trainer.methods import build_method
+        from trainer.run import make_backend, open_config_examples
+
+        with tempfile.TemporaryDirectory() as tmp:
+            config = make_config({**DEMO_TRAINING, "data": str(data), "output_dir": tmp, "cache_dir": tmp})
+            self.backend = make_backend(config, torch.device("cpu"))
+            examples = list(open_config_examples(config))
+        self.method = build_method("dpo")
+        transform = ImageTransform(config.resolution)
+        with torch.no_grad():
+            self.batches = [encode_collated(self.backend, collate([transform(e, False, None) for e in
+                                                                   examples[i:i + batch_pairs]]))
+                            for i in range(0, len(examples), batch_pairs)]
+        self.draws, self.seed = draws, seed
+
+    def margins(self, lora_path: Path) -> torch.Tensor:
+        """Per pair: (e_ref_w - e_w) - (e_ref_l - e_l), mean over the fixed noise draws."""
+        from trainer.export import load_lora_into
+        from trainer.step import compute_outputs, draw_noise
+
+        load_lora_into(self.backend, lora_path)
+        out_margins = []
+        with torch.no_grad():
+            for batch in self.batches:
+                n = batch.latents.shape[0] // 2  # chosen-first layout: rows [0, n) chosen, [n, 2n) rejected
+                total = torch.zeros(n)
+                for d in range(self.draws):
+                    noise = draw_noise(self.method, batch.latents.shape, batch.paired,
+                                       self.backend.num_train_timesteps, torch.Generator().manual_seed(self.seed + d))
+                    out = compute_outputs(self.backend, self.method, batch, noise)
+                    total += ((out.ref_err[:n] - out.err[:n]) - (out.ref_err[n:] - out.err[n:])).float().cpu()
+                out_margins.append(total / self.draws)
+        return torch.cat(out_margins)
+
+    def accuracy(self, lora_path: Path) -> float:
+        """Fraction of held-out pairs whose mean implicit margin is positive (the LoRA prefers the chosen image)."""
+        return float((self.margins(lora_path) > 0).float().mean())
 
 
 def align(method: str, data: Path, work: Path, steps: int, seed: int = 0) -> tuple[Path, float]:
@@ -91,19 +104,19 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.toy import sample_images, write_preference_dataset
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--pairs", type=int, default=128)
-    parser.add_argument("--heldout", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--heldout", type=int, default=32)
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--sample-steps", type=int, default=10)
     parser.add_argument("--draws", type=int, default=4)
     parser.add_argument("--attribute", default="shaded")
     parser.add_argument("--methods", nargs="+", default=None)
-    parser.add_argument("--quick", action="store_true", help="20 steps, 48 samples, 32 held-out pairs")
+    parser.add_argument("--quick", action="store_true", help="20 steps, 48 samples, 16 held-out pairs")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.samples, args.heldout = 20, 48, 32
+        args.steps, args.samples, args.heldout = 20, 48, 16
     methods = args.methods or method_names()
 
     with tempfile.TemporaryDirectory(prefix="prefalign-alignment-") as tmp:
@@ -113,12 +126,13 @@ def main(argv: list[str] | None = None) -> None:
         prompts, seeds = evaluation_set(args.attribute, args.samples, seed=10_000)
         before = attribute_report(sample_images(None, prompts, seeds, steps=args.sample_steps), args.attribute)
         print(f"base: {before}", flush=True)
+        scorer = HeldOutPairs(heldout, args.draws)
         rows = []
         for method in methods:
             lora, seconds = align(method, data, work, args.steps)
             after = attribute_report(sample_images(None, prompts, seeds, steps=args.sample_steps, lora=str(lora)),
                                      args.attribute)
-            acc = reward_accuracy(lora, heldout, args.draws)
+            acc = scorer.accuracy(lora)
             moved = after.low > before.high
             print(f"{method}: {before} -> {after} moved={moved} held-out acc {acc:.1%} train {seconds:.0f}s", flush=True)
             options = ", ".join(f"{k}={v}" for k, v in TOY_METHOD_ARGS.get(method, {}).items()) or "defaults"

@@ -21,12 +21,13 @@ Results go to benchmarks/RESULTS.md, section `encoding` (`encoding_gpu` on CUDA)
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from harness import InterleavedTimer, fmt, make_pairs
+from harness import load_note, InterleavedTimer, fmt, make_pairs
 
 import torch
 
@@ -141,6 +142,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    load = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="prefalign-bench-") as tmp:
         for variant in (["8x VAE"] if args.quick else ["8x VAE", "tiny VAE"]):
@@ -155,7 +157,7 @@ def main() -> None:
         f"{args.rounds} alternating round(s) of {args.intervals} x {args.every} steps after a warm-up. "
         "Goal: speed-up >= 1.5 at latents >= 64 px. Fill = one-off encoding of the whole dataset "
         f"({args.rows} pairs); break-even = fill / time saved per step. VAE/UNet FLOPs = one VAE encode "
-        f"over one UNet forward (SD1.5 at 512 px: {sd15_flop_ratio():.2f}).",
+        f"over one UNet forward (SD1.5 at 512 px: {sd15_flop_ratio():.2f}). " + load_note(load),
         "",
         "| VAE | images px | latents px | VAE/UNet FLOPs | per-step s/step | per-step, 2 workers s/step | cached s/step | speed-up | speed-up vs 2 workers | fill s | break-even steps |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

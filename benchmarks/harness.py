@@ -223,5 +223,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def load_note(start: tuple[float, float, float]) -> str:
+    """The machine's 1-minute load average at the start and end of a run (ratios still hold; absolute
+    times on a loaded machine do not)."""
+    end = os.getloadavg()
+    return f"Load average {start[0]:.1f} at the start, {end[0]:.1f} at the end ({os.cpu_count()} CPUs)."
+
+
 def fmt(x: float, digits: int = 2) -> str:
     return f"{x:.{digits}f}"

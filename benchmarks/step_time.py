@@ -16,10 +16,11 @@ Results go to benchmarks/RESULTS.md, section `step_time` (or `step_time_gpu` on 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
-from harness import (InterleavedTimer, MethodCase, fmt, make_floor, make_pairs, make_unpaired, method_cases,
+from harness import (InterleavedTimer, load_note, MethodCase, fmt, make_floor, make_pairs, make_unpaired, method_cases,
                      needs_reference)
 
 import torch
@@ -71,6 +72,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    load = os.getloadavg()
     mp = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
     intervals = 3 if args.quick else args.intervals
     cases = method_cases()
@@ -104,7 +106,8 @@ def main() -> None:
         f"(+ one no-grad reference forward where needed; NCP: + its encoder passes), same run, interleaved "
         f"intervals of {args.every} steps, {intervals} (trainer, floor) pairs after one warm-up interval. "
         "Ratio = median of the per-pair ratios (quartiles in brackets); min/min = fastest trainer interval "
-        "over fastest floor interval, the least-disturbed estimate on a loaded machine. Goal: ratio <= 1.10.",
+        "over fastest floor interval, the least-disturbed estimate on a loaded machine. Goal: ratio <= 1.10. "
+        + load_note(load),
         "",
         "| method | reference fwd | images/step | trainer ms/step | floor ms/step | ratio (quartiles) | min/min |",
         "|---|:-:|---:|---:|---:|---:|---:|",

@@ -13,6 +13,12 @@ from PIL import Image
 os.environ.setdefault("PREFALIGN_CACHE", tempfile.mkdtemp(prefix="prefalign-test-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per xdist worker: -n 2 on 2 cores; OpenMP threads competing for cores spin and crawl
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 from trainer.data.records import PreferenceExample  # noqa: E402
 
