@@ -72,7 +72,7 @@ class BatchStream:
         self.dataset = PreferenceDataset(examples, self.transform, config.seed)
         related = getattr(method, "wants_related_prompts", False)
         self.sampler = ResumableSampler(len(examples), config.seed, config.random_flip, related,
-                                        prompts=[e.prompt for e in examples] if related else None,
+                                        prompts=_prompts(examples) if related else None,
                                         group_size=self.global_size)
         self.keys = iter(self.sampler)
         self._state = self.sampler.state_dict()  # position after the last batch handed out
@@ -169,3 +169,9 @@ class BatchStream:
 def _cache_folder(config: TrainConfig, backend: Backend) -> Path:
     root = Path(config.cache_dir) if config.cache_dir else cache_root() / "encodings"
     return root / backend.model_info().get("hash", "model")
+
+
+def _prompts(examples: Sequence[PreferenceExample]) -> list[str]:
+    """Every row's prompt; a data source answers without reading images."""
+    prompts = getattr(examples, "prompts", None)
+    return prompts() if callable(prompts) else [e.prompt for e in examples]

@@ -104,6 +104,7 @@ def add_eval_parser(sub) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     from .atomic import DiskFullError
     from .loop import NonFiniteLossError
 
@@ -140,3 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 1
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bar and summary are what a person reads; silence the libraries' loading chatter."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()

@@ -64,7 +64,7 @@ class TrainConfig:
     checkpoint_every: int = field(default=500, metadata={"help": "save a resumable checkpoint every N steps (0: only at the end)"})
     keep_checkpoints: int = field(default=3, metadata={"help": "keep the newest N checkpoints"})
     resume: str | None = field(default=None, metadata={"help": "latest, or a checkpoint folder"})
-    log_every: int = field(default=1, metadata={"help": "read metrics from the device every N steps"})
+    log_every: int = field(default=10, metadata={"help": "read metrics from the device (a host sync) and log them every N steps"})
     tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard under OUTPUT/tensorboard"})
     cache_dir: str | None = field(default=None, metadata={"help": "on-disk cache of latents and text embeddings (default OUTPUT/../.cache)"})
     cache: bool = field(default=True, metadata={"help": "encode images and prompts once and reuse them; off: encode every step"})

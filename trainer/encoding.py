@@ -10,7 +10,7 @@ dataset larger than RAM trains from the page cache.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -44,7 +44,9 @@ def encode_collated(backend: Backend, raw: dict, to_cpu: bool = True) -> TrainBa
         device = latents.device
         raw = dict(raw, time_ids=raw["time_ids"].to(device, non_blocking=True),
                    labels=raw["labels"].to(device, non_blocking=True))
-    return assemble(latents, text, raw["time_ids"], raw["labels"], raw["prompts"])
+    batch = assemble(latents, text, raw["time_ids"], raw["labels"], raw["prompts"])
+    batch.cond.update({n: v.to(latents.device) for n, v in image_features(backend, pixels).items()})  # chosen-first
+    return batch
 
 
 def assemble(latents: Tensor, text: dict[str, Tensor], time_ids: Tensor, labels: Tensor, prompts: list[str]) -> TrainBatch:
@@ -78,6 +80,8 @@ def cache_setting(backend: Backend, resolution: int, center_crop: bool, seed: in
         parts.append(f"seed={seed}")
     if vae:
         parts.append(f"vae={file_fingerprint(vae)}")
+    if getattr(backend, "cache_tag", None):
+        parts.append(backend.cache_tag)
     dtype = getattr(backend, "weight_dtype", torch.float32)
     if dtype != torch.float32:  # text encoders run in the weight dtype (the VAE stays fp32)
         parts.append(f"text={dtype}")
@@ -101,9 +105,10 @@ class CachedEntry:
     time_ids: Tensor  # [K, 6]
     labels: Tensor  # [K]
     prompt: str
+    image: dict[str, Tensor] = field(default_factory=dict)  # per-image features, each [K, ...] (CLIP embeddings)
 
     def nbytes(self) -> int:
-        tensors = [self.latents, self.time_ids, self.labels, *self.text.values()]
+        tensors = [self.latents, self.time_ids, self.labels, *self.text.values(), *self.image.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -152,7 +157,8 @@ class EncodingCache:
             handle = self._handles[path] = safe_open(str(path), "pt")
         part = {n.split("/", 1)[1]: handle.get_tensor(n) for n in names}
         text = {n[5:]: v for n, v in part.items() if n.startswith("text.")}
-        entry = CachedEntry(part["latents"], text, part["time_ids"], part["labels"], prompt)
+        image = {n[6:]: v for n, v in part.items() if n.startswith("image.")}
+        entry = CachedEntry(part["latents"], text, part["time_ids"], part["labels"], prompt, image)
         if self._bytes + entry.nbytes() <= self.memory_budget:
             self.entries[key] = entry
             self._bytes += entry.nbytes()
@@ -183,6 +189,7 @@ class EncodingCache:
             meta[key] = e.prompt
             tensors.update({f"{key}/latents": e.latents, f"{key}/time_ids": e.time_ids, f"{key}/labels": e.labels})
             tensors.update({f"{key}/text.{n}": v for n, v in e.text.items()})
+            tensors.update({f"{key}/image.{n}": v for n, v in e.image.items()})
         digest = hashlib.sha256("".join(sorted(new)).encode()).hexdigest()[:16]
         save_safetensors(self.folder / f"shard-{digest}.safetensors", tensors, metadata=meta)
 
@@ -194,9 +201,17 @@ def cache_raw_batch(cache: EncodingCache, backend: Backend, keys: Sequence[str],
     latents = backend.encode_images(pixels).cpu()
     latents = latents.reshape(b, k, *latents.shape[1:])
     text = {n: v.cpu() for n, v in backend.encode_prompts(raw["prompts"]).items()}
+    image = {n: v.cpu().reshape(b, k, *v.shape[1:]) for n, v in image_features(backend, pixels).items()}
     cache.add({key: CachedEntry(latents[i].clone(), {n: v[i : i + 1].clone() for n, v in text.items()},
-                                raw["time_ids"][i].clone(), raw["labels"][i].clone(), raw["prompts"][i])
+                                raw["time_ids"][i].clone(), raw["labels"][i].clone(), raw["prompts"][i],
+                                {n: v[i].clone() for n, v in image.items()})
                for i, key in enumerate(keys)}, flush=flush)
+
+
+def image_features(backend: Backend, pixels: Tensor) -> dict[str, Tensor]:
+    """Per-image features a backend adds beside the latents (an `EmbeddingBackend`'s CLIP embeddings)."""
+    encode = getattr(backend, "encode_image_features", None)
+    return encode(pixels) if encode is not None else {}
 
 
 def encode_batches(cache: EncodingCache, backend: Backend, batches: Iterable[tuple[Sequence[str], dict]],
@@ -248,6 +263,10 @@ def batch_from_cache(cache: EncodingCache, keys: Sequence[str]) -> TrainBatch:
     latents = torch.stack([e.latents for e in entries])  # [B, K, ...]
     b, k = latents.shape[:2]
     text = {n: torch.cat([e.text[n] for e in entries]) for n in entries[0].text}
-    return assemble(latents.transpose(0, 1).reshape(b * k, *latents.shape[2:]), text,
-                    torch.stack([e.time_ids for e in entries]), torch.stack([e.labels for e in entries]),
-                    [e.prompt for e in entries])
+    batch = assemble(latents.transpose(0, 1).reshape(b * k, *latents.shape[2:]), text,
+                     torch.stack([e.time_ids for e in entries]), torch.stack([e.labels for e in entries]),
+                     [e.prompt for e in entries])
+    for n in entries[0].image:
+        image = torch.stack([e.image[n] for e in entries])  # [B, K, ...] -> chosen-first rows
+        batch.cond[n] = image.transpose(0, 1).reshape(b * k, *image.shape[2:])
+    return batch

@@ -126,7 +126,8 @@ class ClipScorer:
                           for i in range(0, len(images), self.batch_size)])
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        text = torch.cat([self.embedder.text(prompts[i:i + self.batch_size]) for i in range(0, len(prompts), self.batch_size)])
+        step = self.batch_size
+        text = torch.cat([self.embedder.text(prompts[i:i + step]) for i in range(0, len(prompts), step)])
         return (self.logit_scale * (text * self.embed(images)).sum(-1)).tolist()
 
 

@@ -20,7 +20,7 @@ from .config import TrainConfig, to_toml
 from .data.records import PreferenceExample
 from .distributed import Ranks
 from .export import lora_metadata, write_lora
-from .methods import Method, build_method
+from .methods import EMBEDDINGS, Method, build_method
 from .metrics import MetricsLog, MetricsMeter, Progress
 from .models.backend import Backend
 from .optim import make_lr_scheduler, make_optimizer
@@ -70,6 +70,10 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
     ranks = ranks or Ranks.single()
     method = build_method(config.method, config.method_args)
     check_compatible(method, examples)
+    if EMBEDDINGS in method.needs and config.embedder:
+        from .models.embedder import EmbeddingBackend
+
+        backend = EmbeddingBackend(backend, config.embedder)
     out = Path(config.output_dir)
     ckpt_root = out / "checkpoints"
     if ranks.is_main:

@@ -16,7 +16,8 @@ class DiffusersBackend:
     """Implements `Backend` over diffusers components loaded by `load_components`."""
 
     def __init__(self, parts: Components, lora: LoraSpec, device: torch.device | str = "cpu",
-                 weight_dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False, seed: int = 0) -> None:
+                 weight_dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False, seed: int = 0,
+                 compile: bool = False) -> None:
         self.parts = parts
         self.lora = lora
         self.device = torch.device(device)
@@ -37,6 +38,9 @@ class DiffusersBackend:
         for encoder in parts.text_encoders:
             encoder.to(self.device, weight_dtype)
         self.weight_dtype = weight_dtype
+        # the compiled module shares parameters and LoRA layers with the plain one (switching the adapter off
+        # for the reference gives a second graph); `encoder_features` and exports use the plain module
+        self._forward = torch.compile(parts.unet) if compile else parts.unet
 
     @classmethod
     def load(cls, model: str, lora: LoraSpec, vae: str | None = None, model_config: str | None = None,
@@ -92,7 +96,7 @@ class DiffusersBackend:
         return kwargs
 
     def predict(self, noisy: Tensor, timesteps: Tensor, cond: Cond) -> Tensor:
-        return self.model(noisy.to(self.weight_dtype), timesteps, **self._unet_kwargs(cond)).sample.float()
+        return self._forward(noisy.to(self.weight_dtype), timesteps, **self._unet_kwargs(cond)).sample.float()
 
     def reference(self) -> AbstractContextManager[None]:
         return adapter_disabled(self.model)

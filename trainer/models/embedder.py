@@ -40,8 +40,8 @@ class ClipEmbedder:
     def images(self, pixels: Tensor) -> Tensor:
         """Pixels [N, 3, H, W] in [-1, 1] -> unit-norm image embeddings [N, D]."""
         x = F.interpolate((pixels.float() + 1) / 2, size=(self.size, self.size), mode="bicubic", align_corners=False)
-        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
         out = self.model.get_image_features(pixel_values=((x.clamp(0, 1) - mean) / std).to(self.device))
         return F.normalize(_features(out).float(), dim=-1).cpu()
 
@@ -51,3 +51,26 @@ def _features(out) -> Tensor:
     if isinstance(out, Tensor):
         return out
     return out.pooler_output
+
+
+class EmbeddingBackend:
+    """A backend whose encodings also carry CLIP embeddings: `embed_text` per prompt and `embed_image`
+    per image (cached with the latents). Everything else is the wrapped backend's."""
+
+    def __init__(self, backend, location: str) -> None:
+        from ..encoding import file_fingerprint
+
+        self._backend = backend
+        self.embedder = ClipEmbedder(location, backend.device)
+        self.cache_tag = f"embedder={file_fingerprint(location)}"
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        cond = self._backend.encode_prompts(prompts)
+        cond["embed_text"] = self.embedder.text(prompts).to(cond["prompt_embeds"].device)
+        return cond
+
+    def encode_image_features(self, pixels: Tensor) -> dict[str, Tensor]:
+        return {"embed_image": self.embedder.images(pixels)}
