@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             moved = after.low > before.high
             print(f"{method}: {before} -> {after} moved={moved} held-out acc {acc:.1%} train {seconds:.0f}s",
                   flush=True)
-            options = ", ".join([f"lr={TOY_LEARNING_RATE[method]:g}"] * (method in TOY_LEARNING_RATE) +
-                                [f"{k}={v:g}" for k, v in TOY_METHOD_ARGS.get(method, {}).items()]) or "defaults"
+            lr = [f"lr={TOY_LEARNING_RATE[method]:g}"] if method in TOY_LEARNING_RATE else []
+            options = ", ".join(lr + [f"{k}={v:g}" for k, v in TOY_METHOD_ARGS.get(method, {}).items()]) or "defaults"
             rows.append(f"| {method} | {options} | {before} | {after} | {'yes' if moved else 'no'} | {acc:.1%} | "
                         f"{seconds:.0f} |")
 

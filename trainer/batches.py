@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .config import TrainConfig
+from .data.loader import make_loader
 from .data.dataset import Key, PreferenceDataset, ResumableSampler, collate
 from .data.records import PreferenceExample, TrainBatch
 from .data.transforms import ImageTransform
@@ -175,3 +176,51 @@ def _prompts(examples: Sequence[PreferenceExample]) -> list[str]:
     """Every row's prompt; a data source answers without reading images."""
     prompts = getattr(examples, "prompts", None)
     return prompts() if callable(prompts) else [e.prompt for e in examples]
+
+
+class StreamingBatchStream:
+    """Batches read shard by shard (parquet row groups, HF shards) with a bounded shuffle buffer:
+    memory stays bounded whatever the dataset size. Each rank reads its own shards; images are
+    encoded every step (there is no finite set of rows to cache). The position is the loader's
+    (shard, row, offset) per worker: resuming reads no skipped data."""
+
+    def __init__(self, config: TrainConfig, backend: Backend, source, method: Method, ranks: Ranks) -> None:
+        if getattr(method, "wants_related_prompts", False):
+            raise ValueError(f"method {method.name!r} groups related prompts in a batch, which needs random "
+                             "access to every prompt: use a local dataset without --streaming")
+        self.backend, self.ranks, self.local_size = backend, ranks, config.batch_size
+        self.loader = make_loader(source, ImageTransform(config.resolution, config.center_crop), seed=config.seed,
+                                  batch_size=config.batch_size, num_workers=config.num_workers,
+                                  random_flip=config.random_flip, streaming=True, skip_bad_rows=config.skip_bad_rows,
+                                  rank=ranks.rank, world_size=ranks.world_size)
+        self._batches: Iterator[dict] | None = None
+
+    def next_batch(self) -> StreamBatch:
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        raw = next(self._batches)
+        while not raw["prompts"]:  # every row of this batch was skipped as undecodable
+            raw = next(self._batches)
+        local = encode_collated(self.backend, raw, to_cpu=False)
+        b, k = raw["labels"].shape
+        start = self.ranks.rank * self.local_size
+        global_size = self.local_size * self.ranks.world_size
+        rows = torch.cat([torch.arange(start, start + b) + j * global_size for j in range(k)])
+        return StreamBatch(local, rows, torch.Size((global_size * k, *local.latents.shape[1:])))
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._batches = None
+
+    def close(self) -> None:
+        self._batches = None
+
+
+def open_batches(config: TrainConfig, backend: Backend, examples, method: Method, ranks: Ranks):
+    """A `BatchStream` over random-access data, or a `StreamingBatchStream` when streaming."""
+    if config.streaming or not hasattr(examples, "__getitem__"):
+        return StreamingBatchStream(config, backend, examples, method, ranks)
+    return BatchStream(config, backend, examples, method, ranks)

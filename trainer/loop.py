@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from .atomic import write_text
-from .batches import BatchStream
+from .batches import open_batches
 from .checkpoint import TrainingState, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig, to_toml
 from .data.records import PreferenceExample
@@ -56,9 +56,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 def check_compatible(method: Method, examples: Sequence[PreferenceExample]) -> None:
-    if len(examples) == 0:
+    if hasattr(examples, "__len__") and len(examples) == 0:
         raise ValueError("the dataset is empty")
-    if method.paired and not examples[0].is_pair:
+    paired = getattr(examples, "paired", None)
+    if paired is None:
+        paired = examples[0].is_pair
+    if method.paired and not paired:
         raise ValueError(f"method {method.name!r} trains on chosen/rejected pairs, but the dataset holds single "
                          "labelled images; use a pairwise dataset or an unpaired method such as kto")
 
@@ -84,7 +87,7 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
     optimizer = make_optimizer(config, params)
     lr_scheduler = make_lr_scheduler(config, optimizer)
     generator = torch.Generator().manual_seed(config.seed)
-    stream = BatchStream(config, backend, examples, method, ranks)
+    stream = open_batches(config, backend, examples, method, ranks)
     step = 0
     if config.resume:
         folder = resolve_resume(config.resume, ckpt_root)
