@@ -137,6 +137,7 @@ class TrainPreferenceLoRA:
             "max_steps": steps, "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
             "resolution": resolution, "seed": seed, "output_dir": str(run_dir), "checkpoint_every": checkpoint_every,
             "cache_dir": str(root / "cache"), "lr_warmup_steps": 0,
+            "log_every": 1,  # the live loss chart and progress bar move every step
         })
         prompt_id, node_id = comfy_env.executing_context()
         state = live.start(node_id, prompt_id, steps, method)

@@ -39,18 +39,8 @@ def is_disk_full(e: BaseException) -> bool:
     return any(t in text for t in _DISK_FULL_TEXT)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-fsync_dir = _fsync_dir
-
-
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's entry list, after a rename into it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -78,9 +68,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp_path, FILE_MODE)
         yield tmp_path
-        _fsync_file(tmp_path)
+        fsync_path(tmp_path)
         os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except BaseException as e:
         tmp_path.unlink(missing_ok=True)
         if isinstance(e, Exception) and not isinstance(e, DiskFullError) and is_disk_full(e):

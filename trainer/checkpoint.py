@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from .atomic import DiskFullError, fsync_dir, is_disk_full, save_safetensors, write_text
+from .atomic import DiskFullError, fsync_path, is_disk_full, save_safetensors, write_text
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -93,7 +93,7 @@ def save_checkpoint(root: Path, state: TrainingState, keep: int) -> Path:
         save_safetensors(tmp / "state.safetensors", tensors)
         body["files"] = {name: (tmp / name).stat().st_size for name in TENSOR_FILES}
         write_text(tmp / "state.json", json.dumps(body))
-        fsync_dir(tmp)
+        fsync_path(tmp)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and is_disk_full(e):
@@ -106,7 +106,7 @@ def save_checkpoint(root: Path, state: TrainingState, keep: int) -> Path:
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    fsync_dir(root)
+    fsync_path(root)
     shutil.rmtree(old, ignore_errors=True)
     for stale in list_checkpoints(root)[:-keep] if keep > 0 else []:
         _remove(stale)

@@ -21,39 +21,32 @@ from torch import nn
 # --- comfy.ops-like layers -------------------------------------------------------------------------
 
 
-class Linear(nn.Linear):
+class PatchedWeights:
+    """comfy.ops' weight/bias functions (where ModelPatcher's weight wrappers attach)."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.weight_function, self.bias_function = [], []
 
-    def forward(self, x):
+    def patched(self):
         w, b = self.weight, self.bias
-        if self.weight_function:
-            w = w.clone()
-            for f in self.weight_function:
-                w = f(w)
-        if b is not None and self.bias_function:
-            b = b.clone()
+        for f in self.weight_function:
+            w = f(w.clone())
+        if b is not None:
             for f in self.bias_function:
-                b = f(b)
+                b = f(b.clone())
+        return w, b
+
+
+class Linear(PatchedWeights, nn.Linear):
+    def forward(self, x):
+        w, b = self.patched()
         return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
 
-class Conv2d(nn.Conv2d):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.weight_function, self.bias_function = [], []
-
+class Conv2d(PatchedWeights, nn.Conv2d):
     def forward(self, x):
-        w, b = self.weight, self.bias
-        if self.weight_function:
-            w = w.clone()
-            for f in self.weight_function:
-                w = f(w)
-        if b is not None and self.bias_function:
-            b = b.clone()
-            for f in self.bias_function:
-                b = f(b)
+        w, b = self.patched()
         return F.conv2d(x, w, b, self.stride, self.padding)
 
 

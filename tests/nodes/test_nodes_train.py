@@ -189,11 +189,14 @@ def test_method_args_validation(pack):
     assert "dpo" in inputs["method"][0] and "beta = 5000" in inputs["method_args"][1]["default"]
 
 
-def test_loss_plot():
-    img = prefalign_pack.nodes.loss_plot.plot_loss([(1, 0.7), (2, 0.6), (3, float("nan")), (4, 0.5)])
+def test_loss_plot(pack):
+    import importlib
+
+    loss_plot = importlib.import_module(f"{prefalign_pack.__name__}.nodes.loss_plot")
+    img = loss_plot.plot_loss([(1, 0.7), (2, 0.6), (3, float("nan")), (4, 0.5)])
     assert img.size == (640, 360)
-    prefalign_pack.nodes.loss_plot.plot_loss([])
-    prefalign_pack.nodes.loss_plot.plot_loss([(1, 0.5)])
+    loss_plot.plot_loss([])
+    loss_plot.plot_loss([(1, 0.5)])
 
 
 def test_sdxl_style_conditioning_reaches_extra_conds(pack):
