@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.samples} samples "
             f"(same prompts and seeds, {args.sample_steps} DDIM steps) with 95% Wilson intervals; reward accuracy = "
             f"DPO implicit margin > 0 on {args.heldout} held-out pairs, mean over {args.draws} fixed noise draws.\n\n"
+            "Moved: the LoRA's interval lies above the base's. Train s: wall seconds on a shared machine; the first "
+            "method's include encoding the dataset (cached for the others).\n\n"
             "| method | options | base rate | LoRA rate | moved | held-out reward acc | train s |\n"
             "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(body)

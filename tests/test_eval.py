@@ -140,3 +140,4 @@ def test_eval_cli_errors(tmp_path, toy_lora):
     assert main(["eval", "--lora", str(tmp_path / "missing.safetensors")]) == 2
     assert main(["eval", "--lora", toy_lora, "--scorer", "clip"]) == 2
     assert main(["eval", "--lora", toy_lora, "--attribute", "purple"]) == 2
+    assert main(["eval", "--lora", toy_lora, "--prompts", str(tmp_path / "missing.txt")]) == 2

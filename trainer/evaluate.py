@@ -176,6 +176,8 @@ def read_prompts(source: str | os.PathLike | None, attribute: str) -> list[str]:
         from .toy import open_prompts
 
         return open_prompts(attribute)
+    if not Path(source).is_file():
+        raise ValueError(f"--prompts {source}: no such file")
     prompts = [line.strip() for line in Path(source).read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{source}: no prompts")
@@ -203,7 +205,7 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorer: str = "attribu
              alternatives: Sequence[str] = ()) -> dict:
     """Sample base and base+LoRA on the same (prompt, seed) pairs, score them, write eval.json + grid.png."""
     from .demo import grid
-    from .toy import load_toy_pipeline, toy_model_path
+    from .toy import load_toy_pipeline, sample_images, toy_model_path
 
     if samples < 1:
         raise ValueError(f"--samples must be positive, got {samples}")
@@ -214,8 +216,6 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorer: str = "attribu
     prompt_list = [base_prompts[i % len(base_prompts)] for i in range(samples)]
     seeds = [seed + i for i in range(samples)]
     pipe = load_toy_pipeline(toy_model_path() if model == "toy" else model)
-    from .toy import sample_images
-
     base = sample_images(pipe, prompt_list, seeds, steps=steps)
     tuned = sample_images(pipe, prompt_list, seeds, steps=steps, lora=str(lora))
     report = {"lora": str(lora), "model": model, "scorer": scorer, "scorer_model": scorer_model,
