@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from conftest import tiny_config
 from trainer.loop import train
 from trainer.models.loading import load_components
-from trainer.models.single_file import SingleFileError, detect_architecture, save_single_file
+from trainer.models.single_file import detect_architecture, save_single_file
 from trainer.models.tiny import tiny_model_path
 from trainer.run import make_backend
 

@@ -14,7 +14,7 @@ from typing import Sequence
 from PIL import Image
 
 from .atomic import atomic_path, write_text
-from .config import TrainConfig, make_config
+from .config import make_config
 
 #: Toy-scale defaults that move the model visibly within the demo's CPU budget.
 DEMO_TRAINING = dict(model="toy", resolution=32, batch_size=8, learning_rate=1e-3, rank=8, alpha=8.0,

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from .atomic import save_safetensors
+from .fingerprint import file_fingerprint
 from .data.records import PreferenceExample, TrainBatch
 from .models.backend import Backend
 
@@ -55,21 +56,6 @@ def assemble(latents: Tensor, text: dict[str, Tensor], time_ids: Tensor, labels:
     cond = {name: v.repeat(k, *[1] * (v.dim() - 1)) for name, v in text.items()}
     cond["time_ids"] = time_ids.transpose(0, 1).reshape(b * k, -1).float()
     return TrainBatch(latents, cond, labels.transpose(0, 1).reshape(-1).float(), prompts * k, paired=k == 2)
-
-
-def file_fingerprint(location: str) -> str:
-    """A cheap content fingerprint of a weights file or folder (first MiB + size of each safetensors
-    file), or the string itself when it is not a local path (hub id)."""
-    path = Path(location)
-    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors")) if path.is_dir() else []
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            digest.update(f.read(1 << 20))
-        digest.update(str(file.stat().st_size).encode())
-    if not files:
-        digest.update(location.encode())
-    return digest.hexdigest()[:16]
 
 
 def cache_setting(backend: Backend, resolution: int, center_crop: bool, seed: int, vae: str | None = None) -> str:

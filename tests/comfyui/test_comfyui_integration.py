@@ -149,7 +149,7 @@ def test_curate_train_compare(server, info):
     for idx, mark in [(0, "chosen"), (1, "chosen"), (2, "rejected"), (3, "rejected")]:
         state = server.post("/prefalign/mark", {"store": STORE, "batch": batch["batch"], "index": idx, "mark": mark})
     assert state["pairs"] == 4 and state["total_pairs"] == 4
-    assert server.get(f"/prefalign/stores")["stores"] == [STORE]
+    assert server.get("/prefalign/stores")["stores"] == [STORE]
     store_dir = server.base / "user" / "prefalign_stores" / STORE
     assert (store_dir / "pairs.sqlite").is_file()
 

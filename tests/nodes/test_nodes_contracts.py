@@ -5,7 +5,6 @@ import inspect
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

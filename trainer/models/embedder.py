@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..fingerprint import file_fingerprint
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -58,8 +60,6 @@ class EmbeddingBackend:
     per image (cached with the latents). Everything else is the wrapped backend's."""
 
     def __init__(self, backend, location: str) -> None:
-        from ..encoding import file_fingerprint
-
         self._backend = backend
         self.embedder = ClipEmbedder(location, backend.device)
         self.cache_tag = f"embedder={file_fingerprint(location)}"

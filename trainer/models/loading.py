@@ -1,13 +1,13 @@
 """Resolve a model name to diffusers components: tiny/toy built-ins, a pipeline folder, a hub id or a single file."""
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .single_file import SINGLE_FILE_SUFFIXES, load_single_file
+from ..fingerprint import file_fingerprint
 from .tiny import TINY_MODELS, tiny_model_path
 
 
@@ -36,20 +36,6 @@ def resolve_model(model: str) -> str:
     return model
 
 
-def model_hash(location: str) -> str:
-    """A short content hash of the weights (file, or the unet folder's safetensors), else of the name."""
-    path = Path(location)
-    files = [path] if path.is_file() else sorted((path / "unet").glob("*.safetensors")) if path.is_dir() else []
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            digest.update(f.read(1 << 20))  # first MiB of each file: cheap and content-dependent
-        digest.update(str(file.stat().st_size).encode())
-    if not files:
-        digest.update(location.encode())
-    return digest.hexdigest()[:16]
-
-
 def load_components(model: str, vae: str | None = None, model_config: str | None = None) -> Components:
     """Load (frozen, fp32, CPU) components of an SD1.5 or SDXL model.
 
@@ -71,7 +57,7 @@ def load_components(model: str, vae: str | None = None, model_config: str | None
         module.requires_grad_(False)
         module.eval()
     sdxl = getattr(parts["unet"].config, "addition_embed_type", None) == "text_time"
-    return Components(name=model, architecture="sdxl" if sdxl else "sd15", hash=model_hash(location), **parts)
+    return Components(name=model, architecture="sdxl" if sdxl else "sd15", hash=file_fingerprint(location), **parts)
 
 
 def _from_pretrained(location: str) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def kohya_state_dict(model: nn.Module, alpha: float, prefix: str = "lora_unet") 
     `.lora_up.weight` and `.alpha` (the alpha trained with, not the rank)."""
     out: dict[str, Tensor] = {}
     for name, param in lora_parameters(model).items():
-        module, kind = name.split(f".lora_", 1)
+        module, kind = name.split(".lora_", 1)
         part = {"A": "lora_down", "B": "lora_up"}[kind.split(".", 1)[0]]
         key = f"{prefix}_{module.replace('.', '_')}"
         out[f"{key}.{part}.weight"] = param.detach().float().cpu().contiguous()
