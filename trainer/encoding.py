@@ -224,26 +224,6 @@ def encode_batches(cache: EncodingCache, backend: Backend, batches: Iterable[tup
         cache.flush()
 
 
-def fill_cache(cache: EncodingCache, backend: Backend, keyed: Iterable[tuple[str, object]], batch_size: int = 8,
-               progress=None) -> None:
-    """Encode the (key, ProcessedExample) items missing from the cache, in batches, without grad."""
-    from .data.dataset import collate
-
-    def batches():
-        pending: list[tuple[str, object]] = []
-        for key, item in keyed:
-            if key in cache:
-                continue
-            pending.append((key, item))
-            if len(pending) == batch_size:
-                yield [k for k, _ in pending], collate([x for _, x in pending])
-                pending = []
-        if pending:
-            yield [k for k, _ in pending], collate([x for _, x in pending])
-
-    encode_batches(cache, backend, batches(), progress)
-
-
 def batch_from_cache(cache: EncodingCache, keys: Sequence[str]) -> TrainBatch:
     entries = [cache.get(k) for k in keys]
     latents = torch.stack([e.latents for e in entries])  # [B, K, ...]

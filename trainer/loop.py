@@ -107,7 +107,7 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
     autocast = _autocast(config.mixed_precision, backend.device)
     scaler = torch.amp.GradScaler(backend.device.type, enabled=config.mixed_precision == "fp16")
     accum = config.gradient_accumulation_steps
-    last_good = list_checkpoints(ckpt_root)[-1] if list_checkpoints(ckpt_root) else None
+    last_good = (list_checkpoints(ckpt_root) or [None])[-1]
     stopped, metrics = False, {}
 
     def checkpoint() -> Path | None:
@@ -144,9 +144,7 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
             metrics = ranks.average_metrics(meter.read())
             metrics["lr"] = lr_scheduler.get_last_lr()[0]
             if not math.isfinite(metrics["loss"]):
-                raise NonFiniteLossError(
-                    f"loss is {metrics['loss']} at step {step}; stopped. Last good checkpoint: "
-                    f"{last_good or 'none'}. Lower the learning rate or beta, or use bf16/fp32 instead of fp16.")
+                raise NonFiniteLossError(_stopped(f"loss is {metrics['loss']} at step {step}", last_good))
             log.write(step, metrics)
             progress.update(step, metrics)
             if hooks.on_step is not None:
@@ -155,6 +153,7 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
                 _check_finite_adapter(params, step, last_good)
                 last_good = checkpoint() or last_good
     progress.close()
+    stream.close()  # stop decoding workers now rather than at garbage collection
     result = TrainResult(step, metrics, out, None, stopped)
     if step > 0:
         _check_finite_adapter(params, step, last_good)  # every rank: they hold the same weights
@@ -174,9 +173,12 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
 def _check_finite_adapter(params: list[torch.nn.Parameter], step: int, last_good: Path | None) -> None:
     """Never save NaN/inf weights (a finite loss can still come with non-finite gradients)."""
     if not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
-        raise NonFiniteLossError(
-            f"the LoRA weights became NaN or infinite at step {step}; stopped. Last good checkpoint: "
-            f"{last_good or 'none'}. Lower the learning rate or beta, or use bf16/fp32 instead of fp16.")
+        raise NonFiniteLossError(_stopped(f"the LoRA weights became NaN or infinite at step {step}", last_good))
+
+
+def _stopped(problem: str, last_good: Path | None) -> str:
+    return (f"{problem}; stopped. Last good checkpoint: {last_good or 'none'}. "
+            "Lower the learning rate or beta, or use bf16/fp32 instead of fp16.")
 
 
 def _autocast(mixed_precision: str, device: torch.device) -> torch.autocast:
