@@ -69,9 +69,16 @@ def matches_target(module_key: str, targets: Sequence[str]) -> bool:
     return any(module_key == t or module_key.endswith("." + t) for t in targets)
 
 
+FAMILIES = {"SD15": "sd15", "SDXL": "sdxl", "SD20": "sd2", "SDXLRefiner": "sdxl-refiner"}
+
+
 def architecture_of(base_model) -> str:
-    name = type(getattr(base_model, "model_config", None)).__name__
-    return {"SD15": "sd15", "SDXL": "sdxl", "SD20": "sd2", "SDXLRefiner": "sdxl-refiner"}.get(name, name.lower())
+    """The model family, from ComfyUI's model config class or its nearest known base (KOALA, SSD-1B -> sdxl)."""
+    config_class = type(getattr(base_model, "model_config", None))
+    for cls in config_class.__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    return config_class.__name__.lower()
 
 
 class ComfyBackend:

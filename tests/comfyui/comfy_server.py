@@ -26,8 +26,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CHECKPOINTS = {"tiny_sd15.safetensors": "sd15", "tiny_sdxl.safetensors": "sdxl"}  # file -> family
+
+
 class ComfyServer:
-    def __init__(self, base: Path, comfy_dir: Path, python: str, checkpoint: Path | None = None) -> None:
+    def __init__(self, base: Path, comfy_dir: Path, python: str, checkpoint_dir: Path | None = None) -> None:
+        """`checkpoint_dir` keeps the tiny checkpoints between runs (made there when missing)."""
         self.base, self.comfy_dir, self.python = base, comfy_dir, python
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -36,12 +40,15 @@ class ComfyServer:
         link = base / "custom_nodes" / "prefalign"
         if not link.exists():
             link.symlink_to(ROOT, target_is_directory=True)
-        self.checkpoint = base / "models" / "checkpoints" / "tiny_sd15.safetensors"
-        if checkpoint is not None and checkpoint.is_file() and not self.checkpoint.exists():
-            self.checkpoint.symlink_to(checkpoint)
-        if not self.checkpoint.exists():
-            subprocess.run([python, str(HERE / "make_tiny_sd15.py"), str(comfy_dir), str(self.checkpoint)], check=True,
-                           cwd=base, timeout=600)
+        store = checkpoint_dir or base / "models" / "checkpoints"
+        for name, family in CHECKPOINTS.items():
+            made = store / name
+            if not made.exists():
+                subprocess.run([python, str(HERE / "make_tiny_checkpoint.py"), str(comfy_dir), family, str(made)],
+                               check=True, cwd=base, timeout=900)
+            placed = base / "models" / "checkpoints" / name
+            if not placed.exists():
+                placed.symlink_to(made)
         self.log_path = base / "server.log"
         self.proc = None
 

@@ -1,9 +1,10 @@
 """Integration with a real ComfyUI on CPU (skipped unless COMFYUI_DIR is set).
 
+    /path/to/comfy-venv/bin/pip install -r requirements.txt   # what ComfyUI-Manager installs for the pack
     COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/comfy-venv/bin/python pytest tests/comfyui -v
 
 The pack loads without errors; the workflows fit the live node definitions; their API-format versions run
-to completion on a tiny SD1.5-architecture checkpoint made by the test: curate (then marks through the
+to completion on tiny SD1.5- and SDXL-architecture checkpoints made by the test: curate (then marks through the
 route), train (the LoRA lands in models/loras), compare; stock LoraLoader loads the file with no unmapped
 keys and it changes the generated image; Cancel during training keeps a LoRA.
 """
@@ -43,7 +44,7 @@ STORE = "it_store"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy")
-    cached = os.environ.get("PREFALIGN_TINY_CKPT")  # reuse a checkpoint made earlier (saves ~20 s)
+    cached = os.environ.get("PREFALIGN_CKPT_DIR")  # keep the tiny checkpoints between runs (saves ~40 s)
     s = cs.ComfyServer(base, Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", sys.executable),
                        Path(cached) if cached else None)
     s.start()
@@ -68,12 +69,12 @@ def nodes_of(api: dict, class_type: str) -> list[dict]:
     return [n for n in api.values() if n["class_type"] == class_type]
 
 
-def small(api: dict, size: int = 64, steps: int = 3) -> dict:
+def small(api: dict, size: int = 64, steps: int = 3, ckpt: str = "tiny_sd15.safetensors") -> dict:
     """The same graph, sized for CPU: tiny checkpoint, small latents, few sampler steps."""
     for n in api.values():
         i = n["inputs"]
         if n["class_type"] == "CheckpointLoaderSimple":
-            i["ckpt_name"] = "tiny_sd15.safetensors"
+            i["ckpt_name"] = ckpt
         if n["class_type"] == "EmptyLatentImage":
             i["width"] = i["height"] = size
         if n["class_type"] == "KSampler":
@@ -111,10 +112,10 @@ def _images(server, entry, node_id) -> list:
     return out
 
 
-def sample(server, lora: str | None, seed: int = 7, strength: float = 1.0):
+def sample(server, lora: str | None, seed: int = 7, strength: float = 1.0, ckpt: str = "tiny_sd15.safetensors"):
     import numpy as np
 
-    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}}}
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
     model, clip = ["1", 0], ["1", 1]
     if lora:
         g["2"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": lora,
@@ -128,7 +129,7 @@ def sample(server, lora: str | None, seed: int = 7, strength: float = 1.0):
                                                    "latent_image": ["5", 0], "seed": seed, "steps": 3, "cfg": 7.0,
                                                    "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
-        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": f"it_{'lora' if lora else 'base'}_{strength}"}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": f"it_{ckpt[:-12]}_{'lora' if lora else 'base'}_{strength}"}},
     })
     return np.asarray(_images(server, server.run(g), "8")[0], dtype=np.float32)
 
@@ -203,16 +204,53 @@ def test_curate_train_compare(server, info):
     assert "method: dpo" in text and "steps: 3" in text and f"dataset: store:{STORE}" in text
 
 
-def test_cancel_keeps_lora(server, info):
-    """Cancel (POST /interrupt) during training: execution_interrupted, and a LoRA with fewer steps is saved."""
-    # pairs from the Add Pair node (two stock EmptyImage colours), in a store of its own
+def add_colour_pairs(server, store: str, prompt: str = "a red square") -> None:
+    """Two pairs through the Add Pair node (stock EmptyImage colours: red chosen, blue rejected)."""
     add = {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0xCC3322}},
         "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x2233CC}},
-        "3": {"class_type": "PrefAlignAddPair", "inputs": {"chosen": ["1", 0], "rejected": ["2", 0], "prompt": "a red square", "store": "cancel_store"}},
+        "3": {"class_type": "PrefAlignAddPair", "inputs": {"chosen": ["1", 0], "rejected": ["2", 0], "prompt": prompt, "store": store}},
     }
     entry = server.run(add)
     assert entry["outputs"]["3"]["text"][0].endswith("holds 2")
+
+
+def test_sdxl_train_and_load(server, info):
+    """The SDXL family end to end: the train workflow on an SDXL checkpoint (CLIP-L + CLIP-G, ADM size
+    conditioning), then stock LoraLoader on the same checkpoint maps every key and changes the image."""
+    import numpy as np
+    from safetensors import safe_open
+
+    ckpt = "tiny_sdxl.safetensors"
+    add_colour_pairs(server, "sdxl_store")
+    base_before = sample(server, None, ckpt=ckpt)
+    api = small(api_of("prefalign_train.json", info), ckpt=ckpt)
+    train_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignTrainLoRA")
+    nodes_of(api, "PrefAlignLoadStore")[0]["inputs"]["store"] = "sdxl_store"
+    api[train_id]["inputs"].update(steps=3, resolution=64, learning_rate=0.05, checkpoint_every=0, lora_name="sdxl",
+                                   gradient_accumulation_steps=1, method_args="beta = 5000")
+    t0 = time.time()
+    entry = server.run(api, timeout=900)
+    print(f"\ntrain workflow (3 DPO steps, 2 pairs at 64 px, tiny SDXL) took {time.time() - t0:.1f} s on CPU")
+    out = entry["outputs"][train_id]["prefalign_train"][0]
+    assert out["steps"] == 3 and not out["stopped"]
+    with safe_open(str(server.base / "models" / "loras" / out["lora"]), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert meta["prefalign.architecture"] == "sdxl" and meta["prefalign.method"] == "dpo"
+    # the targets sit in the transformer blocks of SDXL's input, middle and output levels
+    assert any("input_blocks" in k for k in keys) and any("output_blocks" in k for k in keys)
+    assert all(k.startswith("lora_unet_") for k in keys)
+    log_before = len(server.log_text())
+    base, tuned = sample(server, out["lora"], strength=0.0, ckpt=ckpt), sample(server, out["lora"], ckpt=ckpt)
+    assert np.array_equal(base, base_before), "training left the base model changed"
+    assert "lora key not loaded" not in server.log_text()[log_before:]
+    diff = np.abs(base - tuned).mean()
+    assert diff > 0.5, f"the LoRA did not change the SDXL image (mean abs diff {diff:.3f})"
+
+
+def test_cancel_keeps_lora(server, info):
+    """Cancel (POST /interrupt) during training: execution_interrupted, and a LoRA with fewer steps is saved."""
+    add_colour_pairs(server, "cancel_store")
     api = small(api_of("prefalign_train.json", info))
     train_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignTrainLoRA")
     nodes_of(api, "PrefAlignLoadStore")[0]["inputs"]["store"] = "cancel_store"

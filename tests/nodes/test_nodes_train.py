@@ -242,3 +242,17 @@ def test_cancel_while_encoding_stops_before_training(pack, comfy_folders):
     assert not (comfy_folders["loras"] / "prefalign").exists()
     events = [m[1] for m in comfy_folders["calls"]["messages"] if m[0] == "prefalign.train"]
     assert events[-1]["status"] == "stopped" and comfy_folders["calls"]["progress"] == []
+
+
+def test_architecture_follows_the_model_config_family(pack):
+    """Distilled SDXL models (KOALA, SSD-1B: subclasses of ComfyUI's SDXL config) are `sdxl`; unknown ones keep their name."""
+    class SDXL: ...
+    class KOALA_700M(SDXL): ...
+    class Flux: ...
+
+    def model_with(config_class):
+        return type("M", (), {"model_config": config_class()})()
+
+    assert cb.architecture_of(model_with(KOALA_700M)) == "sdxl"
+    assert cb.architecture_of(model_with(SDXL)) == "sdxl"
+    assert cb.architecture_of(model_with(Flux)) == "flux"
