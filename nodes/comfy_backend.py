@@ -11,15 +11,18 @@
 - Latents: `encode_images` runs the VAE and `process_latent_in` (ComfyUI's VAE output is unscaled).
 - Export: kohya names `lora_unet_<ComfyUI diffusion_model path with _>` that ComfyUI's LoraLoader
   maps for every model family, with `.alpha`.
+- Gradient checkpointing wraps the UNet's outermost blocks (as ComfyUI's own trainer does) for the
+  life of the backend; use it as a context manager so the shared UNet gets its forwards back.
 """
 from __future__ import annotations
 
 import hashlib
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 PREFIX = "diffusion_model."
@@ -81,11 +84,53 @@ def architecture_of(base_model) -> str:
     return config_class.__name__.lower()
 
 
+def outermost_blocks(root: nn.Module) -> list[nn.Module]:
+    """The outermost modules below `root` that compute something (containers are opened): what
+    gradient checkpointing wraps, as ComfyUI's own trainer does."""
+    found = []
+    for child in root.children():
+        if isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+            found += outermost_blocks(child)
+        else:
+            found.append(child)
+    return found
+
+
+@contextmanager
+def checkpointed(blocks: Sequence[nn.Module]) -> Iterator[None]:
+    """Inside: each block recomputes its activations in backward (only when grad is on; sampling under
+    no_grad runs as usual). On exit every block gets back exactly the forward it had."""
+    saved = [(block, block.__dict__.get("forward")) for block in blocks]
+    for block, _ in saved:
+        block.forward = _checkpointing(block.forward)
+    try:
+        yield
+    finally:
+        for block, own in saved:
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
+
+
+def _checkpointing(forward):
+    def wrapped(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return wrapped
+
+
 class ComfyBackend:
-    """Implements `trainer.models.backend.Backend` for a ComfyUI MODEL / CLIP / VAE."""
+    """Implements `trainer.models.backend.Backend` for a ComfyUI MODEL / CLIP / VAE.
+
+    Use it as a context manager: gradient checkpointing patches the blocks of the UNet that the graph's
+    MODEL shares, and leaving the context restores them.
+    """
 
     def __init__(self, model, clip, vae, rank: int, alpha: float, target_modules: Sequence[str], seed: int = 0,
-                 model_name: str = "") -> None:
+                 model_name: str = "", gradient_checkpointing: bool = False) -> None:
         import comfy.model_management as mm
 
         self.mm = mm
@@ -143,7 +188,19 @@ class ComfyBackend:
         mm.load_models_gpu([self.patcher], memory_required=1e20, force_full_load=True)
         self.device = torch.device(self.patcher.load_device)
         self.lora_modules.to(self.device)
-        self._loaded_once = True
+        self._exit = ExitStack()  # last: nothing below may fail and leave the shared UNet patched
+        if gradient_checkpointing:
+            self._exit.enter_context(checkpointed(outermost_blocks(base.diffusion_model)))
+
+    def __enter__(self) -> "ComfyBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Give the shared UNet its own forwards back."""
+        self._exit.close()
 
     # -- plumbing -------------------------------------------------------------------------------
     @property

@@ -55,7 +55,12 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def check_compatible(method: Method, examples: Sequence[PreferenceExample]) -> None:
+def check_compatible(method: Method, examples: Sequence[PreferenceExample], backend: Backend) -> None:
+    """Refuse, before any encoding, a method that cannot train on this data or model."""
+    if method.error_space == "ncp" and getattr(backend, "alphas_cumprod", None) is None:
+        raise ValueError("method_args.space = 'ncp' takes a DDPM posterior step, which needs a model with a discrete "
+                         f"noise schedule (SD1.5/SDXL family); this one has none (prediction: {backend.prediction_type}). "
+                         "Use space = 'latent'.")
     if hasattr(examples, "__len__") and len(examples) == 0:
         raise ValueError("the dataset is empty")
     paired = getattr(examples, "paired", None)
@@ -72,7 +77,7 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
     hooks = hooks or TrainHooks()
     ranks = ranks or Ranks.single()
     method = build_method(config.method, config.method_args)
-    check_compatible(method, examples)
+    check_compatible(method, examples, backend)
     if EMBEDDINGS in method.needs and config.embedder:
         from .models.embedder import EmbeddingBackend
 

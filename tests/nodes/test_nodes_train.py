@@ -256,3 +256,87 @@ def test_architecture_follows_the_model_config_family(pack):
     assert cb.architecture_of(model_with(KOALA_700M)) == "sdxl"
     assert cb.architecture_of(model_with(SDXL)) == "sdxl"
     assert cb.architecture_of(model_with(Flux)) == "flux"
+
+
+def test_gradient_checkpointing_same_gradients_and_restored(pack, monkeypatch):
+    """Checkpointed blocks give the same gradients, recompute in backward, and leave the shared UNet as it was."""
+    calls = []
+    original_checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+
+    def grads(checkpointing: bool):
+        patcher = fake.make_model_patcher(0)
+        unet = patcher.model.diffusion_model
+        with torch.inference_mode(False), cb.ComfyBackend(patcher, fake.CLIP(), fake.VAE(), rank=2, alpha=2.0,
+                                                          target_modules=TARGETS,
+                                                          gradient_checkpointing=checkpointing) as b:
+            randomize(b)
+            blocks = cb.outermost_blocks(unet)
+            assert all(("forward" in m.__dict__) == checkpointing for m in blocks)
+            cond = b.encode_prompts(["a", "b"])
+            x, t = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3)), torch.tensor([10, 700])
+            with torch.no_grad():
+                b.predict(x, t, cond)
+            assert calls == []  # no recomputation bookkeeping without grad (sampling, reference)
+            b.predict(x, t, cond).square().mean().backward()
+            out = [p.grad.clone() for p in b.trainable_parameters()]
+        assert not any("forward" in m.__dict__ for m in blocks)  # restored on exit
+        return out
+
+    plain = grads(False)
+    assert calls == []
+    checkpointed = grads(True)
+    assert len(calls) >= 3
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+
+
+def test_train_node_resume_continues_the_cancelled_run(pack, comfy_folders):
+    """Cancel at step 2 of 5, then resume: the LoRA equals an uninterrupted 5-step run; no earlier run: a clear error."""
+    pairs = store_pairs(pack)
+    node = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]()
+    with pytest.raises(ValueError, match="no earlier run of 'again-dpo'"):
+        node.train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(), pairs, **train_args(lora_name="again", resume=True))
+    straight = node.train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(), pairs,
+                          **train_args(steps=5, lora_name="straight"))["result"][1]
+
+    utils = sys.modules["comfy.utils"]
+    progress, calls = utils.ProgressBar, comfy_folders["calls"]
+
+    class Interrupting(progress):
+        def update_absolute(self, value, total=None, preview=None):
+            calls["interrupt"] = calls["interrupt"] or value == 2
+            super().update_absolute(value, total, preview)
+
+    utils.ProgressBar = Interrupting
+    with pytest.raises(fake.InterruptProcessingException):
+        node.train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(), pairs, **train_args(steps=5, lora_name="again"))
+    utils.ProgressBar = progress
+    before = len(calls["progress"])
+    out = node.train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(), pairs,
+                     **train_args(steps=5, lora_name="again", resume=True))
+    _, resumed, _, name = out["result"]
+    assert "_5steps_" in name and [p[0] for p in calls["progress"][before:]] == [3, 4, 5]
+    runs = sorted(d.name for d in (comfy_folders["output"] / "prefalign" / "runs").iterdir())
+    assert len(runs) == 2 and runs[0].startswith("again-dpo-")  # the cancelled run's folder was continued
+    assert set(resumed) == set(straight)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_ncp_space_is_refused_for_models_without_a_ddpm_schedule(pack):
+    """NCP's posterior step needs alphas_cumprod: a flow model gets a clear error before any encoding."""
+    from prefalign_pack.trainer.config import make_config
+    from prefalign_pack.trainer.loop import train
+
+    with torch.inference_mode(False):
+        _, b = backend()
+        b.prediction_type, b.alphas_cumprod = "flow", None
+        b.encode_prompts = lambda prompts: pytest.fail("encoded before refusing")
+        config = make_config({"model": "comfyui", "data": "x", "method": "dpo", "method_args": {"space": "ncp"},
+                              "max_steps": 1, "output_dir": "unused"})
+        with pytest.raises(ValueError, match="space = 'ncp'.*discrete noise schedule.*flow"):
+            train(config, b, store_pairs(pack))
