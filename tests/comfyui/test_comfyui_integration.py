@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -228,7 +229,7 @@ def test_sdxl_train_and_load(server, info):
     train_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignTrainLoRA")
     nodes_of(api, "PrefAlignLoadStore")[0]["inputs"]["store"] = "sdxl_store"
     api[train_id]["inputs"].update(steps=3, resolution=64, learning_rate=0.05, checkpoint_every=0, lora_name="sdxl",
-                                   gradient_accumulation_steps=1, method_args="beta = 5000")
+                                   gradient_accumulation_steps=1, method_args="beta = 5000", gradient_checkpointing=True)
     t0 = time.time()
     entry = server.run(api, timeout=900)
     print(f"\ntrain workflow (3 DPO steps, 2 pairs at 64 px, tiny SDXL) took {time.time() - t0:.1f} s on CPU")
@@ -278,6 +279,14 @@ def test_cancel_keeps_lora(server, info):
     assert len(saved) == 1 and "_500steps_" not in saved[0].name
     runs = server.get("/prefalign/train/status")["runs"]
     assert any(r["prompt_id"] == pid and r["status"] == "stopped" for r in runs.values())
+
+    # resume: the same graph continues from the cancelled run's last checkpoint up to `steps`
+    done = int(re.search(r"_(\d+)steps_", saved[0].name).group(1))
+    api[train_id]["inputs"].update(steps=done + 2, resume=True)
+    entry = server.run(api)
+    out = entry["outputs"][train_id]["prefalign_train"][0]
+    assert out["steps"] == done + 2 and not out["stopped"]
+    assert len(list((server.base / "output" / "prefalign" / "runs").glob("cancelled-dpo-*"))) == 1
 
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
