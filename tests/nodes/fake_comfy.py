@@ -111,6 +111,21 @@ class ModelSamplingDiscrete(EPS):
         return (sigma.view(-1, 1) - self.sigmas.to(sigma.device).view(1, -1)).abs().argmin(1).float()
 
 
+class CONST:
+    pass
+
+
+class ModelSamplingDiscreteFlow(CONST):
+    """ComfyUI's rectified-flow sampling (SD3, Flux): x = (1 - sigma) x0 + sigma noise, sigma in (0, 1]."""
+
+    def timestep(self, sigma):
+        return sigma * 1000
+
+    @staticmethod
+    def noise_scaling(sigma, noise, latent_image):
+        return sigma * noise + (1.0 - sigma) * latent_image
+
+
 class SD15:
     pass
 
@@ -141,6 +156,9 @@ class BaseModel(nn.Module):
 
     def apply_model(self, x, t, c_crossattn=None, **kwargs):
         sigma = t.view(-1, 1, 1, 1).to(x.dtype)
+        if isinstance(self.model_sampling, CONST):  # the flow model predicts v = noise - x0
+            v = self.diffusion_model(x, self.model_sampling.timestep(t), context=c_crossattn).float()
+            return x - v * sigma
         xc = x / (sigma ** 2 + 1) ** 0.5
         eps = self.diffusion_model(xc, self.model_sampling.timestep(t), context=c_crossattn).float()
         return x - eps * sigma

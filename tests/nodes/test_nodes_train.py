@@ -340,3 +340,31 @@ def test_ncp_space_is_refused_for_models_without_a_ddpm_schedule(pack):
                               "max_steps": 1, "output_dir": "unused"})
         with pytest.raises(ValueError, match="space = 'ncp'.*discrete noise schedule.*flow"):
             train(config, b, store_pairs(pack))
+
+
+def test_flow_models_train_in_comfyui_flow_space(pack, comfy_folders):
+    """A rectified-flow MODEL (ComfyUI's CONST sampling: SD3, Flux): x_t and the target follow ComfyUI's
+    own noise scaling, an oracle x0 gives exactly the target, and the Train node trains it end to end."""
+    def flow_patcher():
+        patcher = fake.make_model_patcher()
+        patcher.model.model_sampling = fake.ModelSamplingDiscreteFlow()
+        return patcher
+
+    with torch.inference_mode(False):
+        b = cb.ComfyBackend(flow_patcher(), fake.CLIP(), fake.VAE(), rank=2, alpha=2.0, target_modules=TARGETS)
+        assert b.prediction_type == "flow" and b.alphas_cumprod is None
+        g = torch.Generator().manual_seed(0)
+        x0, noise, t = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g), torch.tensor([99, 749])
+        sigma = torch.tensor([0.1, 0.75]).view(-1, 1, 1, 1)
+        xt = b.add_noise(x0, noise, t)
+        assert torch.allclose(xt, fake.ModelSamplingDiscreteFlow.noise_scaling(sigma, noise, x0))
+        assert torch.allclose(b.target(x0, noise, t), noise - x0)
+        b.base.apply_model = lambda x, s, **kw: x0  # an oracle that returns the true x0
+        assert torch.allclose(b.predict(xt, t, b.encode_prompts(["a", "b"])), noise - x0, atol=1e-4)
+
+    pairs = store_pairs(pack)
+    out = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]().train(flow_patcher(), fake.CLIP(), fake.VAE(), pairs,
+                                                                 **train_args(lora_name="flow"))
+    lora = out["result"][1]
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_up" in k)
+    assert [p[0] for p in comfy_folders["calls"]["progress"]] == [1, 2, 3]
