@@ -113,7 +113,22 @@ def _images(server, entry, node_id) -> list:
     return out
 
 
+def sampling_nodes(model: list, clip: list, vae: list, seed: int, prefix: str) -> dict:
+    """Nodes s1..s6 of a 64 px, 3-step txt2img on `model` that end in a SaveImage (`s6`)."""
+    return {
+        "s1": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "a watercolor fox"}},
+        "s2": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}},
+        "s3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "s4": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["s1", 0], "negative": ["s2", 0],
+                                                    "latent_image": ["s3", 0], "seed": seed, "steps": 3, "cfg": 7.0,
+                                                    "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "s5": {"class_type": "VAEDecode", "inputs": {"samples": ["s4", 0], "vae": vae}},
+        "s6": {"class_type": "SaveImage", "inputs": {"images": ["s5", 0], "filename_prefix": prefix}},
+    }
+
+
 def sample(server, lora: str | None, seed: int = 7, strength: float = 1.0, ckpt: str = "tiny_sd15.safetensors"):
+    """One image from the checkpoint, through stock LoraLoader when `lora` names a file."""
     import numpy as np
 
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
@@ -122,18 +137,8 @@ def sample(server, lora: str | None, seed: int = 7, strength: float = 1.0, ckpt:
         g["2"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": lora,
                                                          "strength_model": strength, "strength_clip": strength}}
         model, clip = ["2", 0], ["2", 1]
-    g.update({
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "a watercolor fox"}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["3", 0], "negative": ["4", 0],
-                                                   "latent_image": ["5", 0], "seed": seed, "steps": 3, "cfg": 7.0,
-                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
-        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": f"it_{ckpt[:-12]}_{'lora' if lora else 'base'}_{strength}"}},
-    })
-    return np.asarray(_images(server, server.run(g), "8")[0], dtype=np.float32)
-
+    g.update(sampling_nodes(model, clip, ["1", 2], seed, f"it_{ckpt[:-12]}_{'lora' if lora else 'base'}_{strength}"))
+    return np.asarray(_images(server, server.run(g), "s6")[0], dtype=np.float32)
 
 
 def test_curate_train_compare(server, info):
@@ -188,6 +193,14 @@ def test_curate_train_compare(server, info):
     assert "lora key not loaded" not in server.log_text()[log_before:]
     diff = np.abs(base - tuned).mean()
     assert diff > 0.5, f"the LoRA did not change the image (mean abs diff {diff:.3f})"
+
+    # 3b. the node's LORA_MODEL output through ComfyUI's own LoraModelLoader gives the same image
+    (ckpt_id,) = [k for k, n in api.items() if n["class_type"] == "CheckpointLoaderSimple"]
+    api["lm"] = {"class_type": "LoraModelLoader", "inputs": {"model": [ckpt_id, 0], "lora": [train_id, 1],
+                                                             "strength_model": 1.0}}
+    api.update(sampling_nodes(["lm", 0], [ckpt_id, 1], [ckpt_id, 2], 7, "it_lora_model"))
+    from_lora_model = np.asarray(_images(server, server.run(api, timeout=600), "s6")[0], dtype=np.float32)
+    assert np.abs(from_lora_model - tuned).mean() < 0.5
 
     # 4. compare workflow: our loader, same seed, side by side
     api = small(api_of("prefalign_compare.json", info))
