@@ -17,6 +17,9 @@ sys.modules[spec.name] = wt
 spec.loader.exec_module(wt)
 
 WORKFLOWS = sorted((wt.ROOT / "workflows").glob("*.json"))
+# File-list dropdowns (LoRA names) are read from fresh, empty model folders: whatever files an earlier
+# test on the same worker left behind must not decide whether a workflow's placeholder name is valid.
+pytestmark = pytest.mark.usefixtures("comfy_folders")
 
 
 def info():
