@@ -13,6 +13,10 @@ settings, tuned on this toy world (shared with benchmarks/alignment.py, reasons 
 - kto: learning rate 3e-3 (66% [56%, 74%] at 1e-3 after 40 steps: interval touches the base's)
 - sft: learning rate 3e-3 and 120 steps; dspo (sd15: SFT on the chosen images plus a ~1e-3 tilt): 120
   steps. Learning only from the chosen images moves the rate slowest: both sit at 60% [50%, 70%] after 40.
+
+SAMPLES = 192 keeps each interval about +-7 points wide: the slowest methods (sft, dspo) then clear the
+base's interval by ~7 points (a dozen samples; with 96 samples it was 2 to 4), so small numeric
+differences between CPUs cannot flip the verdict.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from trainer.methods import method_names
 from trainer.toy import sample_images, write_preference_dataset
 
 ATTRIBUTE = "shaded"
-PAIRS, STEPS, SAMPLES, SAMPLE_STEPS = 64, 40, 96, 10
+PAIRS, STEPS, SAMPLES, SAMPLE_STEPS = 64, 40, 192, 10
 SLOW_STEPS = {"sft": 120, "dspo": 120}
 
 
