@@ -7,7 +7,7 @@
   (k-diffusion space x = x0 + sigma * eps). `add_noise` gives the DDPM x_t the trainer expects and
   `predict` maps it to ComfyUI's space, runs `apply_model`, and returns eps (or v) so the trainer's
   losses are the standard ones. Flow models (CONST sampling) use x_t = (1-s) x0 + s eps and the
-  flow target eps - x0 (`prediction_type = "flow"`).
+  flow target eps - x0 (`prediction_type = "flow"`), with s from the model's (shifted) sigma table.
 - Latents: `encode_images` runs the VAE and `process_latent_in` (ComfyUI's VAE output is unscaled).
 - Export: kohya names `lora_unet_<ComfyUI diffusion_model path with _>` that ComfyUI's LoraLoader
   maps for every model family, with `.alpha`.
@@ -141,7 +141,7 @@ class ComfyBackend:
         self.patcher = model.clone()
         base = self.patcher.model
         self.base = base
-        self.sampling = base.model_sampling
+        self.sampling = self.patcher.get_model_object("model_sampling")  # with object patches (ModelSampling* nodes)
         kind = type(self.sampling).__mro__
         kinds = {k.__name__ for k in kind}
         if "CONST" in kinds:
@@ -152,16 +152,12 @@ class ComfyBackend:
             self.prediction_type = "epsilon"
         else:
             raise ValueError(f"model sampling {type(self.sampling).__name__} is not supported for training")
-        self.discrete = hasattr(self.sampling, "sigmas") and self.prediction_type != "flow"
-        if self.discrete:
-            sigmas = self.sampling.sigmas.detach().float().cpu().clone()
-            self.num_train_timesteps = int(sigmas.shape[0])
-            self._sigmas = sigmas
-            self.alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
-        else:
-            self.num_train_timesteps = 1000
-            self._sigmas = None
-            self.alphas_cumprod = None
+        # the model's own sigma table (flow models: shifted, as their schedulers train), else uniform flow sigmas
+        table = getattr(self.sampling, "sigmas", None)
+        self._sigmas = table.detach().float().cpu().clone() if table is not None else None
+        self.num_train_timesteps = int(self._sigmas.shape[0]) if self._sigmas is not None else 1000
+        self.discrete = self._sigmas is not None and self.prediction_type != "flow"
+        self.alphas_cumprod = 1.0 / (1.0 + self._sigmas ** 2) if self.discrete else None
 
         generator = torch.Generator().manual_seed(int(seed))
         self.adapters: dict[str, LoraWeight] = {}
@@ -211,7 +207,7 @@ class ComfyBackend:
         self.mm.load_models_gpu([self.patcher], force_full_load=True)
 
     def _sigma(self, timesteps: Tensor) -> Tensor:
-        if self.discrete:
+        if self._sigmas is not None:
             return self._sigmas.to(timesteps.device)[timesteps.long()]
         return (timesteps.float() + 1) / self.num_train_timesteps  # flow: sigma in (0, 1]
 
@@ -411,7 +407,7 @@ class ComfyBackend:
                 h.update(f"{k}{tuple(t.shape)}".encode())
                 h.update(t.detach().flatten()[:16].float().cpu().numpy().tobytes())
         return {"name": self.model_name or type(self.base).__name__, "hash": h.hexdigest()[:16],
-                "architecture": architecture_of(self.base)}
+                "architecture": architecture_of(self.base), "prediction_type": self.prediction_type}
 
 
 @contextmanager

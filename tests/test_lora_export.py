@@ -90,3 +90,13 @@ def comfy_unet_config(config) -> dict:
         "transformer_depth_output": [d for d in depth for _ in range(config.layers_per_block + 1)],
         "transformer_depth_middle": layers[-1],
     }
+
+
+def test_metadata_names_a_v_prediction_base(tmp_path):
+    """A LoRA trained on a v-prediction base says so: ours, and kohya's ss_v_parameterization that A1111/Forge read."""
+    from trainer.export import lora_metadata
+
+    info = {"name": "x", "hash": "h", "architecture": "sdxl", "prediction_type": "v_prediction"}
+    meta = lora_metadata(tiny_config(tmp_path), info, 3, {"loss": 0.5})
+    assert meta["prefalign.prediction_type"] == "v_prediction" and meta["ss_v_parameterization"] == "True"
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"

@@ -99,6 +99,7 @@ def test_output_folder_and_lora_metadata(tmp_path, pairs):
         keys = list(f.keys())
     assert meta["prefalign.method"] == "dpo" and meta["prefalign.steps"] == "2"
     assert meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["prefalign.prediction_type"] == "epsilon" and "ss_v_parameterization" not in meta
     assert all(k.startswith("lora_unet_") for k in keys)
     assert {k.rsplit(".", 2)[-2] if k.endswith(".weight") else "alpha" for k in keys} == {"lora_down", "lora_up", "alpha"}
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])

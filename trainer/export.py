@@ -26,6 +26,7 @@ def lora_metadata(config: TrainConfig, model_info: dict[str, str], steps: int, m
         "prefalign.base_model": model_info.get("name", ""),
         "prefalign.base_model_hash": model_info.get("hash", ""),
         "prefalign.architecture": arch,
+        "prefalign.prediction_type": model_info.get("prediction_type", ""),
         "prefalign.metrics": json.dumps({k: round(v, 6) for k, v in metrics.items()}, sort_keys=True),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.rank),
@@ -39,6 +40,8 @@ def lora_metadata(config: TrainConfig, model_info: dict[str, str], steps: int, m
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.title": f"PrefAlign {config.method}",
     }
+    if model_info.get("prediction_type") == "v_prediction":
+        meta["ss_v_parameterization"] = "True"  # kohya's flag for v-prediction bases (SD2-768, v-pred SDXL)
     if arch in SS_BASE:
         meta["ss_base_model_version"] = SS_BASE[arch]
         meta["modelspec.architecture"] = MODELSPEC[arch]

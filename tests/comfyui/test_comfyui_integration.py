@@ -262,6 +262,43 @@ def test_sdxl_train_and_load(server, info):
     assert diff > 0.5, f"the LoRA did not change the SDXL image (mean abs diff {diff:.3f})"
 
 
+@pytest.mark.parametrize("patch, inputs, prediction", [
+    ("ModelSamplingDiscrete", {"sampling": "v_prediction", "zsnr": False}, "v_prediction"),
+    ("ModelSamplingSD3", {"shift": 3.0}, "flow"),  # rectified flow (CONST), as SD3 and Flux sample
+])
+def test_other_model_samplings_train(server, info, patch, inputs, prediction):
+    """The MODEL as ComfyUI's stock sampling nodes patch it (v-prediction; rectified flow): the Train node
+    trains in that parameterisation, records it, and the LoRA changes images sampled the same way."""
+    import numpy as np
+    from safetensors import safe_open
+
+    store = f"{prediction}_store"
+    add_colour_pairs(server, store)
+    api = small(api_of("prefalign_train.json", info))
+    (ckpt_id,) = [k for k, n in api.items() if n["class_type"] == "CheckpointLoaderSimple"]
+    train_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignTrainLoRA")
+    api["patch"] = {"class_type": patch, "inputs": {"model": [ckpt_id, 0], **inputs}}
+    api[train_id]["inputs"]["model"] = ["patch", 0]
+    nodes_of(api, "PrefAlignLoadStore")[0]["inputs"]["store"] = store
+    api[train_id]["inputs"].update(steps=3, resolution=64, learning_rate=0.05, checkpoint_every=0, lora_name=prediction,
+                                   gradient_accumulation_steps=1, method_args="beta = 5000")
+    out = server.run(api, timeout=600)["outputs"][train_id]["prefalign_train"][0]
+    assert out["steps"] == 3 and not out["stopped"] and all(np.isfinite(v) for v in out["metrics"].values())
+    with safe_open(str(server.base / "models" / "loras" / out["lora"]), "pt") as f:
+        assert f.metadata()["prefalign.prediction_type"] == prediction
+
+    def image(strength: float):
+        g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+             "2": {"class_type": patch, "inputs": {"model": ["1", 0], **inputs}},
+             "3": {"class_type": "LoraLoader", "inputs": {"model": ["2", 0], "clip": ["1", 1], "lora_name": out["lora"],
+                                                          "strength_model": strength, "strength_clip": strength}}}
+        g.update(sampling_nodes(["3", 0], ["3", 1], ["1", 2], 7, f"it_{prediction}_{strength}"))
+        return np.asarray(_images(server, server.run(g), "s6")[0], dtype=np.float32)
+
+    diff = np.abs(image(0.0) - image(1.0)).mean()
+    assert diff > 0.5, f"the {prediction} LoRA did not change the image (mean abs diff {diff:.3f})"
+
+
 def test_cancel_keeps_lora(server, info):
     """Cancel (POST /interrupt) during training: execution_interrupted, and a LoRA with fewer steps is saved."""
     add_colour_pairs(server, "cancel_store")

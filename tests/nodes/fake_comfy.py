@@ -116,7 +116,12 @@ class CONST:
 
 
 class ModelSamplingDiscreteFlow(CONST):
-    """ComfyUI's rectified-flow sampling (SD3, Flux): x = (1 - sigma) x0 + sigma noise, sigma in (0, 1]."""
+    """ComfyUI's rectified-flow sampling (SD3, Flux): x = (1 - sigma) x0 + sigma noise, sigma in (0, 1],
+    with a table of 1000 sigmas shifted towards noise: shift t / (1 + (shift - 1) t)."""
+
+    def __init__(self, shift: float = 1.0):
+        t = torch.arange(1, 1001) / 1000
+        self.sigmas = shift * t / (1 + (shift - 1) * t)
 
     def timestep(self, sigma):
         return sigma * 1000
@@ -165,19 +170,29 @@ class BaseModel(nn.Module):
 
 
 class ModelPatcher:
-    def __init__(self, model, patches=None, wrappers=None):
+    def __init__(self, model, patches=None, wrappers=None, object_patches=None):
         self.model = model
         self.load_device = torch.device("cpu")
         self.weight_wrapper_patches = dict(wrappers or {})
         self.lora = dict(patches or {})
+        self.object_patches = dict(object_patches or {})
 
     def clone(self):
-        return ModelPatcher(self.model, self.lora, self.weight_wrapper_patches)
+        return ModelPatcher(self.model, self.lora, self.weight_wrapper_patches, self.object_patches)
 
     def add_weight_wrapper(self, name, function):
         self.weight_wrapper_patches[name] = self.weight_wrapper_patches.get(name, []) + [function]
 
+    def add_object_patch(self, name, obj):
+        """What ComfyUI's ModelSampling* nodes use: the object replaces the model's attribute when loaded."""
+        self.object_patches[name] = obj
+
+    def get_model_object(self, name):
+        return self.object_patches.get(name, getattr(self.model, name))
+
     def load(self):
+        for name, obj in self.object_patches.items():
+            setattr(self.model, name, obj)
         for name, m in self.model.named_modules():
             if hasattr(m, "weight_function"):
                 m.weight_function = list(self.weight_wrapper_patches.get(f"{name}.weight", []))

@@ -343,11 +343,12 @@ def test_ncp_space_is_refused_for_models_without_a_ddpm_schedule(pack):
 
 
 def test_flow_models_train_in_comfyui_flow_space(pack, comfy_folders):
-    """A rectified-flow MODEL (ComfyUI's CONST sampling: SD3, Flux): x_t and the target follow ComfyUI's
-    own noise scaling, an oracle x0 gives exactly the target, and the Train node trains it end to end."""
-    def flow_patcher():
-        patcher = fake.make_model_patcher()
-        patcher.model.model_sampling = fake.ModelSamplingDiscreteFlow()
+    """A rectified-flow MODEL (ComfyUI's CONST sampling: SD3, Flux, or any model after the ModelSamplingSD3
+    node's object patch): x_t and the target follow ComfyUI's own noise scaling, an oracle x0 gives exactly
+    the target, and the Train node trains it end to end."""
+    def flow_patcher():  # as ComfyUI's ModelSamplingSD3 node makes it: an object patch on a clone
+        patcher = fake.make_model_patcher().clone()
+        patcher.add_object_patch("model_sampling", fake.ModelSamplingDiscreteFlow(shift=3.0))
         return patcher
 
     with torch.inference_mode(False):
@@ -355,7 +356,7 @@ def test_flow_models_train_in_comfyui_flow_space(pack, comfy_folders):
         assert b.prediction_type == "flow" and b.alphas_cumprod is None
         g = torch.Generator().manual_seed(0)
         x0, noise, t = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g), torch.tensor([99, 749])
-        sigma = torch.tensor([0.1, 0.75]).view(-1, 1, 1, 1)
+        sigma = torch.tensor([3 * 0.1 / (1 + 2 * 0.1), 3 * 0.75 / (1 + 2 * 0.75)]).view(-1, 1, 1, 1)  # SD3's shift 3
         xt = b.add_noise(x0, noise, t)
         assert torch.allclose(xt, fake.ModelSamplingDiscreteFlow.noise_scaling(sigma, noise, x0))
         assert torch.allclose(b.target(x0, noise, t), noise - x0)

@@ -146,5 +146,6 @@ class DiffusersBackend:
         return kohya_state_dict(self.model, self.lora.alpha)
 
     def model_info(self) -> dict[str, str]:
-        return {"name": self.parts.name, "hash": self.parts.hash, "architecture": self.parts.architecture}
+        return {"name": self.parts.name, "hash": self.parts.hash, "architecture": self.parts.architecture,
+                "prediction_type": self.prediction_type}
 
