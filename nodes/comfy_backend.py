@@ -17,59 +17,16 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from contextlib import ExitStack, contextmanager
 from typing import Iterator, Sequence
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
-PREFIX = "diffusion_model."
+from .comfy_checkpointing import checkpointed, outermost_blocks
+from .comfy_lora import PREFIX, LoraWeight, identity_wrapper, kohya_name, matches_target
+
 TOKENS = 77  # prompt conditioning is cut/padded to one CLIP chunk so rows of every batch concatenate
-
-
-class LoraWeight(nn.Module):
-    """w -> w + (alpha / rank) * up @ down, or w itself while disabled. A ComfyUI weight wrapper."""
-
-    def __init__(self, shape: torch.Size, rank: int, alpha: float, generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        out_dim, in_dim = shape[0], int(math.prod(shape[1:]))
-        self.shape = tuple(shape)
-        self.rank, self.alpha = rank, float(alpha)
-        self.lora_down = nn.Parameter(torch.randn(rank, in_dim, generator=generator) / rank)
-        self.lora_up = nn.Parameter(torch.zeros(out_dim, rank))  # zero: the policy starts as the base model
-        self.enabled = True
-
-    def __call__(self, w: Tensor) -> Tensor:
-        if not self.enabled:
-            return w
-        diff = (self.lora_up @ self.lora_down) * (self.alpha / self.rank)
-        return w + diff.reshape(w.shape).to(w.dtype)
-
-    def passive_memory_usage(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
-
-    def move_to(self, device) -> int:
-        self.to(device=device)
-        return self.passive_memory_usage()
-
-
-def _fresh(w: Tensor) -> Tensor:
-    """Identity weight wrapper. A wrapper makes ComfyUI cast a *copy* of the weight, so frozen weights
-    loaded under inference mode become ordinary tensors autograd may save for backward."""
-    return w
-
-
-def kohya_name(module_key: str) -> str:
-    """`diffusion_model.a.b.c` -> `lora_unet_a_b_c` (ComfyUI maps this for every model family)."""
-    if not module_key.startswith(PREFIX):
-        raise ValueError(f"not a diffusion-model key: {module_key}")
-    return "lora_unet_" + module_key[len(PREFIX):].replace(".", "_")
-
-
-def matches_target(module_key: str, targets: Sequence[str]) -> bool:
-    return any(module_key == t or module_key.endswith("." + t) for t in targets)
 
 
 FAMILIES = {"SD15": "sd15", "SDXL": "sdxl", "SD20": "sd2", "SDXLRefiner": "sdxl-refiner"}
@@ -82,44 +39,6 @@ def architecture_of(base_model) -> str:
         if cls.__name__ in FAMILIES:
             return FAMILIES[cls.__name__]
     return config_class.__name__.lower()
-
-
-def outermost_blocks(root: nn.Module) -> list[nn.Module]:
-    """The outermost modules below `root` that compute something (containers are opened): what
-    gradient checkpointing wraps, as ComfyUI's own trainer does."""
-    found = []
-    for child in root.children():
-        if isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
-            found += outermost_blocks(child)
-        else:
-            found.append(child)
-    return found
-
-
-@contextmanager
-def checkpointed(blocks: Sequence[nn.Module]) -> Iterator[None]:
-    """Inside: each block recomputes its activations in backward (only when grad is on; sampling under
-    no_grad runs as usual). On exit every block gets back exactly the forward it had."""
-    saved = [(block, block.__dict__.get("forward")) for block in blocks]
-    for block, _ in saved:
-        block.forward = _checkpointing(block.forward)
-    try:
-        yield
-    finally:
-        for block, own in saved:
-            if own is None:
-                del block.forward
-            else:
-                block.forward = own
-
-
-def _checkpointing(forward):
-    def wrapped(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return wrapped
 
 
 class ComfyBackend:
@@ -172,9 +91,9 @@ class ComfyBackend:
                 self.adapters[name] = adapter
                 self.patcher.add_weight_wrapper(f"{name}.weight", adapter)
             elif weight is not None and inference_weights:
-                self.patcher.add_weight_wrapper(f"{name}.weight", _fresh)
+                self.patcher.add_weight_wrapper(f"{name}.weight", identity_wrapper)
             if bias is not None and inference_weights:
-                self.patcher.add_weight_wrapper(f"{name}.bias", _fresh)
+                self.patcher.add_weight_wrapper(f"{name}.bias", identity_wrapper)
         if not self.adapters:
             raise ValueError(f"no layer of this model matches target_modules {list(target_modules)}")
         self.lora_modules = nn.ModuleDict({k.replace(".", "__"): v for k, v in self.adapters.items()})

@@ -11,6 +11,7 @@ import prefalign_pack
 
 fake = sys.modules["prefalign_fake_comfy"]
 import prefalign_pack.nodes.comfy_backend as cb  # noqa: E402
+import prefalign_pack.nodes.comfy_checkpointing as ckp  # noqa: E402
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -276,7 +277,7 @@ def test_gradient_checkpointing_same_gradients_and_restored(pack, monkeypatch):
                                                           target_modules=TARGETS,
                                                           gradient_checkpointing=checkpointing) as b:
             randomize(b)
-            blocks = cb.outermost_blocks(unet)
+            blocks = ckp.outermost_blocks(unet)
             assert all(("forward" in m.__dict__) == checkpointing for m in blocks)
             cond = b.encode_prompts(["a", "b"])
             x, t = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3)), torch.tensor([10, 700])
