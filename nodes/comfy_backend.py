@@ -142,6 +142,10 @@ class ComfyBackend:
 
             throw_if_interrupted()
 
+    def release_encoders(self) -> None:
+        """Nothing to do: ComfyUI's model management already moved CLIP and the VAE off the GPU when it
+        loaded the UNet for training."""
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         self._check_cancel()

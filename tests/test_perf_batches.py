@@ -21,6 +21,10 @@ class FakeBackend:
     def __init__(self, fail_above: int | None = None) -> None:
         self.fail_above = fail_above
         self.image_calls: list[int] = []
+        self.releases = 0
+
+    def release_encoders(self) -> None:
+        self.releases += 1
 
     def model_info(self) -> dict[str, str]:
         return {"name": "fake", "hash": "fakehash", "architecture": "sd15"}
@@ -92,6 +96,31 @@ def test_cached_and_per_step_batches_match(tmp_path):
         for name in a.cond:
             torch.testing.assert_close(a.cond[name], b.cond[name])
         assert cached.state_dict() == fresh.state_dict()
+
+
+def test_encoders_released_once_the_cache_is_complete(tmp_path):
+    """With the cache filled, training needs only the UNet: the backend may move its encoders off the
+    accelerator. Per-step encoding keeps them."""
+    cached_backend, fresh_backend = FakeBackend(), FakeBackend()
+    cached = stream(tmp_path / "a", make_pairs(4), backend=cached_backend, cache=True)
+    take(cached, 3)
+    assert cached_backend.releases == 1
+    fresh = stream(tmp_path / "b", make_pairs(4), backend=fresh_backend, cache=False)
+    take(fresh, 3)
+    assert fresh_backend.releases == 0
+
+
+def test_diffusers_backend_encodes_the_same_after_releasing_its_encoders(tmp_path):
+    from trainer.run import make_backend
+
+    backend = make_backend(tiny_config(tmp_path), torch.device("cpu"))
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    before, text = backend.encode_images(pixels), backend.encode_prompts(["a fox"])
+    backend.release_encoders()
+    parts = [backend.parts.vae, *backend.parts.text_encoders]
+    assert {p.device.type for m in parts for p in m.parameters()} == {"cpu"}
+    torch.testing.assert_close(backend.encode_images(pixels), before)
+    torch.testing.assert_close(backend.encode_prompts(["a fox"])["prompt_embeds"], text["prompt_embeds"])
 
 
 def test_cache_reopens_lazily_and_writes_few_shards(tmp_path, monkeypatch):

@@ -110,6 +110,7 @@ class BatchStream:
         self.ranks.barrier()
         if shared and self.ranks.world_size > 1:
             self.cache = EncodingCache(self.cache.folder)
+        self.backend.release_encoders()  # from here on training touches only the UNet
 
     def _decode(self, batches) -> Iterator[dict]:
         """Collated batches of processed rows for the given key batches, decoded by the workers."""

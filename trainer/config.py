@@ -67,7 +67,7 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "read metrics from the device (a host sync) and log them every N steps"})
     tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard under OUTPUT/tensorboard"})
     cache_dir: str | None = field(default=None, metadata={"help": "on-disk cache of latents and text embeddings (default OUTPUT/../.cache)"})
-    cache: bool = field(default=True, metadata={"help": "encode images and prompts once and reuse them; off: encode every step"})
+    cache: bool = field(default=True, metadata={"help": "encode images and prompts once and reuse them (then the VAE and text encoders leave the GPU); off: encode every step"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
 
     def __post_init__(self) -> None:

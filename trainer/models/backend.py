@@ -30,6 +30,10 @@ class Backend(Protocol):
     def encode_images(self, pixels: Tensor) -> Tensor:
         """Pixels [N, 3, H, W] in [-1, 1] -> latents scaled for the model (no grad)."""
 
+    def release_encoders(self) -> None:
+        """Every encoding the run needs is cached: the VAE and text encoders may leave the accelerator
+        (an encode call brings them back)."""
+
     def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """The forward process x_t."""
 
