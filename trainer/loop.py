@@ -57,7 +57,7 @@ class NonFiniteLossError(RuntimeError):
 
 def check_compatible(method: Method, examples: Sequence[PreferenceExample], backend: Backend) -> None:
     """Refuse, before any encoding, a method that cannot train on this data or model."""
-    if method.error_space == "ncp" and getattr(backend, "alphas_cumprod", None) is None:
+    if method.error_space == "ncp" and backend.alphas_cumprod is None:
         raise ValueError("method_args.space = 'ncp' takes a DDPM posterior step, which needs a model with a discrete "
                          f"noise schedule (SD1.5/SDXL family); this one has none (prediction: {backend.prediction_type}). "
                          "Use space = 'latent'.")

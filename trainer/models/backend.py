@@ -16,8 +16,8 @@ Cond = dict[str, Tensor]
 
 class Backend(Protocol):
     num_train_timesteps: int
-    prediction_type: str  # "epsilon" or "v_prediction"
-    alphas_cumprod: Tensor  # DDPM schedule [num_train_timesteps] (NCP's posterior step)
+    prediction_type: str  # "epsilon", "v_prediction" or "flow" (ComfyUI's rectified-flow models)
+    alphas_cumprod: Tensor | None  # DDPM schedule [num_train_timesteps] (NCP's posterior step); None for flow
     device: torch.device
 
     @property
