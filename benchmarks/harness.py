@@ -15,10 +15,10 @@ import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -211,6 +211,36 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    """`before`: MiB held on entry; `peak`: the most held inside (set on exit). CUDA: allocated memory;
+    CPU: RSS, with freed heap returned to the OS and the kernel's peak mark (VmHWM) reset on entry."""
+    trim_host_memory()
+    out: dict[str, float] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        out["before"] = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        reset_peak_rss()
+        out["before"] = current_rss_mib()
+    yield out
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        out["peak"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        out["peak"] = peak_rss_mib()
 
 
 def peak_rss_mib() -> float:

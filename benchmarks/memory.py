@@ -16,7 +16,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from harness import fmt, make_pairs, make_unpaired, method_cases, peak_rss_mib, reset_peak_rss, trim_host_memory
+from harness import fmt, make_pairs, make_unpaired, method_cases, peak_memory, trim_host_memory
 
 import torch
 
@@ -27,17 +27,6 @@ from trainer.distributed import Ranks
 from trainer.loop import train
 from trainer.methods import build_method
 from trainer.run import make_backend
-
-MiB = 1 << 20
-
-
-def current_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
 
 def measure(model: str, checkpointing: bool, args, tmp: Path, device: torch.device) -> list[dict]:
     pairs, unpaired = make_pairs(16, args.resolution), make_unpaired(16, args.resolution)
@@ -56,28 +45,14 @@ def measure(model: str, checkpointing: bool, args, tmp: Path, device: torch.devi
         config = make_config(dict(base, method=case.name, method_args=case.args,
                                   output_dir=str(tmp / f"{model}-{len(rows)}-{checkpointing}")))
         BatchStream(config, backend, examples, method, Ranks.single(device))  # fill the cache outside the measurement
-        trim_host_memory()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device) / MiB
-        else:
-            reset_peak_rss()
-            before = current_rss_mib()
-        train(config, backend, examples)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device) / MiB
-        else:
-            peak = peak_rss_mib()
-        row = {"model": model, "checkpointing": checkpointing, "method": case.label, "before": before, "peak": peak}
+        with peak_memory(device) as memory:
+            train(config, backend, examples)
+        row = {"model": model, "checkpointing": checkpointing, "method": case.label, **memory}
         print(row, flush=True)
         rows.append(row)
     del backend
     trim_host_memory()
     return rows
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,7 +90,6 @@ def main() -> None:
         lines.append(f"| {r['model']} | {'on' if r['checkpointing'] else 'off'} | {r['method']} | "
                      f"{fmt(r['before'], 0)} | {fmt(r['peak'], 0)} | {fmt(r['peak'] - r['before'], 0)} |")
     write_section("memory_gpu" if device.type == "cuda" else "memory", "\n".join(lines))
-
 
 if __name__ == "__main__":
     main()

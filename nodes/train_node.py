@@ -120,7 +120,7 @@ class TrainPreferenceLoRA:
             "target_modules": ("STRING", {"default": DEFAULT_TARGETS, "tooltip": "Comma-separated layer names that get a LoRA (suffixes of ComfyUI's diffusion_model paths)."}),
             "lora_name": ("STRING", {"default": "prefalign", "tooltip": "Prefix of the saved file; method, steps and time are appended, so each run gets a new file."}),
         }, "optional": {  # optional: graphs saved before these inputs existed still run
-            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute the UNet's activations in the backward pass instead of keeping them: much less memory (SDXL at 1024 px on a 16 GB GPU), one more forward per step."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute the UNet's activations in the backward pass instead of keeping them: a fraction of the training memory (for SDXL at high resolution), for one more forward per step."}),
             "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue the latest run with this lora_name and method from its last checkpoint (after Cancel, an error or a restart); steps is the total to reach."}),
         }}
 
