@@ -61,8 +61,9 @@ def child(comfy_dir: str, checkpoint: str, work: Path, resolution: int, steps: i
             hooks = loop.TrainHooks(on_step=lambda report: times.append(time.perf_counter()))
             loop.train(config, backend, examples, hooks)
     per_step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan")
+    unet_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
     return {"checkpointing": checkpointing, "train_mib": memory["peak"] - memory["before"], "s_per_step": per_step,
-            "device": backend.device.type}
+            "device": backend.device.type, "unet_params": unet_params, "family": type(model.model.model_config).__name__}
 
 
 def run_child(args, work: Path, steps: int, checkpointing: bool) -> dict:
@@ -101,7 +102,8 @@ def main() -> None:
         rows = [run_child(args, work, args.steps, flag) for flag in (False, True)]
     off, on = rows
     lines = [
-        f"ComfyUI backend, `{Path(args.checkpoint).name}` loaded by ComfyUI's checkpoint loader, DPO, batch 1 pair, "
+        f"ComfyUI backend, `{Path(args.checkpoint).name}` ({off['family']}, UNet {off['unet_params'] / 1e6:.0f} M params) "
+        f"loaded by ComfyUI's checkpoint loader, DPO, batch 1 pair, "
         f"{args.resolution} px, rank 8 on to_q/to_k/to_v/to_out.0, fp32 on {off['device']}; encodings cached "
         f"beforehand. Training memory: peak during training minus before it "
         f"({'CUDA allocated' if off['device'] == 'cuda' else 'RSS'}).",
