@@ -80,3 +80,38 @@ def test_embedding_backend_delegates_everything_else(tmp_path, tiny_clip):
     assert wrapped.model is backend.model and wrapped.num_train_timesteps == backend.num_train_timesteps
     cond = wrapped.encode_prompts(["a square"])
     assert set(cond) == {"prompt_embeds", "pooled", "embed_text"}
+
+
+def test_released_encoders_wait_on_the_cpu_and_come_back(tmp_path, tiny_clip):
+    """After the cache fill the wrapped backend's encoders and the CLIP embedder are offloaded; using
+    them again brings them back, with the same results."""
+    from torch import nn
+
+    from trainer.models.offload import Offloadable
+
+    class Spy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moves: list[str] = []
+
+        def to(self, device):
+            self.moves.append(str(device))
+            return self
+
+    spy = Spy()
+    held = Offloadable([spy], torch.device("meta"))  # any non-CPU device: only the moves are recorded
+    held.ready()
+    held.offload()
+    held.offload()
+    held.ready()
+    assert spy.moves == ["cpu", "meta"]
+
+    wrapped = EmbeddingBackend(make_backend(tiny_config(tmp_path), torch.device("cpu")), str(tiny_clip))
+    before = wrapped.encode_prompts(["a square"])
+    calls = []
+    for placement in (wrapped.encoders, wrapped.embedder.placement):
+        placement.offload = lambda real=placement.offload: calls.append(1) or real()
+    wrapped.release_encoders()
+    assert len(calls) == 2
+    after = wrapped.encode_prompts(["a square"])
+    assert all(torch.equal(before[k], after[k]) for k in before)

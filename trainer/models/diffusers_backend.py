@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .backend import Cond
 from .loading import Components, load_components
+from .offload import Offloadable
 from .lora import LoraSpec, adapter_disabled, attach_lora, kohya_state_dict, lora_parameters
 
 
@@ -38,7 +39,7 @@ class DiffusersBackend:
         for encoder in parts.text_encoders:
             encoder.to(self.device, weight_dtype)
         self.weight_dtype = weight_dtype
-        self._encoders_on = self.device
+        self.encoders = Offloadable([parts.vae, *parts.text_encoders], self.device)
         # the compiled module shares parameters and LoRA layers with the plain one (switching the adapter off
         # for the reference gives a second graph); `encoder_features` and exports use the plain module
         self._forward = torch.compile(parts.unet) if compile else parts.unet
@@ -59,21 +60,11 @@ class DiffusersBackend:
     # --- encoding (no grad) -------------------------------------------------------------
     def release_encoders(self) -> None:
         """Move the VAE and text encoders to the CPU (on SDXL about 2 GB of GPU memory back for the UNet)."""
-        self._place_encoders(torch.device("cpu"))
-
-    def _place_encoders(self, device: torch.device) -> None:
-        if device == self._encoders_on:
-            return
-        self.parts.vae.to(device)
-        for encoder in self.parts.text_encoders:
-            encoder.to(device)
-        self._encoders_on = device
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.encoders.offload()
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
-        self._place_encoders(self.device)
+        self.encoders.ready()
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.parts.tokenizers, self.parts.text_encoders):
             ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
@@ -85,7 +76,7 @@ class DiffusersBackend:
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor) -> Tensor:
-        self._place_encoders(self.device)
+        self.encoders.ready()
         vae = self.parts.vae
         latents = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mean  # deterministic: caches reproduce
         return (latents * vae.config.scaling_factor).float()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..fingerprint import file_fingerprint
+from .offload import Offloadable
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -29,9 +30,11 @@ class ClipEmbedder:
             raise ValueError(f"config key 'embedder': cannot load a CLIP model from {location!r}: {e}") from None
         self.device = torch.device(device)
         self.size = self.model.config.vision_config.image_size
+        self.placement = Offloadable([self.model], self.device)
 
     @torch.no_grad()
     def text(self, prompts: Sequence[str]) -> Tensor:
+        self.placement.ready()
         ids = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
                              max_length=self.tokenizer.model_max_length)
         out = self.model.get_text_features(input_ids=ids.input_ids.to(self.device),
@@ -41,6 +44,7 @@ class ClipEmbedder:
     @torch.no_grad()
     def images(self, pixels: Tensor) -> Tensor:
         """Pixels [N, 3, H, W] in [-1, 1] -> unit-norm image embeddings [N, D]."""
+        self.placement.ready()
         x = F.interpolate((pixels.float() + 1) / 2, size=(self.size, self.size), mode="bicubic", align_corners=False)
         mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
@@ -71,6 +75,10 @@ class EmbeddingBackend:
         cond = self._backend.encode_prompts(prompts)
         cond["embed_text"] = self.embedder.text(prompts).to(cond["prompt_embeds"].device)
         return cond
+
+    def release_encoders(self) -> None:
+        self._backend.release_encoders()
+        self.embedder.placement.offload()
 
     def encode_image_features(self, pixels: Tensor) -> dict[str, Tensor]:
         return {"embed_image": self.embedder.images(pixels)}
