@@ -107,8 +107,9 @@ result.methodArgs = await page.evaluate(async () => {
 });
 await page.evaluate(() => window.app.queuePrompt(0, 1));
 await page.waitForFunction(() => {
+  // this run's file ("browser_..."): the chart may first show an earlier run of the same node id
   const c = document.querySelector(".prefalign-chart div");
-  return c && /\(done: prefalign\//.test(c.textContent);
+  return c && /\(done: prefalign\/browser_/.test(c.textContent);
 }, null, { timeout: 300000 }).then(() => { result.trained = true; }, () => { result.trained = false; });
 result.chart = await page.textContent(".prefalign-chart div").catch(() => null);
 await page.screenshot({ path: join(outDir, "train.png") });
