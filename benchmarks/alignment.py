@@ -29,7 +29,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import publish  # noqa: E402
 
 #: Toy-scale settings, found on the toy world (64 pairs, 40 steps, batch 8; tests/test_alignment.py):
 #: Cal-DPO's calibration pulls each implicit reward to +-1/(2 beta_cal), i.e. an error change of
@@ -158,9 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             "method's include encoding the dataset (cached for the others).\n\n"
             "| method | options | base rate | LoRA rate | moved | held-out reward acc | train s |\n"
             "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    print(body)
-    if not args.no_write:
-        write_section("alignment", body)
+    publish("alignment", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

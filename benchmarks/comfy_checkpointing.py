@@ -92,7 +92,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
-    from benchmarks.results import write_section
+    from benchmarks.results import publish
     from trainer.data.synthetic import pickapic_rows, write_parquet
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,9 +115,7 @@ def main() -> None:
         lines.append(f"| {'on' if r['checkpointing'] else 'off'} | {r['train_mib']:.0f} | {r['s_per_step']:.2f} | "
                      f"{r['train_mib'] / off['train_mib']:.2f} | {r['s_per_step'] / off['s_per_step']:.2f} |")
     table = "\n".join(lines)
-    if not args.no_write:
-        write_section("comfy_checkpointing", table)
-    print(table)
+    publish("comfy_checkpointing", table, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import publish  # noqa: E402
 from trainer.data import DataSpec, ImageTransform, make_loader, open_examples  # noqa: E402
 from trainer.data.synthetic import pickapic_rows, write_parquet  # noqa: E402
 
@@ -127,9 +127,7 @@ def main() -> None:
     lines.append(f"\nLoad average (1 min) before each run: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} "
                  "logical CPUs; above the CPU count, other processes sharing the machine depress the figures.")
     table = "\n".join(lines)
-    if not args.no_write:
-        write_section("data_throughput", table)
-    print(table)
+    publish("data_throughput", table, write=not args.no_write)
 
 
 if __name__ == "__main__":

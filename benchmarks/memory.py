@@ -28,6 +28,7 @@ from trainer.loop import train
 from trainer.methods import build_method
 from trainer.run import make_backend
 
+
 def measure(model: str, checkpointing: bool, args, tmp: Path, device: torch.device) -> list[dict]:
     pairs, unpaired = make_pairs(16, args.resolution), make_unpaired(16, args.resolution)
     base = dict(model=model, resolution=args.resolution, batch_size=args.batch, learning_rate=1e-5, checkpoint_every=0,
@@ -53,6 +54,7 @@ def measure(model: str, checkpointing: bool, args, tmp: Path, device: torch.devi
     del backend
     trim_host_memory()
     return rows
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,6 +92,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {'on' if r['checkpointing'] else 'off'} | {r['method']} | "
                      f"{fmt(r['before'], 0)} | {fmt(r['peak'], 0)} | {fmt(r['peak'] - r['before'], 0)} |")
     write_section("memory_gpu" if device.type == "cuda" else "memory", "\n".join(lines))
+
 
 if __name__ == "__main__":
     main()

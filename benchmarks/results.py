@@ -31,3 +31,10 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def publish(name: str, body: str, write: bool = True) -> None:
+    """Print a benchmark's table and, unless told not to (`--no-write`), make it its RESULTS.md section."""
+    print(body)
+    if write:
+        write_section(name, body)
