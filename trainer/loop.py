@@ -103,6 +103,7 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
             lr_scheduler.load_state_dict(state.lr_scheduler)
             generator.set_state(state.generator)
             stream.load_state_dict(state.data)
+            method.load_state_dict(state.extra.get("method", {}))
             step = state.step
         ranks.check_agree(step, "the step to resume from (every rank must see the checkpoints rank 0 writes: "
                                 "put output_dir on storage that all machines share)")
@@ -119,7 +120,7 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
         if not ranks.is_main:
             return None
         state = TrainingState(step, backend.adapter_state_dict(), optimizer.state_dict(), lr_scheduler.state_dict(),
-                              generator.get_state(), stream.state_dict())
+                              generator.get_state(), stream.state_dict(), extra={"method": method.state_dict()})
         return save_checkpoint(ckpt_root, state, config.keep_checkpoints)
 
     backend.model.train()

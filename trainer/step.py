@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .data.records import TrainBatch
-from .methods.base import EMBEDDINGS, PREDICTIONS, Method, StepOutputs
+from .methods.base import EMBEDDINGS, PREDICTIONS, RESIDUALS, Method, StepOutputs
 from .models.backend import Backend, Cond
 from .ncp import ncp_errors
 
@@ -84,6 +84,8 @@ def compute_outputs(backend: Backend, method: Method, batch: TrainBatch, noise: 
     out = StepOutputs(err=err, timesteps=t, labels=to_device(batch.labels, device), ref_err=ref_err)
     if PREDICTIONS in method.needs:
         out.pred, out.ref_pred, out.target = pred, ref_pred, target
+    elif RESIDUALS in method.needs:
+        out.pred, out.target = pred, target
     if EMBEDDINGS in method.needs:
         out.prompt_emb = cond.get("embed_text", cond.get("pooled"))
         out.image_emb = cond.get("embed_image")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .guardrails import GUARDRAIL_FIELDS, GuardrailConfig
 from .registry import method_class, method_names
 
 COLUMNS = ("method", "paper", "reference", "hyper-parameters (defaults)")
@@ -20,16 +21,24 @@ def methods_table_rows() -> list[tuple[str, str, str, str]]:
         config = cls.Config()
         options = ", ".join(
             f"{f.name}={_format(getattr(config, f.name))}" + (" (auto)" if f.default is None else "")
-            for f in dataclasses.fields(config)
+            for f in dataclasses.fields(config) if f.name not in GUARDRAIL_FIELDS
         )
+        if isinstance(config, GuardrailConfig):
+            options += " + guardrails"
         rows.append((name, cls.paper, "yes" if cls.needs_reference else "no", options or "-"))
     return rows
+
+
+def guardrails_line() -> str:
+    """The options every method marked "+ guardrails" takes (docs/methods.md, "Guardrails")."""
+    config = GuardrailConfig()
+    return "guardrails: " + ", ".join(f"{name}={_format(getattr(config, name))}" for name in GUARDRAIL_FIELDS)
 
 
 def methods_table_markdown() -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row[:3]) + f" | `{row[3]}` |" for row in methods_table_rows()]
-    return "\n".join(lines)
+    return "\n".join(lines) + f"\n\n`{guardrails_line()}`"
 
 
 def methods_table_text() -> str:
@@ -37,4 +46,4 @@ def methods_table_text() -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows
-    )
+    ) + "\n" + guardrails_line()

@@ -1,0 +1,124 @@
+"""Diffusion-NPO: the loss (DPO toward the rejected images), training, and sampling with the LoRA in the
+negative branch of classifier-free guidance only (trainer/toy/sampling.py)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import fixed_batch_losses, make_pairs, tiny_config
+from trainer.export import read_lora
+from trainer.loop import train
+from trainer.methods import StepOutputs, build_method, method_class
+from trainer.run import make_backend
+from trainer.toy import load_toy_pipeline, sample_images
+
+# methods.md, 3 pairs
+W, L, RW, RL = [0.100, 0.200, 0.050], [0.120, 0.180, 0.050], [0.110, 0.190, 0.060], [0.110, 0.190, 0.040]
+
+
+def pairs(w, l, rw, rl) -> StepOutputs:
+    n = len(w)
+    return StepOutputs(err=torch.tensor(w + l, dtype=torch.float64), timesteps=torch.zeros(2 * n, dtype=torch.long),
+                       labels=torch.cat([torch.ones(n), torch.zeros(n)]).double(),
+                       ref_err=torch.tensor(rw + rl, dtype=torch.float64))
+
+
+def test_npo_is_dpo_toward_the_rejected_images():
+    """G-U-N/Diffusion-NPO train_sd15.py: Diffusion-DPO with the pair order reversed; beta 500 without the 1/2."""
+    beta_official = 500.0  # run_sd15.sh, loss = -logsigmoid(beta_dpo * (ref_diff - model_diff)), diff = w - l
+    w, l, rw, rl = (np.array(v) for v in (W, L, RW, RL))
+    model_diff, ref_diff = l - w, rl - rw  # the rejected image plays the winner
+    expected = np.mean(np.logaddexp(0.0, -beta_official * (ref_diff - model_diff)))
+    loss, metrics = build_method("npo").loss(pairs(W, L, RW, RL))
+    assert method_class("npo").Config().beta == 2 * beta_official  # our convention multiplies by beta/2
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    inside = beta_official * (ref_diff - model_diff)  # [-5, 5, -5]
+    assert metrics["implicit_acc"].item() == pytest.approx(np.mean(inside > 0))
+    assert metrics["err_w"].item() == pytest.approx(np.mean(l))  # "winner" = the image NPO trains toward
+    dpo_loss, _ = build_method("dpo", {"beta": 1000.0}).loss(pairs(W, L, RW, RL))
+    assert loss.item() != pytest.approx(dpo_loss.item())
+
+
+def test_npo_options_and_flags():
+    npo = build_method("npo", {"safeguard": True, "sft_weight": 0.5})
+    assert npo.negative_branch and not method_class("dpo").negative_branch
+    assert npo.needs == {"residuals"}
+    with pytest.raises(ValueError, match="method_args.loss_type"):
+        build_method("npo", {"loss_type": "square"})
+
+
+def test_npo_trains_toward_the_rejected_images(tmp_path):
+    config = tiny_config(tmp_path)
+    torch.manual_seed(0)
+    backend = make_backend(config, torch.device("cpu"))
+    losses = fixed_batch_losses(backend, "npo", make_pairs(2), steps=15, options={"beta": 500.0})
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_npo_run_writes_a_lora_marked_npo(tmp_path):
+    config = tiny_config(tmp_path, method="npo", max_steps=3)
+    torch.manual_seed(0)
+    result = train(config, make_backend(config, torch.device("cpu")), make_pairs(4))
+    _, meta = read_lora(result.lora_path)
+    assert meta["prefalign.method"] == "npo"
+    assert 0.0 <= result.metrics["implicit_acc"] <= 1.0 and math.isfinite(result.metrics["loss"])
+
+
+# ---------------------------------------------------------------- sampling with the LoRA in the negative branch
+
+
+PROMPTS, SEEDS = ["a red circle", "a blue square", "a yellow triangle"], [3, 4, 5]
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+@pytest.fixture(scope="module")
+def toy_lora() -> dict[str, torch.Tensor]:
+    """A random kohya LoRA for the toy UNet's attention projections (what training writes)."""
+    pipe = load_toy_pipeline()
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for name, module in pipe.unet.named_modules():
+        if name.endswith(("to_q", "to_k", "to_v", "to_out.0")):
+            key = "lora_unet_" + name.replace(".", "_")
+            lora[f"{key}.lora_down.weight"] = 0.3 * torch.randn(4, module.in_features, generator=g)
+            lora[f"{key}.lora_up.weight"] = 0.3 * torch.randn(module.out_features, 4, generator=g)
+            lora[f"{key}.alpha"] = torch.tensor(4.0)
+    return lora
+
+
+def test_negative_branch_with_a_zero_lora_is_plain_sampling(toy_lora):
+    zero = {k: torch.zeros_like(v) if "lora_up" in k else v for k, v in toy_lora.items()}
+    plain = pixels(sample_images(None, PROMPTS, SEEDS, steps=6))
+    assert np.array_equal(plain, pixels(sample_images(None, PROMPTS, SEEDS, steps=6, negative_lora=zero)))
+    assert np.array_equal(plain, pixels(sample_images(None, PROMPTS, SEEDS, steps=6, negative_lora=toy_lora,
+                                                      negative_strength=0.0)))
+
+
+def test_negative_branch_is_the_lora_model_on_the_empty_prompt_and_nothing_else(toy_lora):
+    """At guidance 0 the prediction is the negative branch alone: the LoRA model on the empty prompt, which the
+    stock pipeline (no guidance at scale <= 1) computes with the LoRA on the whole model and prompt ""."""
+    negative_only = sample_images(None, PROMPTS, SEEDS, steps=6, negative_lora=toy_lora, guidance_scale=0.0)
+    lora_on_empty = sample_images(None, [""] * 3, SEEDS, steps=6, lora=toy_lora, guidance_scale=0.0)
+    assert np.array_equal(pixels(negative_only), pixels(lora_on_empty))
+    # at guidance 1 only the conditional branch counts: the negative LoRA leaves the image as without it
+    cond_only = pixels(sample_images(None, PROMPTS, SEEDS, steps=6, negative_lora=toy_lora, guidance_scale=1.0))
+    assert np.abs(cond_only - pixels(sample_images(None, PROMPTS, SEEDS, steps=6, guidance_scale=1.0))).max() <= 1
+    # at the toy guidance (3) it changes the image, and differently from the same LoRA on the whole model
+    guided = pixels(sample_images(None, PROMPTS, SEEDS, steps=6, negative_lora=toy_lora))
+    whole = pixels(sample_images(None, PROMPTS, SEEDS, steps=6, lora=toy_lora))
+    plain = pixels(sample_images(None, PROMPTS, SEEDS, steps=6))
+    assert np.abs(guided - plain).max() > 20 and np.abs(guided - whole).max() > 20
+
+
+def test_a_positive_lora_stays_on_both_branches(toy_lora):
+    zero = {k: torch.zeros_like(v) if "lora_up" in k else v for k, v in toy_lora.items()}
+    with_lora = pixels(sample_images(None, PROMPTS, SEEDS, steps=6, lora=toy_lora))
+    both = pixels(sample_images(None, PROMPTS, SEEDS, steps=6, lora=toy_lora, negative_lora=zero))
+    assert np.abs(with_lora - both).max() <= 1  # the branches run as two batches: rounding, not a change
