@@ -127,3 +127,20 @@ def fidelity_counts(images: Sequence[ImageLike], prompts: Sequence[str]) -> dict
             hits_n[0] += found[kind] == value
             hits_n[1] += 1
     return {kind: (hits, n) for kind, (hits, n) in counts.items()}
+
+
+#: How far (absolute) the rate of a prompted attribute may fall before the fidelity verdict fails.
+FIDELITY_BOUND = 0.05
+
+
+def fidelity_rates(images: Sequence[ImageLike], prompts: Sequence[str], z: float = 1.96
+                   ) -> dict[str, tuple[float, float, float]]:
+    """Per prompted attribute kind: (rate, low, high), the share of images that keep it with its Wilson interval."""
+    return {kind: (hits / n, *wilson_interval(hits, n, z)) for kind, (hits, n) in fidelity_counts(images, prompts).items()}
+
+
+def fidelity_drops(before: dict[str, tuple[float, ...]], after: dict[str, tuple[float, ...]],
+                   bound: float = FIDELITY_BOUND) -> dict[str, float]:
+    """The kinds whose rate fell by more than `bound` from `before` to `after` (rates as `fidelity_rates` gives
+    them), with the fall."""
+    return {kind: before[kind][0] - after[kind][0] for kind in before if before[kind][0] - after[kind][0] > bound}
