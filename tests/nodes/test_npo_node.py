@@ -176,3 +176,20 @@ def test_registered():
     mappings = sys.modules[PACK].NODE_CLASS_MAPPINGS
     assert mappings["PrefAlignNegativeBranchLoRA"] is npo_node.NegativeBranchLoRA
     assert npo_node.NegativeBranchLoRA.CATEGORY.startswith("preference/")
+
+
+def test_train_node_returns_an_npo_lora_on_the_negative_branch(pack, comfy_folders, monkeypatch):
+    from test_nodes_train import store_pairs, train_args
+
+    install_comfy_lora(monkeypatch)
+    base = Patcher(fake_comfy.make_model_patcher().model)
+    out = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]().train(
+        base, fake_comfy.CLIP(), fake_comfy.VAE(), store_pairs(pack), **train_args(method="npo", method_args=""))
+    model_out, lora, _, name = out["result"]
+    assert name.startswith("prefalign/my_lora_npo_")
+    assert isinstance(model_out.model_options["model_function_wrapper"], npo_node.NegativeBranchWrapper)
+    assert not model_out.lora  # not applied to the whole model
+    x, sigma, context = batch()
+    without, with_lora = reference(lora, 1.0, x, sigma, context)
+    out = run(model_out, x, sigma, context, [0, 1])
+    assert torch.allclose(out[:2], without[:2], atol=1e-5) and torch.allclose(out[2:], with_lora[2:], atol=1e-5)
