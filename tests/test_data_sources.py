@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -72,6 +74,17 @@ def test_a_row_group_above_the_block_budget_is_read_in_blocks(tmp_path):
     assert len(whole._cache) == 1
     blocked._cache.clear()
     assert blocked[7] == whole[7] and blocked[3] == whole[3]  # out of order: read again from the group's start
+
+
+def test_a_row_group_without_rows_reads(tmp_path):
+    path = tmp_path / "d.parquet"
+    table = pa.Table.from_pylist(pickapic_rows(3))
+    with pq.ParquetWriter(path, table.schema) as writer:
+        writer.write_table(table.slice(0, 0))
+        writer.write_table(table)
+    assert pq.ParquetFile(path).metadata.row_group(0).num_rows == 0
+    source = ParquetSource(path, keep_ties=True)
+    assert [source[i].prompt for i in range(len(source))] == table.column("caption").to_pylist()
 
 
 def test_extra_columns_ignored_and_image_struct_accepted(tmp_path):

@@ -11,9 +11,11 @@ in blocks whose materialised size is bounded by BLOCK_BYTES (a whole row group w
 which is the usual case: `datasets` writes image datasets in row groups of 100 rows). Reading the
 rows of a big row group out of order re-reads it from its start; rows in order cost one read.
 
-For other code reading Pick-a-Pic rows from parquet (the pack's pair store):
-``for example in ParquetSource(path, max_cell_bytes=...)`` yields the kept rows in file order,
-with every limit applied and memory bounded.
+For other code reading Pick-a-Pic rows from parquet (the pack's pair store): with
+``source = ParquetSource(path, keep_ties=..., max_cell_bytes=..., allow_outside_paths=...)``,
+``source[i]`` for ``i in range(len(source))`` gives the kept rows in file order (winner first,
+``example.source`` naming file and row), every limit applied and memory bounded; errors are
+DataError, BadImageError comes later from decoding the images.
 """
 from __future__ import annotations
 
@@ -147,7 +149,7 @@ class ParquetSource(MapSource):
                         _VALUE_WIDTH.get(leaf.physical_type)
                     cost, one_row = read_cost(pages, width)
                     total, row_max = total + cost, row_max + one_row
-            self._rows_per_read[key] = meta.num_rows if total <= self.block_bytes else max(1, self.block_bytes // row_max)
+            self._rows_per_read[key] = max(1, meta.num_rows if total <= self.block_bytes else self.block_bytes // row_max)
         return self._rows_per_read[key]
 
     def _checked_pages(self, f: BinaryIO, chunk: pq.ColumnChunkMetaData, path: Path, column: str,
