@@ -215,7 +215,12 @@ class ImportParquet:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, store):
+    def VALIDATE_INPUTS(cls, parquet_path, store):
+        if parquet_path is not None:  # a linked input is checked when the node runs
+            try:
+                paths.require_data_path(parquet_path, "parquet_path")
+            except ValueError as e:
+                return paths.redact(str(e))
         return validate_store(store)
 
     def import_(self, parquet_path, store, keep_ties):

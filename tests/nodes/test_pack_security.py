@@ -73,6 +73,8 @@ def test_import_parquet_reads_only_inside_the_data_roots(nodes, comfy_folders, o
         with pytest.raises(ValueError, match="is outside the folders PrefAlign reads data from") as e:
             nodes["PrefAlignImportParquet"].import_(text, "stolen", False)
         messages.add(_without_quoted(str(e.value)))
+        refused = type(nodes["PrefAlignImportParquet"]).VALIDATE_INPUTS(text, "stolen")
+        assert isinstance(refused, str) and "is outside the folders" in refused  # refused when queued
     assert len(messages) == 1, messages
     assert str(outside) not in messages.pop()
     assert stores(comfy_folders) == []
@@ -106,6 +108,9 @@ def test_configured_datasets_folders_are_data_roots(nodes, pack, comfy_folders, 
         load_dataset(nodes, str(tmp_path / "elsewhere.parquet"))
     with pytest.raises(ValueError, match=r"not found in ComfyUI's input folder and 3 datasets folders"):
         load_dataset(nodes, "nothing.parquet")
+    assert type(nodes["PrefAlignImportParquet"]).VALIDATE_INPUTS("y.parquet", "s") is True
+    assert "parquet_path 'nothing.parquet' not found in" in type(nodes["PrefAlignImportParquet"]).VALIDATE_INPUTS(
+        "nothing.parquet", "s")
 
 
 # -- items 16 and 22: results shown on the node, messages without server paths --------------------------
@@ -204,7 +209,8 @@ def test_hub_ids_go_to_the_hub_after_the_local_folders(nodes, comfy_folders, hub
 @pytest.mark.parametrize("key", STORE_NODES)
 def test_store_names_are_checked_when_the_graph_is_queued(pack, key):
     """An invalid store name was refused only after the batch upstream had been generated."""
-    validate = pack.NODE_CLASS_MAPPINGS[key].VALIDATE_INPUTS
+    cls = pack.NODE_CLASS_MAPPINGS[key]
+    validate = (lambda store: cls.VALIDATE_INPUTS(None, store)) if key == "PrefAlignImportParquet" else cls.VALIDATE_INPUTS
     for bad in ("../x", "", "a/b", ".hidden", "a\nb"):
         assert "invalid store name" in validate(bad), bad
     assert validate("my-store_1.v2") is True
