@@ -73,10 +73,17 @@ _SCHEMA = (
         created REAL NOT NULL,
         UNIQUE (batch, chosen_idx, rejected_idx))""",
     # version 2: imported pairs are unique by content, so importing the same rows again adds nothing
-    # (version 1 added a retried import's rows twice: keep the first copy)
+    # (version 1 added a retried import's rows twice: keep the first copy), and the pairs are counted
     """DELETE FROM pairs WHERE source GLOB 'import *' AND id NOT IN (
         SELECT MIN(id) FROM pairs WHERE source GLOB 'import *' GROUP BY prompt, chosen, rejected)""",
     "CREATE UNIQUE INDEX IF NOT EXISTS pairs_imported ON pairs (prompt, chosen, rejected) WHERE source GLOB 'import *'",
+    # the number of pairs, kept by triggers: a mark reports the store's total without counting a million rows
+    "CREATE TABLE IF NOT EXISTS counts (what TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+    "INSERT OR REPLACE INTO counts VALUES ('pairs', (SELECT COUNT(*) FROM pairs))",
+    """CREATE TRIGGER IF NOT EXISTS pairs_added AFTER INSERT ON pairs
+        BEGIN UPDATE counts SET n = n + 1 WHERE what = 'pairs'; END""",
+    """CREATE TRIGGER IF NOT EXISTS pairs_removed AFTER DELETE ON pairs
+        BEGIN UPDATE counts SET n = n - 1 WHERE what = 'pairs'; END""",
     f"INSERT OR REPLACE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}')",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
@@ -364,6 +371,13 @@ class PairStore:
 
     def count(self) -> int:
         with self._read() as con:
+            return self._count(con)
+
+    def _count(self, con: sqlite3.Connection) -> int:
+        """The number of pairs (a version-1 store, not yet upgraded by a write, has no counter: count them)."""
+        try:
+            return int(con.execute("SELECT n FROM counts WHERE what = 'pairs'").fetchone()[0])
+        except sqlite3.OperationalError:
             return int(con.execute("SELECT COUNT(*) FROM pairs").fetchone()[0])
 
     def pairs(self) -> list[dict]:
@@ -404,7 +418,7 @@ class PairStore:
         """Changes whenever the set of pairs changes (for ComfyUI's IS_CHANGED): ids only grow
         (AUTOINCREMENT), so an insert raises MAX(id) and a delete lowers COUNT(*)."""
         with self._read() as con:
-            n, top = con.execute("SELECT COUNT(*), MAX(id) FROM pairs").fetchone()
+            n, top = self._count(con), con.execute("SELECT MAX(id) FROM pairs").fetchone()[0]
         return f"{self.name}:{n}:{top}"
 
     # -- gallery batches and marks -----------------------------------------------------------
@@ -441,7 +455,7 @@ class PairStore:
             "count": len(images),
             "marks": shown,
             "pairs": n_pairs,
-            "total_pairs": int(con.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]),
+            "total_pairs": self._count(con),
             "message": _pairs_message(shown, n_pairs),
         }
 
