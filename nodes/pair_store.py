@@ -416,7 +416,7 @@ class PairStore:
 
     def fingerprint(self) -> str:
         """Changes whenever the set of pairs changes (for ComfyUI's IS_CHANGED): ids only grow
-        (AUTOINCREMENT), so an insert raises MAX(id) and a delete lowers COUNT(*)."""
+        (AUTOINCREMENT), so an insert raises MAX(id) and a delete lowers the count."""
         with self._read() as con:
             n, top = self._count(con), con.execute("SELECT MAX(id) FROM pairs").fetchone()[0]
         return f"{self.name}:{n}:{top}"

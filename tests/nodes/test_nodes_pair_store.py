@@ -291,16 +291,20 @@ def test_version_1_store_is_upgraded_and_deduplicated(tmp_path):
     s.add_pair("kept", png(1), png(2))
     path = pickapic(tmp_path / "pp.parquet", 3)
     s.import_parquet(path)
-    with sqlite3.connect(s.db_path) as con:  # back to version 1: no unique index, the retry's copies present
-        con.execute("DROP INDEX pairs_imported")
+    with sqlite3.connect(s.db_path) as con:  # back to version 1: no unique index or counter, a retry's copies
+        for drop in ("INDEX pairs_imported", "TRIGGER pairs_added", "TRIGGER pairs_removed", "TABLE counts"):
+            con.execute(f"DROP {drop}")
         con.execute("PRAGMA user_version = 0")
         con.execute("INSERT INTO pairs (prompt, chosen, rejected, source, created) "
                     "SELECT prompt, chosen, rejected, source, created FROM pairs WHERE source GLOB 'import *'")
         con.execute("INSERT INTO pairs (prompt, chosen, rejected, source, created) "
                     "SELECT prompt, chosen, rejected, source, created FROM pairs WHERE prompt = 'kept'")
-    assert s.count() == 8
+    assert s.count() == 8  # read as it is: reads never write, so never upgrade
     assert s.import_parquet(path).added == 0  # the first write upgrades the store
     assert sorted(e.prompt for e in s.examples()) == ["kept", "kept", "p0", "p1", "p2"]  # only imports deduplicated
+    assert s.count() == 5
+    s.delete_pair(1)
+    assert s.count() == 4 == len(s.pairs())
 
 
 def test_missing_image_files_are_refused_with_store_pair_and_file(tmp_path):
