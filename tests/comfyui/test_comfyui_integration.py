@@ -226,7 +226,7 @@ def add_colour_pairs(server, store: str, prompt: str = "a red square") -> None:
         "3": {"class_type": "PrefAlignAddPair", "inputs": {"chosen": ["1", 0], "rejected": ["2", 0], "prompt": prompt, "store": store}},
     }
     entry = server.run(add)
-    assert entry["outputs"]["3"]["text"][0].endswith("holds 2")
+    assert entry["outputs"]["3"]["prefalign_text"][0].endswith("holds 2")
 
 
 def test_sdxl_train_and_load(server, info):

@@ -63,7 +63,7 @@ def test_add_pair_and_load_store(pack, comfy_folders):
     store_dir = comfy_folders["user"] / "prefalign_stores" / "artist1"
     assert (store_dir / "pairs.sqlite").is_file()
     before = nodes["PrefAlignLoadStore"].IS_CHANGED("artist1")
-    pairs, n = nodes["PrefAlignLoadStore"]().load("artist1")
+    pairs, n = nodes["PrefAlignLoadStore"]().load("artist1")["result"]
     assert n == 2 and len(pairs) == 2 and pairs[0].prompt == "a prompt" and pairs.description == "store:artist1"
     nodes["PrefAlignAddPair"]().add(images(1), images(2), "more", "artist1")
     assert nodes["PrefAlignLoadStore"].IS_CHANGED("artist1") != before
@@ -92,7 +92,7 @@ def test_export_import_nodes(pack, comfy_folders):
     assert Path(path).name == "evil_name.parquet"
     (comfy_folders["input"] / "pp.parquet").write_bytes(Path(path).read_bytes())
     assert nodes["PrefAlignImportParquet"]().import_("pp.parquet", "copy", False)["result"] == (1,)
-    with pytest.raises(ValueError, match="no parquet"):
+    with pytest.raises(ValueError, match="not found in ComfyUI's input folder"):
         nodes["PrefAlignImportParquet"]().import_("missing.parquet", "copy", False)
 
 
@@ -100,8 +100,9 @@ def test_dataset_node_parquet_limit_and_shuffle(pack, comfy_folders):
     nodes = pack.NODE_CLASS_MAPPINGS
     for i in range(6):
         nodes["PrefAlignAddPair"]().add(images(100 + i), images(i), f"p{i}", "ds")
-    nodes["PrefAlignExportParquet"]().export("ds", "ds.parquet")
-    src = str(comfy_folders["output"] / "prefalign" / "ds.parquet")
+    exported = nodes["PrefAlignExportParquet"]().export("ds", "ds.parquet")["result"][0]
+    (comfy_folders["input"] / "ds.parquet").write_bytes(Path(exported).read_bytes())
+    src = "ds.parquet"
     node = nodes["PrefAlignPairsFromDataset"]()
     pairs, n = node.load(src, "train", 4, -1, False, False)
     assert n == 4 and [pairs[i].prompt for i in range(4)] == ["p0", "p1", "p2", "p3"]

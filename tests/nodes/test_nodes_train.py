@@ -111,7 +111,7 @@ def store_pairs(pack, n=4):
     images = lambda v: torch.stack([torch.full((32, 32, 3), v / 255.0)])  # noqa: E731
     for i in range(n):
         pack.NODE_CLASS_MAPPINGS["PrefAlignAddPair"]().add(images(200 - i), images(20 + i), f"prompt {i}", "t")
-    return pack.NODE_CLASS_MAPPINGS["PrefAlignLoadStore"]().load("t")[0]
+    return pack.NODE_CLASS_MAPPINGS["PrefAlignLoadStore"]().load("t")["result"][0]
 
 
 def train_args(**kw):
