@@ -35,13 +35,13 @@ from urllib.parse import quote
 from PIL import Image
 
 from ..trainer.atomic import FILE_MODE, fsync_path, write_bytes
+from ..trainer.data.images import open_image  # PNG, JPEG, WebP only, as the trainer: nothing that shells out
 from ..trainer.data.records import PreferenceExample
 
 #: Store names: a letter or digit, then letters, digits, `_`, `-`, `.`; no path separators, no `..`.
 STORE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 BATCH_ID_RE = re.compile(r"[0-9a-f]{32}")
 IMAGE_NAME_RE = re.compile(r"[0-9a-f]{64}")  # sha256 of the file's bytes
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what generated and Pick-a-Pic images are; nothing that shells out
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
 MARKS = ("chosen", "rejected", "none")
@@ -147,7 +147,7 @@ def check_image(data: bytes) -> tuple[int, int]:
     if len(data) > MAX_IMAGE_BYTES:
         raise StoreError(f"image too large: {len(data)} bytes (limit {MAX_IMAGE_BYTES})")
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+        with open_image(bytes(data)) as im:
             w, h = im.size
             if w < 1 or h < 1 or w * h > MAX_IMAGE_PIXELS:
                 raise StoreError(f"image size {w}x{h} is outside the limit of {MAX_IMAGE_PIXELS} pixels")

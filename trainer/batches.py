@@ -69,7 +69,7 @@ class BatchStream:
         self.num_workers = config.num_workers
         self.device = torch.device(backend.device)
         self.pin = self.device.type == "cuda"
-        self.transform = ImageTransform(config.resolution, config.center_crop)
+        self.transform = ImageTransform(config.resolution, config.center_crop, config.max_pixels, config.max_image_bytes)
         self.dataset = PreferenceDataset(examples, self.transform, config.seed)
         related = getattr(method, "wants_related_prompts", False)
         self.sampler = ResumableSampler(len(examples), config.seed, config.random_flip, related,
@@ -190,7 +190,8 @@ class StreamingBatchStream:
             raise ValueError(f"method {method.name!r} groups related prompts in a batch, which needs random "
                              "access to every prompt: use a local dataset without --streaming")
         self.backend, self.ranks, self.local_size = backend, ranks, config.batch_size
-        self.loader = make_loader(source, ImageTransform(config.resolution, config.center_crop), seed=config.seed,
+        transform = ImageTransform(config.resolution, config.center_crop, config.max_pixels, config.max_image_bytes)
+        self.loader = make_loader(source, transform, seed=config.seed,
                                   batch_size=config.batch_size, num_workers=config.num_workers,
                                   random_flip=config.random_flip, streaming=True, skip_bad_rows=config.skip_bad_rows,
                                   rank=ranks.rank, world_size=ranks.world_size)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from .limits import MAX_CELL_BYTES, MAX_IMAGE_BYTES, MAX_PIXELS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -31,6 +33,10 @@ class TrainConfig:
     keep_ties: bool = field(default=False, metadata={"help": "keep tied pairs (label 0.5) with jpg_0 first; dropped by default"})
     skip_bad_rows: bool = field(default=False, metadata={"help": "skip and count rows whose images do not decode instead of stopping"})
     max_examples: int | None = field(default=None, metadata={"help": "use at most this many rows"})
+    max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "refuse images with more pixels, from their header (decompression bombs); see docs/security.md"})
+    max_image_bytes: int = field(default=MAX_IMAGE_BYTES, metadata={"help": "refuse images whose decoded samples (width x height x bands x bytes per sample) exceed this many bytes, e.g. a huge 16-bit PNG"})
+    max_cell_bytes: int = field(default=MAX_CELL_BYTES, metadata={"help": "refuse parquet pages (each holds one or more cells) above this many bytes before reading them; memory per read is about this much"})
+    allow_outside_paths: bool = field(default=False, metadata={"help": "let image paths in a dataset (pairs.jsonl, parquet or HF path cells) point outside its folder"})
     resolution: int = field(default=512, metadata={"help": "training resolution in pixels (square)"})
     center_crop: bool = field(default=True, metadata={"help": "centre crop (else random crop)"})
     random_flip: bool = field(default=False, metadata={"help": "flip both images of a pair horizontally at random"})
@@ -75,7 +81,8 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        positive = ("rank", "batch_size", "gradient_accumulation_steps", "max_steps", "resolution", "log_every")
+        positive = ("rank", "batch_size", "gradient_accumulation_steps", "max_steps", "resolution", "log_every",
+                    "max_pixels", "max_image_bytes", "max_cell_bytes")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be at least 1, got {getattr(self, key)}")

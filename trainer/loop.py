@@ -15,7 +15,7 @@ import torch
 
 from .atomic import write_text
 from .batches import open_batches
-from .checkpoint import TrainingState, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig, to_toml
 from .data.records import PreferenceExample
 from .distributed import Ranks
@@ -112,7 +112,7 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
     autocast = _autocast(config.mixed_precision, backend.device)
     scaler = torch.amp.GradScaler(backend.device.type, enabled=config.mixed_precision == "fp16")
     accum = config.gradient_accumulation_steps
-    last_good = (list_checkpoints(ckpt_root) or [None])[-1]
+    last_good = latest_checkpoint(ckpt_root)
     stopped, metrics = False, {}
 
     def checkpoint() -> Path | None:

@@ -25,7 +25,8 @@ def open_config_examples(config: TrainConfig):
 
     source = str(write_tiny_dataset(cache_root() / "data" / "tiny")) if config.data == "tiny" else config.data
     spec = DataSpec(source=source, split=config.split, streaming=config.streaming, keep_ties=config.keep_ties,
-                    skip_bad_rows=config.skip_bad_rows, limit=config.max_examples)
+                    skip_bad_rows=config.skip_bad_rows, limit=config.max_examples,
+                    max_cell_bytes=config.max_cell_bytes, allow_outside_paths=config.allow_outside_paths)
     return open_examples(spec)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..limits import MAX_CELL_BYTES
 from .base import DataStats, ExampleSource, MapSource, StreamSource
 from .folder import JsonlFolderSource, find_jsonl
 from .hf import SAVED_MARKERS, HFSource, HFStreamSource
@@ -34,6 +35,8 @@ class DataSpec:
     `skip_bad_rows`: rows whose images do not decode are skipped and counted instead of stopping.
     `limit`: use at most this many rows: kept rows for indexed sources; for a streamed Hugging
     Face dataset, rows read (`IterableDataset.take`, ties included).
+    `max_cell_bytes`: parquet pages (so cells) above this are refused before they are read.
+    `allow_outside_paths`: image paths may point outside the dataset's folder.
     """
 
     source: str
@@ -42,6 +45,8 @@ class DataSpec:
     keep_ties: bool = False
     skip_bad_rows: bool = False
     limit: int | None = None
+    max_cell_bytes: int = MAX_CELL_BYTES
+    allow_outside_paths: bool = False
 
 
 def open_examples(spec: DataSpec) -> ExampleSource:
@@ -52,12 +57,14 @@ def open_examples(spec: DataSpec) -> ExampleSource:
         return _open_hf(spec.source[3:], spec)
     path = Path(spec.source)
     if path.is_file() and path.suffix == ".parquet":
-        return ParquetSource(path, spec.keep_ties, spec.limit)
+        return ParquetSource(path, spec.keep_ties, spec.limit, max_cell_bytes=spec.max_cell_bytes,
+                             allow_outside_paths=spec.allow_outside_paths)
     jsonl = find_jsonl(path)
     if jsonl is not None:
-        return JsonlFolderSource(jsonl, spec.limit)
+        return JsonlFolderSource(jsonl, spec.limit, spec.allow_outside_paths)
     if path.is_dir() and not any((path / m).exists() for m in SAVED_MARKERS) and any(path.rglob("*.parquet")):
-        return ParquetSource(path, spec.keep_ties, spec.limit)
+        return ParquetSource(path, spec.keep_ties, spec.limit, max_cell_bytes=spec.max_cell_bytes,
+                             allow_outside_paths=spec.allow_outside_paths)
     if path.is_file():
         raise ValueError(f"{path}: unsupported file type (expected .parquet or .jsonl)")
     return _open_hf(spec.source, spec)
@@ -65,5 +72,5 @@ def open_examples(spec: DataSpec) -> ExampleSource:
 
 def _open_hf(source: str, spec: DataSpec) -> ExampleSource:
     if spec.streaming:
-        return HFStreamSource(source, spec.split, spec.keep_ties, spec.limit)
-    return HFSource(source, spec.split, spec.keep_ties, spec.limit)
+        return HFStreamSource(source, spec.split, spec.keep_ties, spec.limit, spec.allow_outside_paths)
+    return HFSource(source, spec.split, spec.keep_ties, spec.limit, spec.allow_outside_paths)
