@@ -27,12 +27,25 @@ def start(node_id: str | None, prompt_id: str | None, total: int, method: str) -
     return state
 
 
+def resume(state: dict, points: list[tuple[int, float]]) -> None:
+    """A resumed run's chart starts with the steps its earlier sessions logged."""
+    with _lock:
+        state["loss"] = [[int(s), float(v)] for s, v in points][-MAX_POINTS:]
+        state["step"] = state["loss"][-1][0] if state["loss"] else 0
+        payload = {"node": state["node"], "prompt_id": state["prompt_id"], "step": state["step"],
+                   "total": state["total"], "status": "running", "points": list(state["loss"])}
+    comfy_env.send("train", payload)
+
+
 def step(state: dict, step: int, loss: float | None, metrics: dict | None = None) -> None:
     point = None
     with _lock:
         state["step"] = int(step)
         if loss is not None:
             point = [int(step), float(loss)]
+            # a resumed run retrains the steps logged after its checkpoint: the new values replace them
+            while state["loss"] and state["loss"][-1][0] >= step:
+                state["loss"].pop()
             state["loss"].append(point)
             if len(state["loss"]) > MAX_POINTS:
                 state["loss"] = state["loss"][::2]
