@@ -236,3 +236,27 @@ def test_pack_imports_without_comfyui(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) == len(prefalign_pack.NODE_CLASS_MAPPINGS)
+
+
+def test_node_search_finds_the_pack(pack):
+    """'dpo' found nothing and 'preference' 5 of 8 nodes: aliases for newer ComfyUI, display names for older
+    frontends (which search only the display name)."""
+    display = pack.NODE_DISPLAY_NAME_MAPPINGS
+    for key, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert {"preference", "dpo", "prefalign"} <= set(cls.SEARCH_ALIASES), key
+        assert "preference" in display[key].lower(), display[key]
+    assert "dpo" in display["PrefAlignTrainLoRA"].lower()
+    assert all("lora" in pack.NODE_CLASS_MAPPINGS[k].SEARCH_ALIASES for k in ("PrefAlignTrainLoRA", "PrefAlignLoadLoRA"))
+
+
+def test_docs_name_the_nodes_by_their_display_names(pack):
+    import re
+
+    root = Path(prefalign_pack.__file__).parent
+    readme = root.joinpath("README.md").read_text()
+    section = readme[readme.index("## In ComfyUI"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")][1:]  # after the header
+    assert sorted(rows) == sorted(pack.NODE_DISPLAY_NAME_MAPPINGS.values())
+    named = set(re.findall(r"\*\*([^*]+)\*\*", root.joinpath("example_workflows", "README.md").read_text()))
+    assert named and named <= set(pack.NODE_DISPLAY_NAME_MAPPINGS.values())
