@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 from . import comfy_env
 
@@ -61,6 +63,19 @@ def finish(state: dict, status: str, lora: str | None = None, message: str = "")
         state.update(status=status, lora=lora, message=message, finished=time.time())
     comfy_env.send("train", {"node": state["node"], "prompt_id": state["prompt_id"], "step": state["step"],
                              "total": state["total"], "status": status, "lora": lora, "message": message, "points": []})
+
+
+@contextmanager
+def ended_on_error(state: dict) -> Iterator[None]:
+    """A run that raises ends its chart: "stopped" on Cancel, else "error" with the message (never left "running")."""
+    try:
+        yield
+    except Exception as e:
+        if state["status"] == "running":
+            interrupted = comfy_env.is_interrupt(e)
+            finish(state, "stopped" if interrupted else "error",
+                   message="cancelled before the first step" if interrupted else str(e))
+        raise
 
 
 def snapshot() -> dict:

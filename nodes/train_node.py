@@ -155,23 +155,6 @@ class TrainPreferenceLoRA:
     def train(self, model, clip, vae, pairs, method, method_args, steps, learning_rate, rank, alpha, batch_size,
               gradient_accumulation_steps, resolution, training_seed, checkpoint_every, target_modules, lora_name,
               gradient_checkpointing=False, resume=False):
-        prompt_id, node_id = comfy_env.executing_context()
-        # a new chart first: a run refused below must not leave the previous run's "done" showing
-        state = live.start(node_id, prompt_id, steps, method)
-        try:
-            return self._train(state, model, clip, vae, pairs, method, method_args, steps, learning_rate, rank, alpha,
-                               batch_size, gradient_accumulation_steps, resolution, training_seed, checkpoint_every,
-                               target_modules, lora_name, gradient_checkpointing, resume)
-        except Exception as e:
-            if state["status"] == "running":
-                interrupted = comfy_env.is_interrupt(e)
-                live.finish(state, "stopped" if interrupted else "error",
-                            message="cancelled before the first step" if interrupted else str(e))
-            raise
-
-    def _train(self, state, model, clip, vae, pairs, method, method_args, steps, learning_rate, rank, alpha, batch_size,
-               gradient_accumulation_steps, resolution, seed, checkpoint_every, target_modules, lora_name,
-               gradient_checkpointing, resume):
         import torch
         from safetensors.torch import load_file
 
@@ -184,78 +167,84 @@ class TrainPreferenceLoRA:
         from .images import pil_to_tensor
         from .loss_plot import plot_loss
 
-        args = parse_method_args(method, method_args)
-        targets = [t.strip() for t in target_modules.split(",") if t.strip()]
-        if not targets:
-            raise ValueError("target_modules is empty")
-        if len(pairs) == 0:
-            raise ValueError("no preference pairs to train on")
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        prefix = _slug(lora_name)
-        root = comfy_env.output_dir() / "prefalign"
-        run_dir = latest_run(root / "runs", f"{prefix}-{method}") if resume else root / "runs" / f"{prefix}-{method}-{stamp}"
-        description = getattr(pairs, "description", "") or f"{len(pairs)} pairs"
-        config = make_config({
-            "model": "comfyui", "data": description, "method": method, "method_args": args, "rank": rank,
-            "alpha": float(alpha), "target_modules": targets, "learning_rate": parse_learning_rate(learning_rate),
-            "max_steps": steps, "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
-            "resolution": resolution, "seed": seed, "output_dir": str(run_dir), "checkpoint_every": checkpoint_every,
-            "cache_dir": str(root / "cache"), "lr_warmup_steps": 0,
-            "log_every": 1,  # the live loss chart and progress bar move every step
-            "resume": "latest" if resume else None,
-        })
-        metrics_file = run_dir / "metrics.jsonl"
-        if resume:
-            live.resume(state, logged_losses(metrics_file))
-        pbar = comfy_env.progress_bar(steps, state["node"])
-        cancel = {"requested": False}
-        holder = {}
+        prompt_id, node_id = comfy_env.executing_context()
+        # a new chart first: a run refused below must not leave the previous run's "done" showing
+        state = live.start(node_id, prompt_id, steps, method)
+        with live.ended_on_error(state):
+            args = parse_method_args(method, method_args)
+            targets = [t.strip() for t in target_modules.split(",") if t.strip()]
+            if not targets:
+                raise ValueError("target_modules is empty")
+            if len(pairs) == 0:
+                raise ValueError("no preference pairs to train on")
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            prefix = _slug(lora_name)
+            root = comfy_env.output_dir() / "prefalign"
+            runs = root / "runs"
+            run_dir = latest_run(runs, f"{prefix}-{method}") if resume else runs / f"{prefix}-{method}-{stamp}"
+            description = getattr(pairs, "description", "") or f"{len(pairs)} pairs"
+            config = make_config({
+                "model": "comfyui", "data": description, "method": method, "method_args": args, "rank": rank,
+                "alpha": float(alpha), "target_modules": targets, "learning_rate": parse_learning_rate(learning_rate),
+                "max_steps": steps, "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
+                "resolution": resolution, "seed": training_seed, "output_dir": str(run_dir),
+                "checkpoint_every": checkpoint_every,
+                "cache_dir": str(root / "cache"), "lr_warmup_steps": 0,
+                "log_every": 1,  # the live loss chart and progress bar move every step
+                "resume": "latest" if resume else None,
+            })
+            metrics_file = run_dir / "metrics.jsonl"
+            if resume:
+                live.resume(state, logged_losses(metrics_file))
+            pbar = comfy_env.progress_bar(steps, state["node"])
+            cancel = {"requested": False}
+            holder = {}
 
-        def on_step(report):
-            if "backend" in holder:
-                holder["backend"].cancel_while_encoding = False  # from now on Cancel stops at a step boundary
-            live.step(state, report.step, report.metrics.get("loss"), report.metrics)
-            if pbar is not None:
-                try:  # ComfyUI's progress hook raises on Cancel (and clears the flag): stop at this boundary instead
-                    pbar.update_absolute(report.step, report.total)
-                except Exception as e:
-                    if not comfy_env.is_interrupt(e):
-                        raise
-                    cancel["requested"] = True
+            def on_step(report):
+                if "backend" in holder:
+                    holder["backend"].cancel_while_encoding = False  # from now on Cancel stops at a step boundary
+                live.step(state, report.step, report.metrics.get("loss"), report.metrics)
+                if pbar is not None:
+                    try:  # ComfyUI's progress hook raises on Cancel (and clears the flag): stop at this boundary instead
+                        pbar.update_absolute(report.step, report.total)
+                    except Exception as e:
+                        if not comfy_env.is_interrupt(e):
+                            raise
+                        cancel["requested"] = True
 
-        def should_stop() -> bool:
-            cancel["requested"] = cancel["requested"] or comfy_env.interrupted()
-            return cancel["requested"]
+            def should_stop() -> bool:
+                cancel["requested"] = cancel["requested"] or comfy_env.interrupted()
+                return cancel["requested"]
 
-        try:
-            with torch.inference_mode(False), ComfyBackend(model, clip, vae, LoraSpec.from_config(config), seed=seed,
-                                                           model_name="comfyui",
-                                                           gradient_checkpointing=gradient_checkpointing) as backend:
-                holder["backend"] = backend
-                result = train(config, backend, pairs, TrainHooks(on_step=on_step, should_stop=should_stop))
-        except DiskFullError as e:
-            raise DiskFullError(e.errno, f"{e.strerror} (here: turn resume on and queue again)") from None
-        if result.steps == 0:  # cancelled before the first step: nothing worth saving
-            live.finish(state, "stopped", message="cancelled before the first step")
-            comfy_env.throw_if_interrupted()
-            comfy_env.raise_interrupt()
-        if result.lora_path is None:
-            raise RuntimeError("the trainer wrote no LoRA file")
-        rel = publish_lora(Path(result.lora_path), f"{prefix}_{method}_{result.steps}steps_{stamp}.safetensors")
-        live.finish(state, "stopped" if result.stopped else "done", lora=rel,
-                    message=f"saved {rel} after {result.steps} steps")
-        if result.stopped:  # report the Cancel to ComfyUI (execution_interrupted); the file is already saved
-            comfy_env.throw_if_interrupted()
-            comfy_env.raise_interrupt()
-        lora_sd = load_file(str(comfy_env.loras_dir() / rel))
-        import comfy.sd
+            try:
+                lora = LoraSpec.from_config(config)  # the one description of the LoRA: the config's
+                with torch.inference_mode(False), ComfyBackend(model, clip, vae, lora, seed=training_seed, model_name="comfyui",
+                                                               gradient_checkpointing=gradient_checkpointing) as backend:
+                    holder["backend"] = backend
+                    result = train(config, backend, pairs, TrainHooks(on_step=on_step, should_stop=should_stop))
+            except DiskFullError as e:
+                raise DiskFullError(e.errno, f"{e.strerror} (here: turn resume on and queue again)") from None
+            if result.steps == 0:  # cancelled before the first step: nothing worth saving
+                live.finish(state, "stopped", message="cancelled before the first step")
+                comfy_env.throw_if_interrupted()
+                comfy_env.raise_interrupt()
+            if result.lora_path is None:
+                raise RuntimeError("the trainer wrote no LoRA file")
+            rel = publish_lora(Path(result.lora_path), f"{prefix}_{method}_{result.steps}steps_{stamp}.safetensors")
+            live.finish(state, "stopped" if result.stopped else "done", lora=rel,
+                        message=f"saved {rel} after {result.steps} steps")
+            if result.stopped:  # report the Cancel to ComfyUI (execution_interrupted); the file is already saved
+                comfy_env.throw_if_interrupted()
+                comfy_env.raise_interrupt()
+            lora_sd = load_file(str(comfy_env.loras_dir() / rel))
+            import comfy.sd
 
-        model_out, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
-        curve = pil_to_tensor(plot_loss(logged_losses(metrics_file), f"{method} loss"))
-        ui = {"prefalign_train": [{"node": state["node"], "lora": rel, "steps": result.steps, "stopped": result.stopped,
-                                   "metrics": {k: float(v) for k, v in result.metrics.items()}}],
-              "prefalign_text": [f"saved models/loras/{rel} ({result.steps} steps)"]}
-        return {"ui": ui, "result": (model_out, lora_sd, curve, rel)}
+            model_out, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
+            curve = pil_to_tensor(plot_loss(logged_losses(metrics_file), f"{method} loss"))
+            ui = {"prefalign_train": [{"node": state["node"], "lora": rel, "steps": result.steps, "stopped": result.stopped,
+                                       "metrics": {k: float(v) for k, v in result.metrics.items()}}],
+                  "prefalign_text": [f"saved models/loras/{rel} ({result.steps} steps)"]}
+            return {"ui": ui, "result": (model_out, lora_sd, curve, rel)}
 
 
 def publish_lora(trained: Path, name: str) -> str:
