@@ -248,10 +248,10 @@ class ImportParquet:
 
 NODES = {
     "PrefAlignAddPair": (AddPair, "Add Preference Pair"),
-    "PrefAlignLoadStore": (LoadStore, "Load Pair Store"),
+    "PrefAlignLoadStore": (LoadStore, "Load Preference Pair Store"),
     "PrefAlignGalleryPicker": (GalleryPicker, "Preference Gallery Picker"),
-    "PrefAlignExportParquet": (ExportParquet, "Export Pair Store (Parquet)"),
-    "PrefAlignImportParquet": (ImportParquet, "Import Parquet into Pair Store"),
+    "PrefAlignExportParquet": (ExportParquet, "Export Preference Pairs (Parquet)"),
+    "PrefAlignImportParquet": (ImportParquet, "Import Preference Pairs (Parquet)"),
 }
 
 __all__ = ["NODES", "PreferencePairs", "check_store_name", "open_store", "validate_store"]

@@ -38,8 +38,7 @@ def make_ranks() -> Ranks:
 
 
 def make_backend(config: TrainConfig, device: torch.device) -> DiffusersBackend:
-    lora = LoraSpec(config.rank, config.alpha, tuple(config.target_modules))
-    return DiffusersBackend.load(config.model, lora, vae=config.vae, model_config=config.model_config, device=device,
+    return DiffusersBackend.load(config.model, LoraSpec.from_config(config), vae=config.vae, model_config=config.model_config, device=device,
                                  weight_dtype=WEIGHT_DTYPES[config.mixed_precision] if device.type == "cuda" else torch.float32,
                                  gradient_checkpointing=config.gradient_checkpointing, seed=config.seed,
                                  compile=config.compile)
