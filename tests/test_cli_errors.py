@@ -169,11 +169,12 @@ def test_tensorboard_without_the_extra_says_how_to_install_it(run_folder, capsys
 # --- 5: bad values, checked before anything loads --------------------------------------------------
 
 @pytest.mark.parametrize("flag, value, key", [
-    ("--learning-rate", "-1", "learning_rate"), ("--learning-rate", "nan", "learning_rate"),
-    ("--adam-beta1", "1.5", "adam_beta1"), ("--alpha", "0", "alpha"), ("--seed", "-1", "seed"),
-    ("--num-workers", "-2", "num_workers"), ("--max-examples", "0", "max_examples"),
-    ("--max-grad-norm", "-0.5", "max_grad_norm"), ("--weight-decay", "inf", "weight_decay"),
-    ("--method-args", "beta=abc", "method_args.beta"), ("--method", "dpoo", "unknown method 'dpoo'"),
+    ("--learning-rate", "-1", "config key 'learning_rate'"), ("--learning-rate", "nan", "config key 'learning_rate'"),
+    ("--adam-beta1", "1.5", "config key 'adam_beta1'"), ("--alpha", "0", "config key 'alpha'"),
+    ("--seed", "-1", "config key 'seed'"), ("--num-workers", "-2", "config key 'num_workers'"),
+    ("--max-examples", "0", "config key 'max_examples'"), ("--max-grad-norm", "-0.5", "config key 'max_grad_norm'"),
+    ("--weight-decay", "inf", "config key 'weight_decay'"), ("--method-args", "beta=abc", "method_args.beta"),
+    ("--method", "dpoo", "unknown method 'dpoo'"),
 ])
 def test_bad_value_stops_before_the_run_folder_is_touched(run_folder, capsys, monkeypatch, flag, value, key):
     """Used to be caught by the optimiser 8 s in, after config.toml was rewritten (`learning_rate = -1.0`
