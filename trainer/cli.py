@@ -11,6 +11,7 @@ import dataclasses
 import shlex
 import signal
 import sys
+import threading
 from typing import Any, Sequence
 
 from .config import ConfigError, config_fields, load_toml, make_config
@@ -111,7 +112,8 @@ class CtrlC:
 
     def start(self, step: int) -> None:
         self.started = True
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():  # where Python delivers signals
+            self._previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
@@ -150,7 +152,7 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         result = run(config, TrainHooks(should_stop=lambda: ctrl_c.requested, on_start=ctrl_c.start), resume_hint=again)
     except KeyboardInterrupt:
         if not ctrl_c.started:
-            print("error: interrupted before training started; nothing was written", file=sys.stderr)
+            print("error: interrupted before training started; nothing was written to the output folder", file=sys.stderr)
         else:
             print(f"aborted; continue from the last checkpoint with: {again}", file=sys.stderr)
         return EXIT_INTERRUPTED
