@@ -101,14 +101,14 @@ class BatchStream:
         if map_style and config.cache:
             self.cache = EncodingCache(_cache_folder(config, backend))
             entry_keys, rows = self._fill_cache(config, examples, transform)
-            stats = DataStats(**getattr(examples, "stats", DataStats()).as_dict())
-            stats.bad_rows_skipped += len(examples) - len(rows)
             prompts = row_prompts(examples) if related else None
             sampler = make_sampler(len(rows), config.seed, config.random_flip, self.local_size * ranks.world_size,
                                    [prompts[r] for r in rows] if prompts is not None else None)
             self.loader = ResumableLoader(_CachedRows(entry_keys, rows), batch_size=self.local_size, sampler=sampler,
-                                          stats=stats, rank=ranks.rank, world_size=ranks.world_size,
+                                          stats=getattr(examples, "stats", None), rank=ranks.rank,
+                                          world_size=ranks.world_size,
                                           collate_fn=functools.partial(_cached_batch, self.cache))
+            self.loader.stats.bad_rows_skipped += len(examples) - len(rows)
         else:
             self.loader = make_loader(examples, transform, seed=config.seed, batch_size=self.local_size,
                                       num_workers=config.num_workers, random_flip=config.random_flip,
