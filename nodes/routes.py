@@ -111,7 +111,7 @@ def make_routes(stores_base: Callable[[], Path], busy_timeout: float = ROUTE_BUS
         return web.json_response({"runs": live.snapshot()})
 
     async def methods(request: web.Request) -> web.Response:
-        from .train_node import format_args, method_table
+        from ..trainer.methods.args import format_args, method_table
 
         table = method_table()
         return web.json_response({n: {**t, "text": format_args(t["defaults"])} for n, t in table.items()})

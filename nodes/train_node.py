@@ -2,62 +2,17 @@
 from __future__ import annotations
 
 import errno
-import json
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
+from ..trainer.methods.args import format_args, method_table, parse_method_args
 from . import comfy_env, live
 from .store_nodes import PAIRS
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 CATEGORY = "preference/train"
 DEFAULT_TARGETS = "to_q, to_k, to_v, to_out.0"
-
-
-def method_table() -> dict[str, dict]:
-    from ..trainer.methods import method_class, method_names
-
-    return {n: {"defaults": method_class(n).defaults(), "paper": method_class(n).paper} for n in method_names()}
-
-
-def format_args(defaults: dict) -> str:
-    """A method's defaults as the TOML lines the method_args widget holds."""
-    lines = []
-    for k, v in defaults.items():
-        if v is None:
-            lines.append(f"# {k} = (automatic)")
-        else:
-            lines.append(f"{k} = {json.dumps(v)}")
-    return "\n".join(lines)
-
-
-def parse_method_args(method: str, text: str) -> dict:
-    """TOML lines (`beta = 2500`) or a JSON object; empty means the method's defaults. Keys are checked."""
-    table = method_table()
-    if method not in table:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(table)}")
-    text = (text or "").strip()
-    if not text:
-        return {}
-    try:
-        args = json.loads(text) if text.startswith("{") else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"method_args: write one `name = value` per line (TOML) or a JSON object: {e}") from None
-    if not isinstance(args, dict):
-        raise ValueError("method_args must be a table of name = value")
-    defaults = table[method]["defaults"]
-    unknown = sorted(set(args) - set(defaults))
-    if unknown:
-        raise ValueError(f"method_args: {method} has no hyper-parameter {', '.join(unknown)}; "
-                         f"it takes: {format_args(defaults) or '(none)'}")
-    return args
 
 
 LEARNING_RATES = (1e-8, 1.0)  # the range the learning_rate input accepts (paper full fine-tunes .. far too big)

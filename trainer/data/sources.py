@@ -5,8 +5,9 @@
 - a ``.parquet`` file or a folder of parquet shards (Pick-a-Pic pairs or unpaired rows);
 - a folder with ``pairs.jsonl`` / ``feedback.jsonl`` (or the ``.jsonl`` file itself);
 - a folder written by ``datasets.Dataset.save_to_disk``;
-- anything else (or any string prefixed with ``hf:``) goes to ``datasets.load_dataset``:
-  a hub id such as ``yuvalkirstain/pickapic_v2``, or a local folder of data files.
+- another local folder goes to ``datasets.load_dataset`` (a folder of data files);
+- a hub id such as ``yuvalkirstain/pickapic_v2`` (owner/name), or any string prefixed with ``hf:``,
+  goes to ``datasets.load_dataset`` too. Any other string is "no such file or folder".
 
 Labels: the winner comes first (``label_0 == 0`` swaps the images); ties (0.5) are dropped
 and counted unless ``keep_ties`` is set, in which case they are kept with ``jpg_0`` first
@@ -18,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..limits import MAX_CELL_BYTES
+from ..hub import hub_problem, looks_like_hub_id
 from .base import DataStats, ExampleSource, MapSource, StreamSource
+from .errors import DataError
 from .folder import JsonlFolderSource, find_jsonl
 from .hf import SAVED_MARKERS, HFSource, HFStreamSource
 from .parquet import ParquetSource
@@ -50,12 +53,26 @@ class DataSpec:
 
 
 def open_examples(spec: DataSpec) -> ExampleSource:
-    """A map-style source for local data and downloaded datasets; a stream for HF streaming."""
+    """A map-style source for local data and downloaded datasets; a stream for HF streaming.
+
+    A string that names no existing path goes to the hub only if it looks like a hub id (owner/name) or
+    says `hf:`; anything else, and an empty folder, is refused before `datasets` is called."""
     if spec.limit is not None and spec.limit < 1:
         raise ValueError(f"limit must be at least 1, got {spec.limit}")
     if spec.source.startswith("hf:"):
         return _open_hf(spec.source[3:], spec)
     path = Path(spec.source)
+    if not path.exists():
+        if looks_like_hub_id(spec.source):
+            problem = hub_problem(spec.source, "dataset")
+            if problem is not None:
+                raise DataError(f"{spec.source} is not a local file or folder; as a hub id: {problem}")
+            return _open_hf(spec.source, spec)
+        raise DataError(f"{spec.source}: no such file or folder (looked at {path.absolute()}); data is a parquet file "
+                        "or folder, a folder with pairs.jsonl, or a Hugging Face dataset id (owner/name, or hf:NAME)")
+    if path.is_dir() and not any(path.iterdir()):
+        raise DataError(f"{spec.source}: the folder is empty (looked for pairs.jsonl, feedback.jsonl, *.parquet or a "
+                        "saved Hugging Face dataset)")
     if path.is_file() and path.suffix == ".parquet":
         return ParquetSource(path, spec.keep_ties, spec.limit, max_cell_bytes=spec.max_cell_bytes,
                              allow_outside_paths=spec.allow_outside_paths)
@@ -71,6 +88,14 @@ def open_examples(spec: DataSpec) -> ExampleSource:
 
 
 def _open_hf(source: str, spec: DataSpec) -> ExampleSource:
-    if spec.streaming:
-        return HFStreamSource(source, spec.split, spec.keep_ties, spec.limit, spec.allow_outside_paths)
-    return HFSource(source, spec.split, spec.keep_ties, spec.limit, spec.allow_outside_paths)
+    """A Hugging Face dataset; the library's own errors (not found, offline, no data files) become one
+    line naming the source."""
+    try:
+        if spec.streaming:
+            return HFStreamSource(source, spec.split, spec.keep_ties, spec.limit, spec.allow_outside_paths)
+        return HFSource(source, spec.split, spec.keep_ties, spec.limit, spec.allow_outside_paths)
+    except DataError:
+        raise
+    except Exception as e:  # `datasets` raises many types (FileNotFoundError, ConnectionError, its own, ValueError)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{source}: cannot be loaded as a Hugging Face dataset ({type(e).__name__}: {reason})") from None
