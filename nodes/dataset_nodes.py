@@ -143,10 +143,8 @@ def _open_hub(spec, text: str):
         logging.info("PrefAlign: %r is not in %s; loading it from the Hugging Face hub", text, paths.searched())
     try:
         return open_examples(spec)
-    except Exception as e:  # `datasets` raises many types (network, not found, bad config)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        local = f"{text!r} is not in {paths.searched()}, and as a Hugging Face dataset it" if implicit else f"{text!r}"
-        raise ValueError(f"{local} did not load: {first}") from None
+    except ValueError as e:  # the trainer turns every `datasets` failure into one line naming the source
+        raise ValueError(f"{text!r} is not in {paths.searched()}; {e}" if implicit else str(e)) from None
 
 
 NODES = {"PrefAlignPairsFromDataset": (PairsFromDataset, "Preference Pairs from Dataset")}

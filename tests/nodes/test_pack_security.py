@@ -196,10 +196,11 @@ def test_dataset_typo_says_where_it_looked_without_asking_the_hub(nodes, comfy_f
 
 
 def test_hub_ids_go_to_the_hub_after_the_local_folders(nodes, comfy_folders, hub_calls):
-    with pytest.raises(ValueError, match=r"^'owner/name' is not in ComfyUI's input folder, and as a Hugging Face "
-                                         r"dataset it did not load: hub unreachable$"):
+    with pytest.raises(ValueError, match=r"^'owner/name' is not in ComfyUI's input folder; owner/name: cannot be "
+                                         r"loaded as a Hugging Face dataset \(ConnectionError: hub unreachable\)$"):
         load_dataset(nodes, "owner/name")
-    with pytest.raises(ValueError, match=r"^'hf:canonical' did not load: hub unreachable$"):
+    with pytest.raises(ValueError, match=r"^canonical: cannot be loaded as a Hugging Face dataset "
+                                         r"\(ConnectionError: hub unreachable\)$"):
         load_dataset(nodes, "hf:canonical")
     assert hub_calls == ["owner/name", "canonical"]
     pickapic(comfy_folders["input"] / "owner" / "name" / "train.parquet", 4)  # a local folder of that name wins
