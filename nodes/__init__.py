@@ -19,6 +19,7 @@ NODE_SEARCH_ALIASES = {
     "PrefAlignImportParquet": ["parquet", "import", "pick-a-pic", "pair store", "dataset"],
     "PrefAlignTrainLoRA": ["lora", "train", "training", "fine-tune", "kto", "rpo", "dspo", "mapo", "cpo", "sft"],
     "PrefAlignLoadLoRA": ["lora", "load lora", "apply lora"],
+    "PrefAlignNegativeBranchLoRA": ["npo", "diffusion-npo", "negative", "negative prompt", "unconditional", "cfg", "lora"],
 }
 for _key, (_cls, _) in _NODES.items():
     _cls.SEARCH_ALIASES = SEARCH_ALIASES + NODE_SEARCH_ALIASES[_key]

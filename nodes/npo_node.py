@@ -148,4 +148,4 @@ class NegativeBranchLoRA:
         return {"ui": {"text": [info]}, "result": (negative_branch_lora(model, lora, strength), info)}
 
 
-NODES = {"PrefAlignNegativeBranchLoRA": (NegativeBranchLoRA, "Negative-Branch LoRA (NPO)")}
+NODES = {"PrefAlignNegativeBranchLoRA": (NegativeBranchLoRA, "Negative-Branch Preference LoRA (NPO)")}

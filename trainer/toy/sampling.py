@@ -55,12 +55,15 @@ def sample_images(
     Each image's starting noise comes from its own seed, so an image does not depend on the batch
     it is drawn in. `lora` (a LoRA file/folder or state dict that `load_lora_weights` accepts) is
     applied to the whole model for this call only; `negative_lora` (same forms) only to the
-    unconditional branch of classifier-free guidance, at `negative_strength`. A pipeline passed in
+    unconditional branch of classifier-free guidance, at `negative_strength` (there the two branches run as
+    separate batches, which can move a pixel by one level through rounding). A pipeline passed in
     is left as it was. `threads` sets torch's CPU threads for the call (None: leave as is); the toy
     model is so small that one thread is fastest, and on a busy 2-core machine two threads were 25x
     slower than one.
     """
     prompts = [prompts] * len(seeds) if isinstance(prompts, str) else list(prompts)
+    if negative_strength == 0.0:
+        negative_lora = None  # plain sampling exactly, as the ComfyUI node at strength 0
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
     base = pipeline_or_path if isinstance(pipeline_or_path, StableDiffusionPipeline) else load_toy_pipeline(pipeline_or_path)
