@@ -77,29 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, default=192, help="samples per model for the rates (default: 192)")
     demo.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     demo.add_argument("--output-dir", "--output_dir", default="runs/demo", help="where everything goes")
-    add_eval_parser(sub)
+    from .sampling_commands import add_sampling_parsers
+
+    add_sampling_parsers(sub)
     return parser
-
-
-def add_eval_parser(sub) -> None:
-    ev = sub.add_parser("eval", help="win rate / attribute rate of a LoRA against its base model",
-                        description="Sample base and base+LoRA on the same prompts and seeds and score both: "
-                                    "the toy attribute classifier, a CLIP preference model (PickScore-style), or "
-                                    "Diffusion-RPO-style style alignment. Writes eval.json and a grid PNG.")
-    ev.add_argument("--lora", required=True, help="the LoRA file to evaluate")
-    ev.add_argument("--model", default="toy", help="base model folder (default: toy, the built-in toy model)")
-    ev.add_argument("--scorer", default="attribute", choices=("attribute", "clip", "style"),
-                    help="attribute: toy classifier; clip: logit_scale*cos(text, image); style: fraction in style")
-    ev.add_argument("--scorer-model", "--scorer_model", default=None,
-                    help="CLIP folder or hub id for --scorer clip (and optional for style)")
-    ev.add_argument("--attribute", default="shaded", help="attribute / style to measure (default: shaded)")
-    ev.add_argument("--alternatives", nargs="+", default=[], help="other styles for CLIP zero-shot style judging")
-    ev.add_argument("--prompts", default=None, help="prompt file, one a line (default: toy captions leaving "
-                                                   "the attribute open)")
-    ev.add_argument("--samples", type=int, default=96, help="(prompt, seed) pairs (default: 96)")
-    ev.add_argument("--seed", type=int, default=10_000, help="first seed (default: 10000)")
-    ev.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
-    ev.add_argument("--output-dir", "--output_dir", default="runs/eval", help="where eval.json and grid.png go")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,12 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               args.samples, args.seed, _key_values(args.method_args))
             print((Path(args.output_dir) / "report.md").read_text())
             return 0 if report["moved"] else 1
-        if args.command == "eval":
-            from .evaluate import evaluate, summary
-
-            print(summary(evaluate(args.lora, args.model, args.scorer, args.attribute, args.scorer_model, args.prompts,
-                                   args.samples, args.seed, args.steps, args.output_dir, args.alternatives)))
-            return 0
+        if hasattr(args, "handler"):
+            return args.handler(args)
         if args.command == "train":
             from .run import run
 

@@ -25,7 +25,7 @@ class ClipModel:
         try:
             self.embedder = ClipEmbedder(location)
         except ValueError as e:
-            raise ValueError(f"scorer model {location!r}: {str(e).split(': ', 1)[-1]}") from None
+            raise ValueError(f"scorer model {location!r}: {' '.join(str(e).split(': ', 1)[-1].split())}") from None
         self.location, self.batch_size = location, batch_size
         self.fingerprint = weights_fingerprint(self.embedder.model)
 
