@@ -5,6 +5,7 @@ import {
   acceptsTrainMessage, chartGeometry, clickMark, createMarkSender, imageUrl, keyAction, markBody, mergePoints,
   moveCursor, nextMark, progressText, smooth, summary,
 } from "./prefalign_logic.js";
+import { attachScoring } from "./prefalign_compare.js";
 
 const GALLERY = "PrefAlignGalleryPicker";
 const TRAIN = "PrefAlignTrainLoRA";
@@ -151,6 +152,7 @@ class Gallery {
 function setupGallery(node) {
   injectStyle();
   const gallery = new Gallery(node);
+  attachScoring(gallery, { fetchJson: jsonFetch, imageSrc: (b, i) => (api.apiURL ? api.apiURL(imageUrl(b, i)) : imageUrl(b, i)) });
   node.prefalignGallery = gallery;
   node.addDOMWidget("prefalign_gallery", "prefalign_gallery", gallery.el, { serialize: false, hideOnZoom: false, getMinHeight: () => 220 });
   node.setSize([Math.max(node.size[0], 420), Math.max(node.size[1], 420)]);
