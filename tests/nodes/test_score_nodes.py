@@ -237,11 +237,11 @@ def test_a_judgement_waiting_on_the_store_lock_does_not_block_other_requests(pic
 
 
 def test_generate_score_train_workflow_is_current_and_valid(comfy_folders):
-    """workflows/prefalign_generate_score_train.json is what the builder makes from today's nodes
+    """example_workflows/"Generate, score, pair and train.json" is what the builder makes from today's nodes
     (regenerate: `python tests/nodes/score_workflow.py`), loads with no missing node, and chains
     generate -> score -> pairs -> train."""
     info = wt.object_info(prefalign_pack)
-    ui = json.loads((wt.ROOT / "workflows" / score_workflow.NAME).read_text())
+    ui = json.loads((wt.ROOT / score_workflow.FOLDER / score_workflow.NAME).read_text())
     assert ui == json.loads(json.dumps(score_workflow.build(info)))
     assert [p for p in wt.validate(ui, info) if "is not one of the choices" not in p] == []
     api = wt.to_api(ui, info)
