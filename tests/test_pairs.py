@@ -117,21 +117,25 @@ def small_settings(prompts_file, **kw) -> PairsSettings:
                          policy="all-pairs", steps=3, **kw)
 
 
-@pytest.mark.parametrize("crash_at", [2, 3, 5, 8])
+@pytest.mark.parametrize("crash_at", [(2, "before"), (3, "before"), (3, "after"), (5, "before"), (6, "after")])
 def test_resume_after_a_crash_writes_exactly_the_uninterrupted_rows(tmp_path, monkeypatch, crash_at):
-    """The run dies at the N-th manifest write (a prompt's rows on disk but not recorded, or a shard written but
-    not recorded); --resume then finishes with exactly the rows of a run that never stopped."""
+    """The run dies just before or after its N-th manifest write: a prompt's rows on disk but not recorded, a
+    shard written but not recorded, or a shard recorded with its merged rows still on disk. --resume then
+    finishes with exactly the rows of a run that never stopped, and leaves no stray files."""
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
     settings = small_settings(tmp_path / "p.txt")
     make_pairs(settings, tmp_path / "whole", progress=False, shard_mb=1e-4)  # a shard for every prompt with pairs
     calls = {"n": 0}
     original = PairsFolder.save
+    number, when = crash_at
 
     def dying_save(self):
         calls["n"] += 1
-        if calls["n"] == crash_at:
+        if calls["n"] == number and when == "before":
             raise KeyboardInterrupt
         original(self)
+        if calls["n"] == number:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(PairsFolder, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
@@ -141,8 +145,9 @@ def test_resume_after_a_crash_writes_exactly_the_uninterrupted_rows(tmp_path, mo
         make_pairs(settings, tmp_path / "cut", progress=False, shard_mb=1e-4)
     make_pairs(settings, tmp_path / "cut", resume=True, progress=False, shard_mb=1e-4)
     assert rows(tmp_path / "cut") == rows(tmp_path / "whole")
-    assert sorted(p.name for p in (tmp_path / "cut").glob("pairs-*")) == sorted(p.name for p in (tmp_path / "whole").glob("pairs-*"))
-    assert not (tmp_path / "cut" / ".pending").exists()
+    manifest = json.loads((tmp_path / "cut" / "pairs.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "cut").glob("pairs-*")) == [s["file"] for s in manifest["shards"]]
+    assert not (tmp_path / "cut" / ".pending").exists()  # no stray pending rows
 
 
 def test_a_second_run_on_a_locked_folder_stops(tmp_path, capsys):

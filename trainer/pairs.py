@@ -277,10 +277,6 @@ class PairsFolder:
         for p in self.manifest["pending"]:
             if not (pending / f"{p['index']:06d}.rows").is_file():
                 raise ValueError(f"{self.root}: pending rows of prompt {p['index']} are missing; use another folder")
-        shards = {s["file"] for s in self.manifest["shards"]}
-        for path in self.root.glob("pairs-*.parquet"):
-            if path.name not in shards:  # written, then killed before the manifest named it: rewritten
-                path.unlink()
         if manifest is None:
             self.save()
 
@@ -314,7 +310,7 @@ class PairsFolder:
         m = self.manifest
         if not m["pending"]:
             return
-        name = f"pairs-{len(m['shards']):05d}.parquet"
+        name = f"pairs-{len(m['shards']):05d}.parquet"  # a shard a crash left unrecorded had this name: replaced
         schema = _schema().with_metadata({METADATA_KEY: json.dumps(m["metadata"]).encode(),
                                           b"prefalign.scorer": m["metadata"]["scorer"].encode(),
                                           b"prefalign.scorer_fingerprint": m["metadata"]["scorer_fingerprint"].encode()})
