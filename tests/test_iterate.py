@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -71,7 +72,8 @@ def launch(args: list[str]) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 600.0) -> None:
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 600.0) -> str:
+    """SIGKILL the run once `ready()`; returns what it wrote to stderr (its progress bars)."""
     end = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
@@ -80,6 +82,7 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 600.0) -> None:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    return proc.stderr.read().decode(errors="replace")
 
 
 def test_resume_after_kills_inside_round_2_is_exact(reference, tmp_path):
@@ -102,10 +105,16 @@ def test_resume_after_kills_inside_round_2_is_exact(reference, tmp_path):
     kill_when(launch(args), lambda: pairs_done(3))  # inside round 2's pairs
     assert not json.loads(pairs.read_text())["done"]
     checkpoint = run / "round-2" / "train" / "checkpoints" / "step-10"
-    kill_when(launch(args), checkpoint.is_dir)  # inside round 2's training
+    log = kill_when(launch(args), checkpoint.is_dir)  # inside round 2's training
+    first = re.search(r"pairs:\s+\d+%\|[^|]*\| (\d+)/12", log)
+    assert first and int(first.group(1)) >= 3, log[-1000:]  # pairs went on after the last finished prompt
     assert not (run / "round-2" / "eval.json").exists()
     proc = launch(args)
-    assert proc.wait(timeout=900) == 0, proc.stderr.read().decode()[-2000:]
+    log = proc.communicate(timeout=900)[1].decode(errors="replace")
+    assert proc.returncode == 0, log[-2000:]
+    first = re.search(r"training:\s+\d+%\|[^|]*\| (\d+)/40", log)
+    assert first and int(first.group(1)) >= 10, log[-1000:]  # training went on from its checkpoint
+    assert not re.search(r"pairs:\s+\d+%", log)  # the round's pairs were complete
     for name in ("round-2/train/lora.safetensors", "round-1/train/lora.safetensors"):
         ours, theirs = load_file(str(run / name)), load_file(str(reference / "run" / name))
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
