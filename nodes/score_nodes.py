@@ -2,9 +2,9 @@
 
 Scorer weights load only from ComfyUI's `models/prefalign_scorers/` (or $PREFALIGN_SCORER_DIR): a CLIP model
 folder (PickScore, plain CLIP) or an aesthetic head `.safetensors` file; a name that resolves outside that
-folder (after following symlinks) is refused. Score Images remembers the scores of every batch it scored
+folder (after following symlinks) is refused. Score Images for Preference remembers the scores of every batch it scored
 (by the images' content hashes, in memory), so the Gallery Picker's auto-mark can find the scores of a batch
-it shows when a Score Images node sits between the images and the picker.
+it shows when a Score Images for Preference node sits between the images and the picker.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def confined(name: str, what: str) -> Path:
 
 @dataclass
 class ScoredBatch:
-    """What Score Images outputs (PREFALIGN_SCORES): the judgement of one batch under one prompt."""
+    """What Score Images for Preference outputs (PREFALIGN_SCORES): the judgement of one batch under one prompt."""
 
     prompt: str
     scorer: str
@@ -112,7 +112,7 @@ class LoadScorer:
     FUNCTION = "load"
     RETURN_TYPES = (SCORER,)
     RETURN_NAMES = ("scorer",)
-    OUTPUT_TOOLTIPS = ("The judge, for Score Images.",)
+    OUTPUT_TOOLTIPS = ("The judge, for Score Images for Preference.",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -163,7 +163,7 @@ def preview_files(pngs: list[bytes]) -> list[dict]:
 
 
 class ScoreImages:
-    DESCRIPTION = ("Score every image of a batch against the prompt with a judge from Load Scorer; the scores are "
+    DESCRIPTION = ("Score every image of a batch against the prompt with a judge from Load Preference Scorer; the scores are "
                    "shown under the images. Put it between the images and a Gallery Picker to enable auto-mark there.")
     CATEGORY = CATEGORY
     FUNCTION = "score"
@@ -171,14 +171,14 @@ class ScoreImages:
     RETURN_TYPES = ("IMAGE", SCORES, "STRING")
     RETURN_NAMES = ("images", "scores", "text")
     OUTPUT_TOOLTIPS = ("The same images, unchanged (connect the Gallery Picker here).",
-                       "The judgement, for Pairs from Scores.", "The scores as text.")
+                       "The judgement, for Preference Pairs from Scores.", "The scores as text.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "images": ("IMAGE", {"tooltip": "The batch to judge."}),
             "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The prompt the batch was made from."}),
-            "scorer": (SCORER, {"tooltip": "A judge from Load Scorer."}),
+            "scorer": (SCORER, {"tooltip": "A judge from Load Preference Scorer."}),
         }}
 
     def score(self, images, prompt, scorer):
@@ -214,8 +214,8 @@ class PairsFromScores:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "images": ("IMAGE", {"tooltip": "The batch Score Images judged (its images output)."}),
-            "scores": (SCORES, {"tooltip": "The judgement from Score Images."}),
+            "images": ("IMAGE", {"tooltip": "The batch Score Images for Preference judged (its images output)."}),
+            "scores": (SCORES, {"tooltip": "The judgement from Score Images for Preference."}),
             "policy": (["best-worst", "all-pairs"], {"tooltip": "best-worst: one pair, the best image against the "
                                                                 "worst; all-pairs: every pair above the margin."}),
             "margin": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.01,
@@ -230,7 +230,7 @@ class PairsFromScores:
 
         pngs = tensor_to_pngs(images)
         if tuple(hashlib.sha256(p).hexdigest() for p in pngs) != scores.shas:
-            raise ValueError(f"images: these {len(pngs)} images are not the {len(scores)} that Score Images judged; "
+            raise ValueError(f"images: these {len(pngs)} images are not the {len(scores)} that Score Images for Preference judged; "
                              "connect its images output")
         chosen = select_pairs(scores.judgement, policy, margin)
         examples = [PreferenceExample(scores.prompt, (pngs[a], pngs[b]), (1.0, 0.0),
@@ -246,7 +246,7 @@ class PairsFromScores:
 
 
 NODES = {
-    "PrefAlignLoadScorer": (LoadScorer, "Load Scorer"),
-    "PrefAlignScoreImages": (ScoreImages, "Score Images"),
-    "PrefAlignPairsFromScores": (PairsFromScores, "Pairs from Scores"),
+    "PrefAlignLoadScorer": (LoadScorer, "Load Preference Scorer"),
+    "PrefAlignScoreImages": (ScoreImages, "Score Images for Preference"),
+    "PrefAlignPairsFromScores": (PairsFromScores, "Preference Pairs from Scores"),
 }

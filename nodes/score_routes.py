@@ -4,7 +4,7 @@
     POST /prefalign/compare        {store, batch, winner, loser}      record one side-by-side judgement as a pair
     POST /prefalign/compare/undo   {store, pair}                      take back a judgement (compare pairs only)
 
-Suggestions come from the scores Score Images computed for exactly the batch's images (matched by content
+Suggestions come from the scores Score Images for Preference computed for exactly the batch's images (matched by content
 hash); nothing is marked until the page applies them through the ordinary mark route. Store work runs in a
 worker thread, never on the event loop; bodies are small JSON objects with exactly the expected keys.
 """
@@ -67,7 +67,7 @@ def make_score_routes(stores_base: Callable[[], Path]) -> list[web.RouteDef]:
         shas = tuple(s.batch_image_path(batch, i).stem for i in range(count))
         scored = REGISTRY.find(shas)
         if scored is None:
-            return {"error": "no scores for this batch: put a Score Images node between the images and the picker "
+            return {"error": "no scores for this batch: put a Score Images for Preference node between the images and the picker "
                              "and run the graph again"}
         return {"marks": suggest_marks(scored.judgement, margin, per_side), "scores": scored.judgement.combined,
                 "scorer": scored.scorer}

@@ -1,6 +1,6 @@
 // Scorer-assisted curation in the Preference Gallery Picker: auto-mark and the side-by-side comparison mode.
 //
-// Auto-mark asks the server for marks suggested by the scores a Score Images node computed for this very
+// Auto-mark asks the server for marks suggested by the scores a Score Images for Preference node computed for this very
 // batch and shows them as dashed outlines; "accept" (or key A) applies them through the gallery's own mark
 // route, clicking a tile overrides its suggestion, "dismiss" drops them. Nothing is saved until accepted.
 // Compare shows two images large, side by side: ← / A / 1 the left is better, → / D / 2 the right, ↓ / S /
@@ -100,7 +100,7 @@ export function attachScoring(gallery, { fetchJson, imageSrc }) {
     hint.textContent = "suggestions applied";
   };
 
-  const auto = button("auto-mark", "Pre-mark chosen/rejected from the scores of a Score Images node before this picker", automark);
+  const auto = button("auto-mark", "Pre-mark chosen/rejected from the scores of a Score Images for Preference node before this picker", automark);
   const accept = button("accept", "Apply the suggested marks (key A)", acceptAll);
   const dismiss = button("dismiss", "Drop the suggestions", () => { clearSuggestions(); hint.textContent = ""; });
   const compare = button("compare ⇄", "Judge the batch two images at a time (Swiss tournament); each judgement is saved as a pair",

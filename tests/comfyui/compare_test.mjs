@@ -1,6 +1,6 @@
 // Scorer-assisted curation in the real frontend (Playwright with Debian's chromium):
 //   node tests/comfyui/compare_test.mjs http://127.0.0.1:PORT OUT_DIR STORE WORKFLOW_NAME
-// Loads example_workflows/WORKFLOW_NAME as drag-and-drop would, sized for CPU, runs it, reads the Score Images
+// Loads example_workflows/WORKFLOW_NAME as drag-and-drop would, sized for CPU, runs it, reads the Score Images for Preference
 // node's text, auto-marks in the Gallery Picker and accepts, then judges the whole batch in the comparison
 // mode (left, right, skip and undo from the keyboard). Prints one JSON line; screenshots go to OUT_DIR.
 import { mkdirSync } from "node:fs";
@@ -28,7 +28,7 @@ result.workflow = await loadWorkflow(page, workflow, [
 await dismissDialogs(page);
 await queue(page);
 
-// the Score Images node shows its scores under its images
+// the Score Images for Preference node shows its scores under its images
 const scoreId = await nodeIdOf(page, "PrefAlignScoreImages");
 await page.waitForFunction((id) => {
   const n = window.app.graph.getNodeById(id);

@@ -4,7 +4,7 @@
       python -m pytest tests/comfyui/test_score_browser.py -s
 
 The generate -> score -> pairs -> train workflow runs on the tiny SD1.5 checkpoint with a tiny CLIP as the
-judge (built here into models/prefalign_scorers/); the browser reads the Score Images node's text, auto-marks
+judge (built here into models/prefalign_scorers/); the browser reads the Score Images for Preference node's text, auto-marks
 and accepts in the Gallery Picker, and judges the batch in the comparison mode. Screenshots (for a person to
 look at) go to $PREFALIGN_SCREENSHOTS or a temp folder. It drives the page with tests/comfyui/browser_tools.mjs
 and reads the result text through the pack's text widget (both from the pack-ui work).
@@ -69,7 +69,7 @@ def test_score_node_text_automark_and_comparison_mode(server, tmp_path):
     print(f"\nbrowser saw: {json.dumps(seen)}\nscreenshots: {shots}")
     assert seen["workflow"]["missing"] == []
     assert [e for e in seen["errors"] if "prefalign" in e.lower()] == []
-    # the Score Images node: one line per image under its previews
+    # the Score Images for Preference node: one line per image under its previews
     lines = seen["scoreText"].splitlines()
     assert lines[0].startswith("clip:") and lines[0].endswith("tiny-pick:") and len(lines) == 9
     assert seen["scoreTextVisible"] and seen["scorePreviews"] == 8

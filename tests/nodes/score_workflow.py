@@ -2,7 +2,7 @@
 
     python tests/nodes/score_workflow.py      # rewrite it after a node's inputs change
 
-Generate a batch, score it (Load Scorer + Score Images), turn the scores into pairs (Pairs from Scores, kept in
+Generate a batch, score it (Load Preference Scorer + Score Images for Preference), turn the scores into pairs (Preference Pairs from Scores, kept in
 the store `scored_pairs` too), train a preference LoRA on them and sample with it. A Gallery Picker on the
 scored images offers auto-mark and the comparison mode for the artist to add or correct pairs.
 """
@@ -41,7 +41,7 @@ def build(info: dict) -> dict:
                {"model": (ckpt, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (lat, 0)}, size=[320, 270])
     dec = g.add("VAEDecode", (1120, 60), {}, {"samples": (ks, 0), "vae": (ckpt, 2)}, size=[200, 50])
     judge = g.add("PrefAlignLoadScorer", (760, 380), {"kind": "clip", "clip_model": "(none)", "aesthetic_head": "(none)"},
-                  title="Load Scorer (pick your PickScore / CLIP)",
+                  title="Load Preference Scorer (pick your PickScore / CLIP)",
                   size=[360, 200])
     score = g.add("PrefAlignScoreImages", (1120, 160), {}, {"images": (dec, 0), "prompt": (text, 0), "scorer": (judge, 0)},
                   size=[420, 420])

@@ -103,7 +103,7 @@ def test_pairs_from_scores_select_and_fill_a_store(scorer_dir):
     assert out["ui"]["prefalign_text"][-1] == f"store 'judged' holds {count} pairs"
     best_worst = node("PrefAlignPairsFromScores").pairs(batch, scored, "best-worst", 0.0, "")["result"][0]
     assert [p.images for p in best_worst] == [(pngs[int(np.argmax(s))], pngs[int(np.argmin(s))])]
-    with pytest.raises(ValueError, match="not the 6 that Score Images judged"):
+    with pytest.raises(ValueError, match="not the 6 that Score Images for Preference judged"):
         node("PrefAlignPairsFromScores").pairs(batch[:5], scored, "all-pairs", 0.0, "")
 
 
