@@ -132,12 +132,15 @@ class LoadScorer:
         }}
 
     def load(self, kind, clip_model, aesthetic_head, attribute, ensemble_with=None, vote="mean-rank"):
-        from ..trainer.scorers import AestheticScorer, AttributeScorer, ClipScorer, Ensemble
+        from ..trainer.scorers import AestheticScorer, AttributeScorer, ClipModel, ClipScorer, Ensemble
+
+        def clip() -> ClipModel:  # named by its folder inside models/prefalign_scorers, not the server's path
+            return ClipModel(str(confined(clip_model, "clip_model")), label=clip_model)
 
         if kind == "clip":
-            scorer = ClipScorer(str(confined(clip_model, "clip_model")))
+            scorer = ClipScorer(clip())
         elif kind == "aesthetic":
-            scorer = AestheticScorer(confined(aesthetic_head, "aesthetic_head"), str(confined(clip_model, "clip_model")))
+            scorer = AestheticScorer(confined(aesthetic_head, "aesthetic_head"), clip())
         elif kind == "toy attribute":
             scorer = AttributeScorer(attribute.strip())
         else:

@@ -59,8 +59,8 @@ def load(kind, clip_model="(none)", head="(none)", attribute="shaded", **kw):
 def test_load_scorer_lists_and_confines_the_scorer_folder(scorer_dir, tmp_path):
     spec = score_nodes.LoadScorer.INPUT_TYPES()["required"]
     assert spec["clip_model"][0] == ["(none)", "tiny-pick"] and spec["aesthetic_head"][0] == ["(none)", "head.safetensors"]
-    assert load("clip", "tiny-pick").name.endswith("tiny-pick")
-    assert load("aesthetic", "tiny-pick", "head.safetensors").name.startswith("aesthetic:head.safetensors@")
+    assert load("clip", "tiny-pick").name == "clip:tiny-pick"  # no server path in names shown or stored
+    assert load("aesthetic", "tiny-pick", "head.safetensors").name == "aesthetic:head.safetensors@tiny-pick"
     assert load("toy attribute", attribute="red").name == "attribute:red"
     outside = tmp_path / "elsewhere"
     shutil.copytree(scorer_dir / "tiny-pick", outside)

@@ -71,8 +71,8 @@ class AestheticScorer(Scorer):
         width = self.clip.embedder.model.config.projection_dim
         if self.layers[0][0].shape[1] != width:
             raise ValueError(f"aesthetic head {head} takes {self.layers[0][0].shape[1]}-wide embeddings, but "
-                             f"{self.clip.location} makes {width}-wide ones: pair the head with the CLIP it was trained on")
-        self.name = f"aesthetic:{Path(head).name}@{self.clip.location}"
+                             f"{self.clip.label} makes {width}-wide ones: pair the head with the CLIP it was trained on")
+        self.name = f"aesthetic:{Path(head).name}@{self.clip.label}"
         self.fingerprint = weights_fingerprint({f"{i}.{k}": t for i, layer in enumerate(self.layers)
                                                 for k, t in zip(("weight", "bias"), layer)}, self.clip.embedder.model)
 

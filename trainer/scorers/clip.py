@@ -17,16 +17,17 @@ STYLE_TEMPLATE = "a {} image"
 
 
 class ClipModel:
-    """A loaded CLIP with batched, unit-norm text and image embeddings."""
+    """A loaded CLIP with batched, unit-norm text and image embeddings. `label` names it in scorer names
+    (default: `location`; ComfyUI passes the name inside its models folder, not the server's path)."""
 
-    def __init__(self, location: str, batch_size: int = 64) -> None:
+    def __init__(self, location: str, batch_size: int = 64, label: str | None = None) -> None:
         from ..models.embedder import ClipEmbedder
 
         try:
             self.embedder = ClipEmbedder(location)
         except ValueError as e:
             raise ValueError(f"scorer model {location!r}: {' '.join(str(e).split(': ', 1)[-1].split())}") from None
-        self.location, self.batch_size = location, batch_size
+        self.location, self.batch_size, self.label = location, batch_size, label or location
         self.fingerprint = weights_fingerprint(self.embedder.model)
 
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -51,7 +52,7 @@ class ClipScorer(Scorer):
 
     def __init__(self, location: str | ClipModel) -> None:
         self.clip = location if isinstance(location, ClipModel) else ClipModel(location)
-        self.name = f"clip:{self.clip.location}"
+        self.name = f"clip:{self.clip.label}"
         self.fingerprint = self.clip.fingerprint
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
@@ -70,7 +71,7 @@ class StyleJudge(Scorer):
         self.labels = [style, *[a for a in alternatives if a != style]]
         if len(self.labels) < 2:
             raise ValueError("style scoring with CLIP needs at least one alternative style")
-        self.name = f"style:{style}@{self.clip.location}"
+        self.name = f"style:{style}@{self.clip.label}"
         self.fingerprint = self.clip.fingerprint
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
