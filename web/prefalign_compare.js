@@ -10,6 +10,7 @@ import { compareKey, Tournament } from "./prefalign_swiss.js";
 
 const STYLE = `
 .prefalign-scoring { display:flex; gap:6px; align-items:center; flex-wrap:wrap; }
+.prefalign-scoring[hidden] { display:none; }
 .prefalign-scoring button { font:12px sans-serif; padding:2px 8px; cursor:pointer; }
 .prefalign-scoring .pa-hint { opacity:.8; }
 .prefalign-gallery .pa-tile.pa-suggest-chosen { outline:3px dashed #2e9e44; outline-offset:-3px; }
@@ -55,6 +56,7 @@ export function attachScoring(gallery, { fetchJson, imageSrc }) {
   const hint = document.createElement("span");
   hint.className = "pa-hint";
   let suggestions = null;
+  const relayout = () => gallery.layout && gallery.layout(); // galleries that size their tiles to the node
   let scores = null; // the scorer's scores of this batch, once auto-mark fetched them: compare starts from them
 
   const clearSuggestions = () => {
@@ -64,6 +66,7 @@ export function attachScoring(gallery, { fetchJson, imageSrc }) {
       tile.querySelector(".pa-suggest-label")?.remove();
     });
     accept.hidden = dismiss.hidden = true;
+    relayout();
   };
   const drawSuggestions = () => {
     (gallery.tiles || []).forEach((tile, i) => {
@@ -92,6 +95,7 @@ export function attachScoring(gallery, { fetchJson, imageSrc }) {
     } catch (err) {
       hint.textContent = err.message;
     }
+    relayout();
   };
   const acceptAll = () => {
     if (!suggestions) return;
@@ -125,6 +129,7 @@ export function attachScoring(gallery, { fetchJson, imageSrc }) {
     hint.textContent = "";
     const r = await show(...args);
     bar.hidden = !gallery.batch;
+    relayout();
     return r;
   };
   return { automark, acceptAll, bar };
