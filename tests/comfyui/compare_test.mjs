@@ -39,7 +39,10 @@ result.scoreTextVisible = await page.evaluate((id) => {
   const r = window.app.graph.getNodeById(id).prefalignText.getBoundingClientRect();
   return r.width > 0 && r.height > 0;
 }, scoreId);
-result.scorePreviews = await page.evaluate((id) => (window.app.graph.getNodeById(id).imgs || []).length, scoreId);
+result.scorePreviews = await page.evaluate((id) => {
+  const outputs = window.app.nodeOutputs && window.app.nodeOutputs[String(id)];
+  return ((outputs && outputs.images) || window.app.graph.getNodeById(id).imgs || []).length;
+}, scoreId);
 await focusNode(page, scoreId, 40, 60, 1.0);
 await page.screenshot({ path: join(outDir, "score_node.png") });
 

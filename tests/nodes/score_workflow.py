@@ -44,10 +44,10 @@ def build(info: dict) -> dict:
                   title="Load Preference Scorer (pick your PickScore / CLIP)",
                   size=[360, 200])
     score = g.add("PrefAlignScoreImages", (1120, 160), {}, {"images": (dec, 0), "prompt": (text, 0), "scorer": (judge, 0)},
-                  size=[420, 420])
+                  size=[420, 600])
     pairs = g.add("PrefAlignPairsFromScores", (1580, 60), {"policy": "all-pairs", "margin": 0.5, "store": "scored_pairs"},
                   {"images": (score, 0), "scores": (score, 1)}, size=[340, 200])
-    g.add("PrefAlignGalleryPicker", (1120, 620), {"store": "scored_pairs"}, {"images": (score, 0), "prompt": (text, 0)},
+    g.add("PrefAlignGalleryPicker", (1120, 820), {"store": "scored_pairs"}, {"images": (score, 0), "prompt": (text, 0)},
           title="Review: auto-mark, compare, or mark by hand", size=[520, 560])
     tr = g.add("PrefAlignTrainLoRA", (1960, 60), {"steps": 100, "lora_name": "scored_pairs"},
                {"model": (ckpt, 0), "clip": (ckpt, 1), "vae": (ckpt, 2), "pairs": (pairs, 0)}, size=[400, 700])
