@@ -143,3 +143,20 @@ def test_iterate_refuses_bad_input_before_writing(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, (args, err)
         assert not out.exists()
+
+
+def test_iterate_folder_belongs_to_one_run(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    args = ["iterate", "--model", "toy", "--prompts", str(tmp_path / "p.txt"), "--scorer", "attribute:shaded"]
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "iterate.json").write_text(json.dumps({"format": "prefalign-iterate/1", "rounds": {},
+                                                     "settings": {"model": "toy", "method": "kto"}}))
+    assert main([*args, "--output-dir", str(theirs)]) == 2
+    assert "holds an iterate run with other settings (" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main([*args, "--output-dir", str(mine)]) == 2
+    assert "not empty and not the folder of an iterate run" in capsys.readouterr().err
+    assert sorted(p.name for p in theirs.iterdir()) == ["iterate.json"] and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]

@@ -114,7 +114,7 @@ def test_an_ensemble_keeps_only_pairs_its_members_agree_on(tmp_path):
 
 def small_settings(prompts_file, **kw) -> PairsSettings:
     return PairsSettings(model="toy", prompts=str(prompts_file), scorers=["attribute:shaded"], images_per_prompt=3,
-                         policy="all-pairs", steps=3, **kw)
+                         policy="all-pairs", sample_steps=3, **kw)
 
 
 @pytest.mark.parametrize("crash_at", [(2, "before"), (3, "before"), (3, "after"), (5, "before"), (6, "after")])
@@ -179,6 +179,8 @@ def bad_cases(tmp_path):
         ([*base, "--prompts", str(good)], "needs a judge"),
         ([*base, *judge, "--prompts", str(good), "--images-per-prompt", "1"], "--images-per-prompt"),
         ([*base, *judge, "--prompts", str(good), "--margin", "-1"], "--margin"),
+        ([*base, *judge, "--prompts", str(good), "--sample-steps", "0"], "--sample-steps"),
+        ([*base, *judge, "--prompts", str(good), "--image-size", "12"], "--image-size"),
         ([*base, "--prompts", str(good), "--policy", "contrast"], "--chosen-template"),
         ([*base, "--prompts", str(good), "--policy", "contrast", "--chosen-template", "cartoon",
           "--rejected-template", "{}"], "--chosen-template 'cartoon'"),
@@ -212,4 +214,4 @@ def test_a_folder_belongs_to_one_run(tmp_path, capsys):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert main([*args[:-1], str(tmp_path / "other")]) == 2
-    assert "not empty and not a pairs folder" in capsys.readouterr().err
+    assert "not empty and not the folder of a pairs run" in capsys.readouterr().err

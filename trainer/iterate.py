@@ -26,7 +26,8 @@ import torch
 
 from .atomic import write_text
 from .config import ConfigError, TrainConfig
-from .pairs import PairsSettings, differing, make_pairs
+from .owned_folder import OwnedFolder
+from .pairs import PairsSettings, make_pairs
 from .scorers import Scorer
 
 STATE = "iterate.json"
@@ -46,40 +47,18 @@ class EvalSet:
 class RunFolder:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.owner = OwnedFolder(root, STATE, FORMAT, "an iterate run")
 
     def round_dir(self, r: int) -> Path:
         return self.root / f"round-{r}"
 
-    def state(self) -> dict | None:
-        path = self.root / STATE
-        if not path.is_file():
-            return None
-        try:
-            state = json.loads(path.read_text())
-        except ValueError:
-            raise ValueError(f"{path}: damaged (not JSON); use another --output-dir") from None
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"{path}: not an iterate run; use another --output-dir")
-        return state
-
     def check(self, settings: dict, resume: bool) -> dict:
         """The run's state to continue, or a fresh one; refuses a folder another run owns."""
-        state = self.state()
-        if state is None:
-            if self.root.exists() and any(self.root.iterdir()):
-                raise ValueError(f"--output-dir {self.root}: not empty and not an iterate run; use an empty or new folder")
-            return {"format": FORMAT, "settings": settings, "rounds": {}}
-        keys = differing(state["settings"], settings)
-        if keys:
-            raise ValueError(f"--output-dir {self.root} holds an iterate run with other settings ({', '.join(keys)}); "
-                             "use another folder")
-        if not resume:
-            raise ValueError(f"--output-dir {self.root} holds an iterate run ({len(state['rounds'])} rounds done): "
-                             "add --resume latest to continue it")
-        return state
+        state = self.owner.claim(settings, resume, lambda s: f"{len(s['rounds'])} rounds done", "--resume latest")
+        return state or {"format": FORMAT, "settings": settings, "rounds": {}}
 
     def save(self, state: dict) -> None:
-        write_text(self.root / STATE, json.dumps(state, indent=1))
+        self.owner.save(state)
 
 
 def release_memory() -> None:
@@ -174,7 +153,7 @@ def iterate(config: TrainConfig, settings: PairsSettings, rounds: int, resume: b
     judges = members + make_scorers(eval_scorers, clip_model=settings.scorer_model)
     labellers = judge.identities()
     evaluation = EvalSet([evaluation_prompts[i % len(evaluation_prompts)] for i in range(eval_samples)],
-                         [eval_seed + i for i in range(eval_samples)], settings.steps, settings.guidance)
+                         [eval_seed + i for i in range(eval_samples)], settings.sample_steps, settings.guidance)
     threads = cpu_threads(settings.model)
 
     base_path = folder.root / "eval-base.json"

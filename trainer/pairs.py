@@ -34,7 +34,8 @@ from typing import Sequence
 
 from PIL import Image
 
-from .atomic import atomic_path, write_bytes, write_text
+from .atomic import atomic_path
+from .owned_folder import OwnedFolder, differing
 from .scorers import Judgement, Scorer
 
 POLICIES = ("best-worst", "all-pairs", "contrast")
@@ -95,9 +96,9 @@ class PairsSettings:
     chosen_template: str | None = None
     rejected_template: str | None = None
     seed: int = 0
-    steps: int = 30
+    sample_steps: int = 30
     guidance_scale: float | None = None
-    resolution: int | None = None
+    image_size: int | None = None
     lora: str | None = None
     vae: str | None = None
     model_config: str | None = None
@@ -131,10 +132,10 @@ class PairsSettings:
                              f"got {self.images_per_prompt}")
         if self.margin < 0:
             raise ValueError(f"--margin must be at least 0, got {self.margin}")
-        if self.steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {self.steps}")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.sample_steps < 1:
+            raise ValueError(f"--sample-steps must be at least 1, got {self.sample_steps}")
+        if self.image_size is not None and (self.image_size < 8 or self.image_size % 8):
+            raise ValueError(f"--image-size must be a positive multiple of 8, got {self.image_size}")
         if self.lora is not None and not Path(self.lora).is_file():
             raise ValueError(f"--lora {self.lora}: no such file")
 
@@ -158,8 +159,8 @@ def identity(settings: PairsSettings, prompts: Sequence[str], model_hash: str, s
             "scorers": scorer.identities() if scorer is not None else []}
 
 
-def differing(a: dict, b: dict) -> list[str]:
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+def _progress(manifest: dict) -> str | None:
+    return None if manifest.get("done") else f"{manifest['next_prompt']} of {manifest['prompt_count']} prompts done"
 
 
 # ----------------------------------------------------------------------------------------------- rows
@@ -212,39 +213,13 @@ class PairsFolder:
 
     def __init__(self, root: Path, shard_bytes: int) -> None:
         self.root, self.shard_bytes = root, shard_bytes
+        self.owner = OwnedFolder(root, MANIFEST, FORMAT, "a pairs run", ignore=(LOCK,))
         self.manifest: dict = {}
         self._lock = None
 
-    @property
-    def manifest_path(self) -> Path:
-        return self.root / MANIFEST
-
-    def read_manifest(self) -> dict | None:
-        if not self.manifest_path.is_file():
-            return None
-        try:
-            manifest = json.loads(self.manifest_path.read_text())
-        except ValueError:
-            raise ValueError(f"{self.manifest_path}: damaged (not JSON); use another --output-dir") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ValueError(f"{self.manifest_path}: not a pairs manifest; use another --output-dir")
-        return manifest
-
     def check(self, settings: dict, resume: bool) -> dict | None:
         """The manifest to continue from, or None for a fresh run; refuses a folder another run owns."""
-        manifest = self.read_manifest()
-        if manifest is None:
-            if self.root.exists() and any(p.name != LOCK for p in self.root.iterdir()):
-                raise ValueError(f"--output-dir {self.root}: not empty and not a pairs folder; use an empty or new folder")
-            return None
-        keys = differing(manifest["settings"], settings)
-        if keys:
-            raise ValueError(f"--output-dir {self.root} holds pairs made with other settings ({', '.join(keys)}); "
-                             "use another folder")
-        if not resume and not manifest.get("done"):
-            raise ValueError(f"--output-dir {self.root} holds an unfinished pairs run ({manifest['next_prompt']} of "
-                             f"{manifest['prompt_count']} prompts done): add --resume to continue it")
-        return manifest
+        return self.owner.claim(settings, resume, _progress, "--resume")
 
     def lock(self) -> None:
         """Hold an exclusive lock on the folder until the process ends: a second run on it stops at once."""
@@ -262,7 +237,7 @@ class PairsFolder:
     def start(self, manifest: dict | None, fresh: dict) -> None:
         """Adopt the manifest (dropping files a crash left unrecorded) or begin `fresh`."""
         self.lock()
-        if self.read_manifest() != manifest:
+        if self.owner.read() != manifest:
             raise ValueError(f"--output-dir {self.root}: another run changed it meanwhile; run again")
         if manifest is not None and manifest["identity"] != fresh["identity"]:
             keys = differing(manifest["identity"], fresh["identity"])
@@ -281,7 +256,7 @@ class PairsFolder:
             self.save()
 
     def save(self) -> None:
-        write_text(self.manifest_path, json.dumps(self.manifest, indent=1))
+        self.owner.save(self.manifest)
 
     def add_prompt(self, index: int, rows: dict, candidates: int, images: int) -> None:
         import pyarrow as pa
@@ -398,13 +373,13 @@ def make_pairs(settings: PairsSettings, output_dir: str | os.PathLike, resume: b
                           "scorers": scorer.identities() if scorer else [], "policy": settings.policy,
                           "margin": settings.margin, "vote": settings.vote, "model": settings.model,
                           "model_hash": model_hash, "lora": settings.lora, "seed": settings.seed,
-                          "images_per_prompt": settings.images_per_prompt, "steps": settings.steps,
+                          "images_per_prompt": settings.images_per_prompt, "sample_steps": settings.sample_steps,
                           "guidance_scale": settings.guidance, "chosen_template": settings.chosen_template,
                           "rejected_template": settings.rejected_template}}
     folder.start(manifest, fresh)
     k, start = settings.images_per_prompt, folder.manifest["next_prompt"]
-    sample = dict(steps=settings.steps, guidance_scale=settings.guidance, lora=settings.lora,
-                  batch_size=batch_size or k, threads=cpu_threads(settings.model), size=settings.resolution)
+    sample = dict(steps=settings.sample_steps, guidance_scale=settings.guidance, lora=settings.lora,
+                  batch_size=batch_size or k, threads=cpu_threads(settings.model), size=settings.image_size)
     bar = tqdm(total=len(prompts), initial=start, disable=not progress, desc="pairs", unit="prompt")
     for index in range(start, len(prompts)):
         prompt = prompts[index]
@@ -495,8 +470,8 @@ def settings_from_args(args: argparse.Namespace, **overrides) -> PairsSettings:
     values = dict(model=getattr(args, "model", None), prompts=args.prompts, scorers=args.scorer, vote=args.vote,
                   scorer_model=args.scorer_model, images_per_prompt=args.images_per_prompt, policy=args.policy,
                   margin=args.margin, chosen_template=args.chosen_template, rejected_template=args.rejected_template,
-                  seed=getattr(args, "seed", 0), steps=args.sample_steps, guidance_scale=args.guidance_scale,
-                  resolution=args.image_size, vae=getattr(args, "vae", None),
+                  seed=getattr(args, "seed", 0), sample_steps=args.sample_steps, guidance_scale=args.guidance_scale,
+                  image_size=args.image_size, vae=getattr(args, "vae", None),
                   model_config=getattr(args, "model_config", None))
     values.update(overrides)
     return PairsSettings(**values)
