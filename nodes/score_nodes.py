@@ -166,8 +166,9 @@ def preview_files(pngs: list[bytes]) -> list[dict]:
 
 
 class ScoreImages:
-    DESCRIPTION = ("Score every image of a batch against the prompt with a judge from Load Preference Scorer; the scores are "
-                   "shown under the images. Put it between the images and a Gallery Picker to enable auto-mark there.")
+    DESCRIPTION = ("Score every image of a batch against the prompt with a judge from Load Preference Scorer; each "
+                   "image's score and rank are shown on the node with its previews. Put it between the images and a "
+                   "Gallery Picker to enable auto-mark there.")
     CATEGORY = CATEGORY
     FUNCTION = "score"
     OUTPUT_NODE = True
