@@ -28,7 +28,7 @@ def iterate_args(prompts: Path, out: Path) -> list[str]:
     return ["iterate", "--model", "toy", "--prompts", str(prompts), "--scorer", "attribute:shaded", "--rounds", "2",
             "--images-per-prompt", "8", "--policy", "all-pairs", "--sample-steps", "10", "--resolution", "32",
             "--batch-size", "8", "--learning-rate", "1e-3", "--rank", "8", "--alpha", "8", "--lr-warmup-steps", "5",
-            "--max-steps", "40", "--checkpoint-every", "10", "--eval-samples", "160", "--output-dir", str(out)]
+            "--max-steps", "60", "--checkpoint-every", "10", "--eval-samples", "160", "--output-dir", str(out)]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,9 @@ def test_two_rounds_raise_the_judged_score(reference, capsys):
     assert [r["round"] for r in rows] == [0, 1, 2]
     base, first, second = (r["judges"][0] for r in rows)
     assert base["name"] == first["name"] == "attribute:shaded" and first["labelled"]
-    # after two rounds the LoRA's shaded rate clears the base model's: 95% Wilson intervals apart, as in the demo
-    assert second["after"]["low"] > base["before"]["high"]
+    # training on round 1's pairs (`trainer pairs` + `train` on the base model) moves the toy model: the LoRA's
+    # shaded rate clears the base model's, 95% Wilson intervals apart, as in the demo; round 2 moves it further
+    assert first["after"]["low"] > base["before"]["high"] and second["after"]["low"] > base["before"]["high"]
     assert second["mean_lora"] > first["mean_lora"] > base["mean_base"]
     assert first["win_rate"]["low"] > 0.5 and second["win_rate"]["low"] > 0.5
     assert rows[1]["pairs"] > 0 and rows[2]["pairs"] > 0
@@ -112,7 +113,7 @@ def test_resume_after_kills_inside_round_2_is_exact(reference, tmp_path):
     proc = launch(args)
     log = proc.communicate(timeout=900)[1].decode(errors="replace")
     assert proc.returncode == 0, log[-2000:]
-    first = re.search(r"training:\s+\d+%\|[^|]*\| (\d+)/40", log)
+    first = re.search(r"training:\s+\d+%\|[^|]*\| (\d+)/60", log)
     assert first and int(first.group(1)) >= 10, log[-1000:]  # training went on from its checkpoint
     assert not re.search(r"pairs:\s+\d+%", log)  # the round's pairs were complete
     for name in ("round-2/train/lora.safetensors", "round-1/train/lora.safetensors"):

@@ -79,8 +79,8 @@ def train_round(config: TrainConfig, data: Path, output: Path, previous_lora: Pa
         done = json.loads(summary.read_text())
         if done.get("steps") == config.max_steps and not done.get("stopped"):
             return output / "lora.safetensors"
-    resume = "latest" if (output / "checkpoints").is_dir() else None
-    round_config = dataclasses.replace(config, data=str(data), output_dir=str(output), resume=resume,
+    # "latest" continues from this round's last checkpoint, and starts afresh when there is none yet
+    round_config = dataclasses.replace(config, data=str(data), output_dir=str(output), resume="latest",
                                        cache_dir=config.cache_dir or str(output.parent.parent / ".cache"))
     ranks = make_ranks()
     torch.manual_seed(round_config.seed)
