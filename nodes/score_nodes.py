@@ -135,7 +135,7 @@ class LoadScorer:
         from ..trainer.scorers import AestheticScorer, AttributeScorer, ClipModel, ClipScorer, Ensemble
 
         def clip() -> ClipModel:  # named by its folder inside models/prefalign_scorers, not the server's path
-            return ClipModel(str(confined(clip_model, "clip_model")), label=clip_model)
+            return ClipModel(str(confined(clip_model, "clip_model")), label=clip_model, option="clip_model")
 
         if kind == "clip":
             scorer = ClipScorer(clip())

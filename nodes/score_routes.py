@@ -4,30 +4,27 @@
     POST /prefalign/compare        {store, batch, winner, loser}      record one side-by-side judgement as a pair
     POST /prefalign/compare/undo   {store, pair}                      take back a judgement (compare pairs only)
 
-Suggestions come from the scores Score Images for Preference computed for exactly the batch's images (matched by content
-hash); nothing is marked until the page applies them through the ordinary mark route. Store work runs in a
-worker thread, never on the event loop; bodies are small JSON objects with exactly the expected keys.
+Suggestions come from the scores Score Images for Preference computed for exactly the batch's images (matched by
+content hash); nothing is marked until the page applies them through the ordinary mark route. As in routes.py,
+store work runs in a worker thread, never on the event loop (a store another process is writing to answers 503
+"store busy" after ROUTE_BUSY_TIMEOUT); bodies are small JSON objects with exactly the expected keys.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Callable
 
 from aiohttp import web
 
 from .pair_store import PairStore, StoreError
+from .routes import INDEX_RE, ROUTE_BUSY_TIMEOUT, _json_error, _status
 from .score_nodes import REGISTRY
 
 MAX_BODY = 1024  # bytes: a judgement is a few dozen
 COMPARE_SOURCE = "compare"
-INDEX = re.compile(r"\d{1,6}")
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 async def _off_loop(fn, *args):
@@ -53,18 +50,18 @@ def _index(value, name: str) -> int:
     return value
 
 
-def make_score_routes(stores_base: Callable[[], Path]) -> list[web.RouteDef]:
+def make_score_routes(stores_base: Callable[[], Path], busy_timeout: float = ROUTE_BUSY_TIMEOUT) -> list[web.RouteDef]:
     def store(name) -> PairStore:
         if not isinstance(name, str):
             raise StoreError("missing store")
-        return PairStore(stores_base(), name, create=False)
+        return PairStore(stores_base(), name, create=False, busy_timeout=busy_timeout)
 
     def suggestions(name: str, batch: str, per_side: int, margin: float) -> dict:
         from ..trainer.pairs import suggest_marks
 
         s = store(name)
         count = s.batch_state(batch)["count"]
-        shas = tuple(s.batch_image_path(batch, i).stem for i in range(count))
+        shas = tuple(hashlib.sha256(s.batch_image(batch, i)).hexdigest() for i in range(count))
         scored = REGISTRY.find(shas)
         if scored is None:
             return {"error": "no scores for this batch: put a Score Images for Preference node between the images and the picker "
@@ -75,13 +72,15 @@ def make_score_routes(stores_base: Callable[[], Path]) -> list[web.RouteDef]:
     async def automark(request: web.Request) -> web.Response:
         q = request.query
         try:
-            per_side = int(q["per_side"]) if INDEX.fullmatch(q.get("per_side", "")) else 1
+            per_side = int(q["per_side"]) if INDEX_RE.fullmatch(q.get("per_side", "")) else 1
             margin = float(q.get("margin", "0"))
             if not margin >= 0:
                 raise StoreError("margin must be a number >= 0")
             answer = await _off_loop(suggestions, q.get("store"), q.get("batch", ""), max(1, per_side), margin)
-        except (StoreError, ValueError) as e:
-            return _error(400, str(e))
+        except StoreError as e:
+            return _json_error(_status(e), str(e))
+        except ValueError as e:
+            return _json_error(400, str(e))
         return web.json_response(answer, status=404 if "error" in answer else 200)
 
     def record(body: dict) -> dict:
@@ -90,8 +89,7 @@ def make_score_routes(stores_base: Callable[[], Path]) -> list[web.RouteDef]:
         if winner == loser:
             raise StoreError("winner and loser must be different images")
         prompt = s.batch_state(batch)["prompt"]
-        chosen, rejected = s.batch_image_path(batch, winner), s.batch_image_path(batch, loser)
-        pair = s.add_pair(prompt, chosen.read_bytes(), rejected.read_bytes(), source=COMPARE_SOURCE)
+        pair = s.add_pair(prompt, s.batch_image(batch, winner), s.batch_image(batch, loser), source=COMPARE_SOURCE)
         return {"pair": pair, "total_pairs": s.count()}
 
     def undo(body: dict) -> dict:
@@ -106,8 +104,8 @@ def make_score_routes(stores_base: Callable[[], Path]) -> list[web.RouteDef]:
         async def handle(request: web.Request) -> web.Response:
             try:
                 return web.json_response(await _off_loop(fn, await _body(request, keys)))
-            except (StoreError, OSError) as e:
-                return _error(400, str(e) if isinstance(e, StoreError) else "image file missing")
+            except StoreError as e:
+                return _json_error(_status(e), str(e))
         return handle
 
     return [

@@ -57,7 +57,7 @@ def test_eval_cli_attribute_scorer_matches_independent_sampling(tmp_path, toy_lo
     report = json.loads((out / "eval.json").read_text())
     assert (out / "grid.png").stat().st_size > 0
     printed = capsys.readouterr().out
-    assert "win rate" in printed and f"Wrote {out / 'eval.json'}" in printed
+    assert "win rate" in printed and f"wrote {out / 'eval.json'}" in printed
     assert report["seeds"] == list(range(50, 56)) and report["samples"] == 6
     base = sample_images(None, report["prompts"], report["seeds"], steps=4)
     tuned = sample_images(None, report["prompts"], report["seeds"], steps=4, lora=toy_lora)

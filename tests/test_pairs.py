@@ -187,7 +187,7 @@ def bad_cases(tmp_path):
         ([*base, *judge, "--prompts", str(good), "--chosen-template", "{}, cartoon", "--rejected-template", "{}"],
          "--policy contrast"),
         ([*base, *judge, "--prompts", str(good), "--lora", str(tmp_path / "none.safetensors")], "--lora"),
-        ([*base, "--prompts", str(good), "--scorer", f"clip:{tmp_path / 'no-clip'}"], "cannot load"),
+        ([*base, "--prompts", str(good), "--scorer", f"clip:{tmp_path / 'no-clip'}"], "no such file or folder"),
         (["--model", str(tmp_path / "no-model"), *judge, "--prompts", str(good)], "no-model"),
     ]
 

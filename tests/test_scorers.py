@@ -2,6 +2,7 @@
 the ensemble's ranks and votes, fingerprints, and the pairing policies built on judgements."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -189,6 +190,11 @@ def test_pairing_policies_and_marks():
 
 
 def test_make_scorer_specs(tiny_clip, tmp_path):
+    (tmp_path / "not-clip").mkdir()
+    with pytest.raises(ValueError, match=re.escape(f"--scorer clip:{tmp_path / 'not-clip'}: cannot load a CLIP model")):
+        make_scorer(f"clip:{tmp_path / 'not-clip'}")
+    with pytest.raises(ValueError, match="--scorer-model: someone/clip"):
+        make_scorer("clip", clip_model="someone/clip")  # offline (the suite runs with HF_HUB_OFFLINE=1)
     assert make_scorer("attribute:red").name == "attribute:red"
     both = make_scorer(["attribute:red", f"clip:{tiny_clip}"], "majority")
     assert isinstance(both, Ensemble) and both.vote == "majority"
@@ -197,6 +203,6 @@ def test_make_scorer_specs(tiny_clip, tmp_path):
     assert make_scorer("style:shaded").name == "attribute:shaded"  # no CLIP: the toy classifier judges
     for spec, message in [("pickscore", "unknown kind"), ("clip", "needs a CLIP model"),
                           ("aesthetic", "aesthetic:HEAD.safetensors,CLIP_MODEL"), ("attribute", "name the attribute"),
-                          (f"clip:{tmp_path / 'nothing'}", "cannot load")]:
+                          (f"clip:{tmp_path / 'nothing'}", "no such file or folder")]:
         with pytest.raises(ValueError, match=message):
             make_scorer(spec)

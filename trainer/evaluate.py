@@ -168,8 +168,8 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequenc
         shown = min(12, samples)
         with atomic_path(out / "grid.png") as tmp:
             grid([base[:shown], tuned[:shown]]).save(tmp, format="PNG")
+        report["files"] = [str(out / "eval.json"), str(out / "grid.png")]
         write_text(out / "eval.json", json.dumps(report, indent=2))
-        report["written"] = [str(out / "eval.json"), str(out / "grid.png")]
     return report
 
 
@@ -177,8 +177,8 @@ def _interval(r: dict) -> str:
     return f"[{r['low']:.1%}, {r['high']:.1%}]"
 
 
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("s") else f"{n} {word}s"
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def judge_lines(result: dict) -> list[str]:
@@ -186,7 +186,7 @@ def judge_lines(result: dict) -> list[str]:
     w = result["win_rate"]
     mark = {True: " (labelled the training pairs)", False: " (did not label the training pairs)"}.get(result["labelled"], "")
     lines = [f"{result['name']}{mark}",
-             f"  LoRA vs base: {_count(w['wins'], 'win')}, {_count(w['ties'], 'tie')}, {_count(w['losses'], 'loss')}"]
+             f"  LoRA vs base: {_count(w['wins'], 'win')}, {_count(w['ties'], 'tie')}, {_count(w['losses'], 'loss', 'losses')}"]
     if w["rate"] is None:
         lines.append("  win rate: no decided pairs (every pair tied)")
     else:
@@ -207,12 +207,13 @@ def summary(report: dict) -> str:
     if report["results"] and all(r["labelled"] for r in report["results"]):
         lines.append("Every judge here labelled the training pairs; a LoRA can learn a judge's quirks, so also judge "
                      "with a scorer that did not label them.")
-    if report.get("written"):
-        lines.append("Wrote " + " and ".join(report["written"]))
+    if report.get("files"):
+        lines.append(f"wrote {' and '.join(report['files'])}")
     return "\n".join(lines)
 
 
 def add_eval_parser(sub) -> None:
+    from .cli import _option
     from .scorers import KINDS
 
     ev = sub.add_parser("eval", help="win rate / attribute rate of a LoRA against its base model",
@@ -225,8 +226,8 @@ def add_eval_parser(sub) -> None:
                     help=f"a judge, repeat for several: {', '.join(KINDS)} with an optional :ARGUMENT, e.g. "
                          "attribute:shaded, clip:yuvalkirstain/PickScore_v1, aesthetic:HEAD.safetensors,CLIP, style "
                          "(default: attribute)")
-    ev.add_argument("--scorer-model", "--scorer_model", default=None,
-                    help="default CLIP folder or hub id for clip/aesthetic/style judges given without one")
+    _option(ev, "scorer_model", default=None,
+            help="default CLIP folder or hub id for clip/aesthetic/style judges given without one")
     ev.add_argument("--attribute", default="shaded", help="attribute / style to measure (default: shaded)")
     ev.add_argument("--alternatives", nargs="+", default=[], help="other styles for CLIP zero-shot style judging")
     ev.add_argument("--prompts", default=None, help="prompt file, .txt (one a line) or .jsonl ({\"prompt\": ...}); "
@@ -234,9 +235,9 @@ def add_eval_parser(sub) -> None:
     ev.add_argument("--samples", type=int, default=96, help="(prompt, seed) pairs (default: 96)")
     ev.add_argument("--seed", type=int, default=10_000, help="first seed (default: 10000)")
     ev.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
-    ev.add_argument("--guidance-scale", "--guidance_scale", type=float, default=None,
-                    help="classifier-free guidance (default: 3 for the toy model, 7.5 otherwise)")
-    ev.add_argument("--output-dir", "--output_dir", default="runs/eval", help="where eval.json and grid.png go")
+    _option(ev, "guidance_scale", type=float, default=None,
+            help="classifier-free guidance (default: 3 for the toy model, 7.5 otherwise)")
+    _option(ev, "output_dir", default="runs/eval", help="where eval.json and grid.png go")
     ev.set_defaults(handler=run_eval)
 
 

@@ -95,8 +95,11 @@ def pipeline_from_components(parts: Components, device: torch.device | str = "cp
 def load_pipeline(model: str, vae: str | None = None, model_config: str | None = None,
                   device: torch.device | str | None = None, dtype: torch.dtype | None = None):
     """Any model `train --model` takes (folder, hub id, single file, toy, tiny-sd/-sdxl) as a sampling pipeline."""
-    from .models.loading import load_components
+    from .models.loading import check_model_source, load_components
 
+    for option, location in (("--model", model), ("--vae", vae), ("--model-config", model_config)):
+        if location is not None:
+            check_model_source(location, option)  # a typo or an offline hub id: said before anything loads
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipeline_from_components(load_components(model, vae, model_config), device, dtype)
 

@@ -206,7 +206,7 @@ def iterate(config: TrainConfig, settings: PairsSettings, rounds: int, resume: b
 
 
 def add_iterate_parser(sub) -> None:
-    from .cli import add_train_arguments
+    from .cli import _option, add_train_arguments
     from .pairs import add_pairs_arguments
 
     it = sub.add_parser("iterate", help="online rounds: generate with the current LoRA, judge, pair, train, evaluate",
@@ -215,13 +215,13 @@ def add_iterate_parser(sub) -> None:
     add_train_arguments(it)
     add_pairs_arguments(it, model=False)
     it.add_argument("--rounds", type=int, default=2, help="rounds to run (default: 2)")
-    it.add_argument("--eval-samples", "--eval_samples", type=int, default=96,
-                    help="(prompt, seed) pairs of the evaluation set, the same every round (default: 96)")
-    it.add_argument("--eval-seed", "--eval_seed", type=int, default=1_000_000,
-                    help="first seed of the evaluation set (default: 1000000, apart from the training seeds)")
-    it.add_argument("--eval-prompts", "--eval_prompts", default=None, help="prompt file for evaluation (default: --prompts)")
-    it.add_argument("--eval-scorer", "--eval_scorer", action="append", default=[], metavar="SPEC",
-                    help="another judge for the table, one that did not label (recommended), e.g. clip:MODEL")
+    _option(it, "eval_samples", type=int, default=96,
+            help="(prompt, seed) pairs of the evaluation set, the same every round (default: 96)")
+    _option(it, "eval_seed", type=int, default=1_000_000,
+            help="first seed of the evaluation set (default: 1000000, apart from the training seeds)")
+    _option(it, "eval_prompts", default=None, help="prompt file for evaluation (default: --prompts)")
+    _option(it, "eval_scorer", action="append", default=[], metavar="SPEC",
+            help="another judge for the table, one that did not label (recommended), e.g. clip:MODEL")
     it.set_defaults(handler=run_iterate)
 
 

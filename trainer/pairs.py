@@ -107,6 +107,9 @@ class PairsSettings:
         """Refuse bad settings before anything loads or is written; each message names the option."""
         from .scorers import VOTES, check_spec
 
+        for option, value in (("--model", self.model), ("--prompts", self.prompts)):
+            if not value:
+                raise ValueError(f"{option} is required")
         if self.policy not in POLICIES:
             raise ValueError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
         if self.vote not in VOTES:
@@ -430,40 +433,42 @@ def _model_hash(settings: PairsSettings) -> str:
 # ----------------------------------------------------------------------------------------------- CLI
 def add_pairs_arguments(parser: argparse.ArgumentParser, model: bool = True) -> None:
     """Generation, judging and pairing options (shared by `pairs` and `iterate`)."""
+    from .cli import _option
     from .scorers import KINDS, VOTES
 
     if model:
-        parser.add_argument("--model", required=True, help="anything `train --model` takes (folder, hub id, "
-                                                            "single file, toy)")
+        parser.add_argument("--model", default=None, help="anything `train --model` takes (folder, hub id, "
+                                                          "single file, toy) (required)")
         parser.add_argument("--vae", default=None, help="optional VAE folder or hub id")
-        parser.add_argument("--model-config", "--model_config", default=None,
-                            help="diffusers folder describing a single-file checkpoint's architecture")
-    parser.add_argument("--prompts", required=True, help="prompt file: .txt (one a line) or .jsonl ({\"prompt\": ...})")
+        _option(parser, "model_config", default=None,
+                help="diffusers folder describing a single-file checkpoint's architecture")
+    parser.add_argument("--prompts", default=None,
+                        help="prompt file: .txt (one a line) or .jsonl ({\"prompt\": ...}) (required)")
     parser.add_argument("--scorer", action="append", default=[], metavar="SPEC",
                         help=f"judge, repeat for an ensemble: {', '.join(KINDS)} with :ARGUMENT, e.g. "
                              "clip:yuvalkirstain/PickScore_v1, aesthetic:HEAD.safetensors,CLIP, attribute:shaded")
-    parser.add_argument("--scorer-model", "--scorer_model", default=None,
-                        help="default CLIP folder or hub id for clip/aesthetic judges given without one")
+    _option(parser, "scorer_model", default=None,
+            help="default CLIP folder or hub id for clip/aesthetic judges given without one")
     parser.add_argument("--vote", default="mean-rank", choices=VOTES,
                         help="how an ensemble decides: mean-rank (all must agree) or majority (default: mean-rank)")
-    parser.add_argument("--images-per-prompt", "--images_per_prompt", type=int, default=4,
-                        help="images generated per prompt (default: 4; contrast: pairs per prompt)")
+    _option(parser, "images_per_prompt", type=int, default=4,
+            help="images generated per prompt (default: 4; contrast: pairs per prompt)")
     parser.add_argument("--policy", default="best-worst", choices=POLICIES,
                         help="best-worst: one pair per prompt; all-pairs: every pair above the margin; "
                              "contrast: --chosen-template vs --rejected-template on the same seed (default: best-worst)")
     parser.add_argument("--margin", type=float, default=0.0,
                         help="keep a pair only when the judge's scores differ by at least this (an ensemble: in mean "
                              "normalised rank, 0..1) (default: 0)")
-    parser.add_argument("--chosen-template", "--chosen_template", default=None,
-                        help="contrast: the chosen image's prompt, {} standing for the prompt, e.g. \"{}, cartoon style\"")
-    parser.add_argument("--rejected-template", "--rejected_template", default=None,
-                        help="contrast: the rejected image's prompt, e.g. \"{}\"")
-    parser.add_argument("--sample-steps", "--sample_steps", type=int, default=30, help="sampling steps (default: 30)")
-    parser.add_argument("--guidance-scale", "--guidance_scale", type=float, default=None,
-                        help="classifier-free guidance (default: 3 for the toy model, 7.5 otherwise)")
-    parser.add_argument("--image-size", "--image_size", type=int, default=None,
-                        help="generated image side in pixels (default: the model's native size)")
-    parser.add_argument("--shard-mb", "--shard_mb", type=float, default=256, help="parquet shard size (default: 256 MB)")
+    _option(parser, "chosen_template", default=None,
+            help="contrast: the chosen image's prompt, {} standing for the prompt, e.g. \"{}, cartoon style\"")
+    _option(parser, "rejected_template", default=None,
+            help="contrast: the rejected image's prompt, e.g. \"{}\"")
+    _option(parser, "sample_steps", type=int, default=30, help="sampling steps (default: 30)")
+    _option(parser, "guidance_scale", type=float, default=None,
+            help="classifier-free guidance (default: 3 for the toy model, 7.5 otherwise)")
+    _option(parser, "image_size", type=int, default=None,
+            help="generated image side in pixels (default: the model's native size)")
+    _option(parser, "shard_mb", type=float, default=256, help="parquet shard size (default: 256 MB)")
 
 
 def settings_from_args(args: argparse.Namespace, **overrides) -> PairsSettings:
@@ -478,20 +483,24 @@ def settings_from_args(args: argparse.Namespace, **overrides) -> PairsSettings:
 
 
 def add_pairs_parser(sub) -> None:
+    from .cli import _option
+
     p = sub.add_parser("pairs", help="generate images for a prompt list, judge them and write preference pairs",
                        description="Generate K images per prompt (recorded seeds), judge them with scorers and write a "
                                    "Pick-a-Pic-schema parquet dataset that `train --data` reads. Resumable.")
     add_pairs_arguments(p)
     p.add_argument("--lora", default=None, help="generate with this LoRA applied (e.g. the last round's)")
     p.add_argument("--seed", type=int, default=0, help="first seed: prompt i, image k uses seed + i*K + k (default: 0)")
-    p.add_argument("--batch-size", "--batch_size", type=int, default=None,
-                   help="images per pipeline call (default: --images-per-prompt)")
-    p.add_argument("--output-dir", "--output_dir", required=True, help="folder for the parquet shards and pairs.json")
+    _option(p, "batch_size", type=int, default=None,
+            help="images per pipeline call (default: --images-per-prompt)")
+    _option(p, "output_dir", default=None, help="folder for the parquet shards and pairs.json (required)")
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --output-dir")
     p.set_defaults(handler=run_pairs)
 
 
 def run_pairs(args: argparse.Namespace) -> int:
+    if args.output_dir is None:
+        raise ValueError("--output-dir is required: the folder for the parquet shards")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     result = make_pairs(settings_from_args(args, lora=args.lora), args.output_dir, args.resume,

@@ -17,6 +17,11 @@ class LoraSpec:
     alpha: float
     target_modules: tuple[str, ...]
 
+    @classmethod
+    def from_config(cls, config) -> "LoraSpec":
+        """The LoRA a run's `TrainConfig` asks for (the CLI and the ComfyUI node both build it here)."""
+        return cls(config.rank, config.alpha, tuple(config.target_modules))
+
 
 def attach_lora(unet: nn.Module, spec: LoraSpec, seed: int = 0) -> None:
     """Freeze the UNet and add a LoRA adapter with B = 0 (policy == base at step 0) and A drawn from `seed`."""

@@ -46,7 +46,7 @@ def make_scorers(specs: Sequence[str], attribute: str | None = None,
             raise ValueError(f"--scorer {spec!r} needs a CLIP model: write {spec.split(':')[0]}:MODEL "
                              "(a CLIP folder or hub id) or give --scorer-model")
         if location not in clips:
-            clips[location] = ClipModel(location)
+            clips[location] = ClipModel(location, option="--scorer-model" if location == clip_model else f"--scorer {spec}")
         return clips[location]
 
     out: list[Scorer] = []

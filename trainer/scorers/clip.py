@@ -18,15 +18,19 @@ STYLE_TEMPLATE = "a {} image"
 
 class ClipModel:
     """A loaded CLIP with batched, unit-norm text and image embeddings. `label` names it in scorer names
-    (default: `location`; ComfyUI passes the name inside its models folder, not the server's path)."""
+    (default: `location`; ComfyUI passes the name inside its models folder, not the server's path); `option`
+    names where the location came from in error messages."""
 
-    def __init__(self, location: str, batch_size: int = 64, label: str | None = None) -> None:
+    def __init__(self, location: str, batch_size: int = 64, label: str | None = None,
+                 option: str = "--scorer-model") -> None:
         from ..models.embedder import ClipEmbedder
+        from ..models.loading import check_model_source
 
+        check_model_source(location, option)  # a typo or an offline hub id: said before any download
         try:
             self.embedder = ClipEmbedder(location)
-        except ValueError as e:
-            raise ValueError(f"scorer model {location!r}: {' '.join(str(e).split(': ', 1)[-1].split())}") from None
+        except ValueError as e:  # the embedder names its training option ("config key 'embedder'"): name ours
+            raise ValueError(f"{option}: {' '.join(str(e).split(': ', 1)[-1].split())}") from None
         self.location, self.batch_size, self.label = location, batch_size, label or location
         self.fingerprint = weights_fingerprint(self.embedder.model)
 
