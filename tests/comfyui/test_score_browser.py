@@ -58,11 +58,11 @@ def server(tmp_path_factory):
 
 
 def test_score_node_text_automark_and_comparison_mode(server, tmp_path):
-    workflow = _load("prefalign_score_workflow_it", ROOT / "tests" / "nodes" / "score_workflow.py")
+    workflow = _load("prefalign_workflow_tools_scores", ROOT / "tests" / "nodes" / "workflow_tools.py")
     info = server.get("/object_info")
     assert info["PrefAlignLoadScorer"]["input"]["required"]["clip_model"][0] == ["(none)", "tiny-pick"]
     shots = Path(os.environ.get("PREFALIGN_SCREENSHOTS", tmp_path / "shots"))
-    out = subprocess.run(["node", str(HERE / "compare_test.mjs"), server.url, str(shots), STORE, workflow.NAME],
+    out = subprocess.run(["node", str(HERE / "compare_test.mjs"), server.url, str(shots), STORE, workflow.SCORED],
                          capture_output=True, text=True, timeout=1500, env={**os.environ, "CHROMIUM": CHROMIUM})
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import sys
 import multiprocessing
 import shutil
 import sqlite3
@@ -20,10 +21,12 @@ from safetensors.torch import save_file
 import prefalign_pack
 
 
-_spec = importlib.util.spec_from_file_location("prefalign_score_workflow", Path(__file__).with_name("score_workflow.py"))
-score_workflow = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(score_workflow)
-wt = score_workflow._tools()
+wt = sys.modules.get("prefalign_workflow_tools")
+if wt is None:  # loaded the way test_nodes_workflows.py loads it (tests/nodes is no package)
+    _spec = importlib.util.spec_from_file_location("prefalign_workflow_tools", Path(__file__).with_name("workflow_tools.py"))
+    wt = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = wt
+    _spec.loader.exec_module(wt)
 
 score_nodes = prefalign_pack.nodes.score_nodes
 score_routes = prefalign_pack.nodes.score_routes
@@ -235,3 +238,20 @@ def test_a_judgement_waiting_on_the_store_lock_does_not_block_other_requests(pic
         run(base, scenario, busy_timeout=2.0)
     finally:
         holder.join()
+
+
+def test_generate_score_train_workflow_chains_score_pairs_train(comfy_folders):
+    """The shipped graph (built in workflow_tools.py, compared with the file by test_nodes_workflows.py) feeds the
+    scored images to the pairs node and to the gallery, and the pairs to the Train node."""
+    info = wt.object_info(prefalign_pack)
+    ui = json.loads((wt.WORKFLOW_DIR / wt.SCORED).read_text())
+    assert ui == json.loads(json.dumps(wt.WORKFLOWS[wt.SCORED](info)))
+    assert [p for p in wt.validate(ui, info) if "is not one of the choices" not in p] == []
+    api = wt.to_api(ui, info)
+    by_type = {n["class_type"]: (key, n) for key, n in api.items()}
+    score_key, score = by_type["PrefAlignScoreImages"]
+    pairs_key, pairs = by_type["PrefAlignPairsFromScores"]
+    assert score["inputs"]["scorer"][0] == by_type["PrefAlignLoadScorer"][0]
+    assert pairs["inputs"]["scores"] == [score_key, 1] and pairs["inputs"]["images"] == [score_key, 0]
+    assert by_type["PrefAlignTrainLoRA"][1]["inputs"]["pairs"] == [pairs_key, 0]
+    assert by_type["PrefAlignGalleryPicker"][1]["inputs"]["images"] == [score_key, 0]
