@@ -89,7 +89,8 @@ def test_pack_loads(server, info):
     assert loaded and problems == []
     ours = {k for k in info if k.startswith("PrefAlign")}
     assert ours == {"PrefAlignPairsFromDataset", "PrefAlignAddPair", "PrefAlignLoadStore", "PrefAlignGalleryPicker",
-                    "PrefAlignExportParquet", "PrefAlignImportParquet", "PrefAlignTrainLoRA", "PrefAlignLoadLoRA"}
+                    "PrefAlignExportParquet", "PrefAlignImportParquet", "PrefAlignTrainLoRA", "PrefAlignLoadLoRA",
+                    "PrefAlignLoadScorer", "PrefAlignScoreImages", "PrefAlignPairsFromScores"}
     assert all(info[k]["category"].startswith("preference/") for k in ours)
     assert "dpo" in server.get("/prefalign/methods")
     assert "dpo" in server.get("/api/prefalign/methods")

@@ -5,8 +5,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 from torch import Tensor
 
@@ -46,32 +45,7 @@ def sample_images(
     threads for the call (None: leave as is); the toy model is so small that one thread is fastest,
     and on a busy 2-core machine two threads were 25x slower than one.
     """
-    prompts = [prompts] * len(seeds) if isinstance(prompts, str) else list(prompts)
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
-    base = pipeline_or_path if isinstance(pipeline_or_path, StableDiffusionPipeline) else load_toy_pipeline(pipeline_or_path)
-    pipe = StableDiffusionPipeline(
-        **{**base.components, "scheduler": DDIMScheduler.from_config(base.scheduler.config)},
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    if lora is not None:
-        pipe.load_lora_weights(lora, adapter_name="toy_sample_lora")
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        images: list[Image.Image] = []
-        for start in range(0, len(seeds), batch_size):
-            chunk = slice(start, start + batch_size)
-            generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[chunk]]
-            with torch.inference_mode():
-                out = pipe(
-                    prompts[chunk], num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators, eta=0.0
-                )
-            images.extend(out.images)
-        return images
-    finally:
-        torch.set_num_threads(previous_threads)
-        if lora is not None:
-            pipe.delete_adapters("toy_sample_lora")
+    from ..generate import generate
+
+    pipe = pipeline_or_path if isinstance(pipeline_or_path, StableDiffusionPipeline) else load_toy_pipeline(pipeline_or_path)
+    return generate(pipe, prompts, seeds, steps, guidance_scale, lora, batch_size, threads)
