@@ -14,6 +14,8 @@ else:  # pragma: no cover
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")  # trainer/forward_process.py
+QUANTIZE = ("no", "nf4", "int8")  # trainer/models/flow_loading.py
 
 
 @dataclass
@@ -21,9 +23,12 @@ class TrainConfig:
     """Every option of a training run. Each field is also a `--flag` of `python -m trainer train`."""
 
     # model
-    model: str = field(default="tiny-sd", metadata={"help": "diffusers folder, hub id, single-file .safetensors, or tiny-sd / tiny-sdxl / toy"})
+    model: str = field(default="tiny-sd", metadata={"help": "diffusers folder, hub id, single-file .safetensors, or tiny-sd / tiny-sdxl / tiny-sd3 / tiny-flux / toy; SD1.5, SDXL, SD3/SD3.5 and Flux.1 are recognised"})
     vae: str | None = field(default=None, metadata={"help": "optional VAE folder or hub id (e.g. an fp16-fixed SDXL VAE)"})
-    model_config: str | None = field(default=None, metadata={"help": "diffusers folder or hub id describing a single-file checkpoint's architecture (default: inferred; the standard SD1.5/SDXL configs need the hub once)"})
+    model_config: str | None = field(default=None, metadata={"help": "diffusers folder or hub id describing a single-file checkpoint's architecture (default: inferred; the standard SD1.5/SDXL configs need the hub once); required for a single-file SD3/Flux transformer, whose VAE, text encoders and scheduler it provides"})
+    drop_t5: bool = field(default=False, metadata={"help": "SD3/SD3.5: train without the T5 text encoder (zeros in its place, as the pipeline without text_encoder_3): ~9.5 GB less to load, shorter prompts understood"})
+    guidance: float = field(default=3.5, metadata={"help": "Flux.1-dev: the guidance-embedding value during training (diffusers' flux training default; use the value you sample with); ignored by models without one (schnell, SD3)"})
+    quantize: str = field(default="no", metadata={"help": f"SD3/Flux: load the frozen transformer quantised ({', '.join(QUANTIZE)}; bitsandbytes, CUDA, extra 'prefalign[bnb]'); NF4 stores Flux.1's 12B weights in ~6.7 GB"})
     # data
     data: str = field(default="tiny", metadata={"help": "parquet file/folder, images folder with pairs.jsonl, HF dataset id, or tiny (built in)"})
     split: str = field(default="train", metadata={"help": "dataset split (HF datasets)"})
@@ -41,7 +46,7 @@ class TrainConfig:
     # LoRA
     rank: int = field(default=8, metadata={"help": "LoRA rank"})
     alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={"help": "UNet modules that get a LoRA"})
+    target_modules: list[str] | None = field(default=None, metadata={"help": "denoiser modules that get a LoRA (name suffixes); default per family: SD1.5/SDXL to_q to_k to_v to_out.0; SD3 and Flux attention q/k/v/out of image and text streams (to_* and add_*_proj, to_add_out) and both MLPs (ff.net.0.proj ff.net.2 ff_context.net.0.proj ff_context.net.2); Flux also proj_mlp proj_out (single blocks)"})
     # optimisation
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (LoRA DPO: 1e-5..1e-4)"})
     lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": f"one of {', '.join(LR_SCHEDULERS)}"})
@@ -56,7 +61,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimiser step"})
     max_steps: int = field(default=1000, metadata={"help": "optimiser steps"})
     mixed_precision: str = field(default="no", metadata={"help": f"one of {', '.join(MIXED_PRECISION)}"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations to save memory"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations to save memory (UNet blocks / transformer blocks)"})
+    timestep_sampling: str | None = field(default=None, metadata={"help": f"how training timesteps are drawn: {', '.join(TIMESTEP_SAMPLINGS)}; default per family: uniform (SD1.5, SDXL, Flux), logit_normal (SD3), as diffusers' training scripts"})
+    logit_mean: float = field(default=0.0, metadata={"help": "timestep_sampling logit_normal: mean of the normal (SD3 paper: 0)"})
+    logit_std: float = field(default=1.0, metadata={"help": "timestep_sampling logit_normal: standard deviation (SD3 paper: 1)"})
+    mode_scale: float = field(default=1.29, metadata={"help": "timestep_sampling mode: scale (SD3 paper: 1.29)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet (faster steps after a warm-up)"})
     seed: int = field(default=0, metadata={"help": "seed for data order, noise and timesteps"})
     # output
@@ -71,10 +80,12 @@ class TrainConfig:
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
 
     def __post_init__(self) -> None:
-        choices = {"mixed_precision": MIXED_PRECISION, "lr_scheduler": LR_SCHEDULERS}
+        choices = {"mixed_precision": MIXED_PRECISION, "lr_scheduler": LR_SCHEDULERS, "quantize": QUANTIZE,
+                   "timestep_sampling": (None, *TIMESTEP_SAMPLINGS)}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ConfigError(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}")
+                named = ", ".join(a for a in allowed if a is not None)
+                raise ConfigError(key, f"{getattr(self, key)!r} is not one of {named}")
         positive = ("rank", "batch_size", "gradient_accumulation_steps", "max_steps", "resolution", "log_every")
         for key in positive:
             if getattr(self, key) < 1:
