@@ -119,12 +119,13 @@ def _scheduler():
 
 def _sd3_pipeline(tok, t5_tok):
     """SD3.5-medium layout in small: CLIP-L + CLIP-G (penultimate states concatenated, padded to T5's width) and T5;
-    MMDiT-X blocks with a second self-attention in block 0 and RMS q/k norms; VAE factors of SD3's 16-channel VAE."""
+    MMDiT-X blocks with a second self-attention in block 0 and RMS q/k norms; VAE factors of SD3's 16-channel VAE.
+    Heads of 64 and as many blocks as heads, as every SD3 has (ComfyUI derives both from the width)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=32,
-        num_attention_heads=2, joint_attention_dim=2 * TEXT_WIDTH, caption_projection_dim=64,
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+        num_attention_heads=2, joint_attention_dim=2 * TEXT_WIDTH, caption_projection_dim=128,
         pooled_projection_dim=2 * TEXT_WIDTH, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
     )
     return StableDiffusion3Pipeline(
