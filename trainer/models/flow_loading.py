@@ -8,7 +8,10 @@ left to the SD1.5/SDXL loader, which reports what it cannot load.
 
 A single SD3/Flux file holds the transformer (an all-in-one SD3 file also holds encoders; the transformer
 is what is read): the VAE, text encoders, tokenizers and scheduler come from `model_config`, the diffusers
-pipeline (folder or hub id) of the same family it was fine-tuned from.
+pipeline (folder or hub id) of the same family it was fine-tuned from. Original-layout files are converted
+by diffusers' `from_single_file` (`convert_sd3_transformer_checkpoint_to_diffusers`,
+`convert_flux_transformer_checkpoint_to_diffusers`, which assumes Flux.1's width 3072, as every Flux.1 has);
+diffusers-format files load as they are.
 """
 from __future__ import annotations
 
