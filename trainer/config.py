@@ -28,7 +28,7 @@ class TrainConfig:
     model_config: str | None = field(default=None, metadata={"help": "diffusers folder or hub id describing a single-file checkpoint's architecture (default: inferred; the standard SD1.5/SDXL configs need the hub once); required for a single-file SD3/Flux transformer, whose VAE, text encoders and scheduler it provides"})
     drop_t5: bool = field(default=False, metadata={"help": "SD3/SD3.5: train without the T5 text encoder (zeros in its place, as the pipeline without text_encoder_3): ~9.5 GB less to load, shorter prompts understood"})
     guidance: float = field(default=3.5, metadata={"help": "Flux.1-dev: the guidance-embedding value during training (diffusers' flux training default; use the value you sample with); ignored by models without one (schnell, SD3)"})
-    quantize: str = field(default="no", metadata={"help": f"SD3/Flux: load the frozen transformer quantised ({', '.join(QUANTIZE)}; bitsandbytes, CUDA, extra 'prefalign[bnb]'); NF4 stores Flux.1's 12B weights in ~6.7 GB"})
+    quantize: str = field(default="no", metadata={"help": f"SD3/Flux: load the frozen transformer quantised ({', '.join(QUANTIZE)}; bitsandbytes, CUDA, extra 'prefalign[bnb]'); NF4 stores Flux.1's 12B weights in about 6 GB"})
     # data
     data: str = field(default="tiny", metadata={"help": "parquet file/folder, images folder with pairs.jsonl, HF dataset id, or tiny (built in)"})
     split: str = field(default="train", metadata={"help": "dataset split (HF datasets)"})
