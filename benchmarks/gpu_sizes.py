@@ -54,6 +54,7 @@ with a CUDA GPU, run (each writes its own `*_gpu` section here; ratios are measu
 
 ```
 python benchmarks/gpu_sizes.py                      # SD1.5/SDXL-size UNets, batch 1/2/4, checkpointing off/on
+python benchmarks/gpu_sizes.py --models sd35m,flux --batches 1   # SD3.5-medium / Flux.1-size transformers
 python benchmarks/step_time.py                      # trainer / floor per method (tiny-sd, bf16)
 python benchmarks/step_time.py --model PATH_TO_SDXL --resolution 1024 --batch 1 --checkpointing --methods dpo,sft
 python benchmarks/encoding.py                       # per-step encoding vs cached

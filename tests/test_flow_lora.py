@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_pairs, tiny_config
+from test_flow import spy_forward
 from trainer.loop import train
 from trainer.models.lora import DEFAULT_TARGETS
 from trainer.models.tiny import tiny_model_path
@@ -29,14 +30,8 @@ def trained(tmp_path, model):
 
 def transformer_call(backend) -> dict:
     """The keyword arguments the backend gives its transformer for one fixed input."""
-    seen = {}
     forward = backend._forward
-
-    def spy(**kwargs):
-        seen.update(kwargs)
-        return forward(**kwargs)
-
-    backend._forward = spy
+    seen = spy_forward(backend)
     cond = backend.encode_prompts(["a red square"])
     with torch.no_grad():
         backend.predict(torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([400]), cond)
