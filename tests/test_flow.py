@@ -160,6 +160,8 @@ def test_metadata_names_family_prediction_and_flow_beta(tmp_path, model):
     with safe_open(str(result.lora_path), "pt") as f:
         meta = f.metadata()
     assert meta["prefalign.architecture"] == FAMILIES[model] and meta["prefalign.prediction_type"] == "flow"
+    assert meta["ss_base_model_version"] == {"sd3": "sd3", "flux": "flux1"}[FAMILIES[model]]  # kohya's names
+    assert meta["modelspec.architecture"] == {"sd3": "stable-diffusion-3/lora", "flux": "flux-1/lora"}[FAMILIES[model]]
     args = json.loads(meta["prefalign.method_args"])
     assert args["beta"] == 1000.0 and args["loss_type"] == "sigmoid"  # the flow default, recorded as used
 
