@@ -161,7 +161,8 @@ class Method:
         if prediction_type not in self.prediction_types:
             raise ValueError(f"method {self.name!r} does not train {family} models ({prediction_type} prediction): "
                              f"{self.flow_refusal}")
-        return type(self)(self.config.for_prediction(prediction_type))
+        config = self.config.for_prediction(prediction_type)
+        return self if config == self.config else type(self)(config)
 
     def sample_timesteps(self, n: int, sampling: TimestepSampling, generator: torch.Generator) -> Tensor:
         """Training timesteps for n pairs (or images): the model family's sampling unless the method says otherwise."""
