@@ -55,8 +55,8 @@ def child(comfy_dir: str, checkpoint: str, work: Path, resolution: int, steps: i
                           "checkpoint_every": 0, "log_every": 1, "lr_warmup_steps": 0})
     examples = data.open_examples(data.DataSpec(config.data))
     times: list[float] = []
-    with torch.inference_mode(False), ComfyBackend(model, clip, vae, 8, 8.0, ["to_q", "to_k", "to_v", "to_out.0"],
-                                                   gradient_checkpointing=checkpointing) as backend:
+    lora = importlib.import_module("prefalign_pack.trainer.models.lora").LoraSpec.from_config(config)
+    with torch.inference_mode(False), ComfyBackend(model, clip, vae, lora, gradient_checkpointing=checkpointing) as backend:
         with peak_memory(backend.device) as memory:
             hooks = loop.TrainHooks(on_step=lambda report: times.append(time.perf_counter()))
             loop.train(config, backend, examples, hooks)

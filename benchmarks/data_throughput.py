@@ -1,8 +1,9 @@
 """Data-layer throughput: decode a synthetic Pick-a-Pic parquet through the loader.
 
 Writes a synthetic parquet of small JPEG pairs in a temp folder, then reads one epoch of it
-through `make_loader` with 0, 1 and 2 DataLoader workers, both by random access (sampler) and
-streaming (row group by row group). Each run is a fresh process so its peak RSS is its own.
+through `make_loader` (the loader training decodes with when it encodes every step or streams)
+with 0, 1 and 2 DataLoader workers, both by random access (sampler) and streaming (row group by
+row group). Each run is a fresh process so its peak RSS is its own.
 Results go to benchmarks/RESULTS.md, section `data_throughput`.
 
     python benchmarks/data_throughput.py [--pairs 20000] [--workers 0,1,2]

@@ -92,9 +92,9 @@ def measure(variant: str, args, tmp: Path, device: torch.device) -> dict:
     else:
         resolution, vae = 128, None
     examples = make_pairs(args.rows, resolution)
-    base = dict(model="tiny-sd", vae=vae, resolution=resolution, batch_size=args.batch, method=args.method,
-                learning_rate=1e-5, checkpoint_every=0, cache_dir=str(tmp / f"cache-{variant[:2]}"), seed=0,
-                mixed_precision="bf16" if device.type == "cuda" else "no")
+    base = dict(model="tiny-sd", data="synthetic pairs", vae=vae, resolution=resolution, batch_size=args.batch,
+                method=args.method, learning_rate=1e-5, checkpoint_every=0, cache_dir=str(tmp / f"cache-{variant[:2]}"),
+                seed=0, mixed_precision="bf16" if device.type == "cuda" else "no")
     torch.manual_seed(0)
     backend = make_backend(make_config(dict(base, output_dir=str(tmp))), device)
     flops = flop_ratio(backend.model, backend.parts.vae, resolution, 8 if vae else 2,

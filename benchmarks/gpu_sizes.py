@@ -195,9 +195,10 @@ def run_case(kind: str, batch: int, checkpointing: bool, args, tmp: Path, device
         case = MethodCase(args.method, args.method)
         every = 2 if args.quick or args.smoke else 3
         intervals = 1 if args.smoke else 2 if args.quick else 4
-        config = make_config(dict(model=f"random-{kind}", resolution=resolution, batch_size=batch, method=args.method,
-                                  learning_rate=1e-5, rank=args.rank, alpha=float(args.rank), checkpoint_every=0,
-                                  cache_dir=str(tmp / "cache"), output_dir=str(tmp / f"out-{kind}-{batch}-{checkpointing}"),
+        config = make_config(dict(model=f"random-{kind}", data="synthetic pairs", resolution=resolution,
+                                  batch_size=batch, method=args.method, learning_rate=1e-5, rank=args.rank,
+                                  alpha=float(args.rank), checkpoint_every=0, cache_dir=str(tmp / "cache"),
+                                  output_dir=str(tmp / f"out-{kind}-{batch}-{checkpointing}"),
                                   mixed_precision=mp, gradient_checkpointing=checkpointing, seed=0,
                                   max_steps=every * (intervals + 1), log_every=every))
         method = build_method(args.method)

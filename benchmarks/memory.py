@@ -31,9 +31,10 @@ from trainer.run import make_backend
 
 def measure(model: str, checkpointing: bool, args, tmp: Path, device: torch.device) -> list[dict]:
     pairs, unpaired = make_pairs(16, args.resolution), make_unpaired(16, args.resolution)
-    base = dict(model=model, resolution=args.resolution, batch_size=args.batch, learning_rate=1e-5, checkpoint_every=0,
-                cache_dir=str(tmp / "cache"), gradient_checkpointing=checkpointing, seed=0, max_steps=args.steps,
-                log_every=args.steps, mixed_precision="bf16" if device.type == "cuda" else "no")
+    base = dict(model=model, data="synthetic pairs", resolution=args.resolution, batch_size=args.batch,
+                learning_rate=1e-5, checkpoint_every=0, cache_dir=str(tmp / "cache"),
+                gradient_checkpointing=checkpointing, seed=0, max_steps=args.steps, log_every=args.steps,
+                mixed_precision="bf16" if device.type == "cuda" else "no")
     torch.manual_seed(0)
     backend = make_backend(make_config(dict(base, output_dir=str(tmp))), device)
     cases = method_cases()

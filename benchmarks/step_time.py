@@ -83,9 +83,10 @@ def main() -> None:
     pairs, unpaired = make_pairs(64, args.resolution), make_unpaired(64, args.resolution)
     rows = []
     with tempfile.TemporaryDirectory(prefix="prefalign-bench-") as tmp:
-        base = dict(model=args.model, resolution=args.resolution, batch_size=args.batch, learning_rate=1e-5, rank=8,
-                    alpha=8.0, checkpoint_every=0, cache=True, cache_dir=str(Path(tmp) / "cache"), mixed_precision=mp,
-                    gradient_checkpointing=args.checkpointing, seed=0)
+        base = dict(model=args.model, data="synthetic pairs", resolution=args.resolution, batch_size=args.batch,
+                    learning_rate=1e-5, rank=8, alpha=8.0, checkpoint_every=0, cache=True,
+                    cache_dir=str(Path(tmp) / "cache"), mixed_precision=mp, gradient_checkpointing=args.checkpointing,
+                    seed=0)
         torch.manual_seed(0)
         backend = make_backend(make_config(dict(base, output_dir=tmp)), device)
         for case in cases:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..trainer.forward_process import Schedule, TimestepSampling
+from ..trainer.models.lora import LoraSpec
 from .comfy_checkpointing import checkpointed, outermost_blocks
 from .comfy_lora import PREFIX, LoraWeight, identity_wrapper, kohya_name, matches_target
 
@@ -50,13 +51,14 @@ class ComfyBackend:
     MODEL shares, and leaving the context restores them.
     """
 
-    def __init__(self, model, clip, vae, rank: int, alpha: float, target_modules: Sequence[str], seed: int = 0,
-                 model_name: str = "", gradient_checkpointing: bool = False) -> None:
+    def __init__(self, model, clip, vae, lora: LoraSpec, seed: int = 0, model_name: str = "",
+                 gradient_checkpointing: bool = False) -> None:
         import comfy.model_management as mm
 
         self.mm = mm
         self.clip, self.vae = clip, vae
-        self.rank, self.alpha = int(rank), float(alpha)
+        self.lora = lora
+        self.rank, self.alpha = int(lora.rank), float(lora.alpha)
         self.model_name = model_name
         self.cancel_while_encoding = True  # the Train node turns this off once a step is done
         self.patcher = model.clone()
@@ -94,7 +96,7 @@ class ComfyBackend:
                 continue
             weight = getattr(module, "weight", None)
             bias = getattr(module, "bias", None)
-            if weight is not None and weight.dim() >= 2 and matches_target(name, target_modules):
+            if weight is not None and weight.dim() >= 2 and matches_target(name, lora.target_modules):
                 adapter = LoraWeight(weight.shape, self.rank, self.alpha, generator)
                 self.adapters[name] = adapter
                 self.patcher.add_weight_wrapper(f"{name}.weight", adapter)
@@ -103,7 +105,7 @@ class ComfyBackend:
             if bias is not None and inference_weights:
                 self.patcher.add_weight_wrapper(f"{name}.bias", identity_wrapper)
         if not self.adapters:
-            raise ValueError(f"no layer of this model matches target_modules {list(target_modules)}")
+            raise ValueError(f"no layer of this model matches target_modules {list(lora.target_modules)}")
         self.lora_modules = nn.ModuleDict({k.replace(".", "__"): v for k, v in self.adapters.items()})
         for p in base.parameters():  # frozen base (ComfyUI's weights may be inference tensors: no-op then)
             if p.requires_grad:

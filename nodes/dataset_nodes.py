@@ -1,15 +1,19 @@
 """Pairs from a dataset: Pick-a-Pic parquet file/folder, a Hugging Face dataset id, or images + pairs.jsonl."""
 from __future__ import annotations
 
-import os
+import logging
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import comfy_env
+from . import paths
 from .store_nodes import PAIRS, PreferencePairs
 
 CATEGORY = "preference/data"
+#: `owner/name`: what may be a Hugging Face dataset id when no local file or folder has that name.
+HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".arrow")
 
 
 class IndexedPairs(Sequence):
@@ -28,17 +32,22 @@ class IndexedPairs(Sequence):
 
 
 def resolve_source(source: str) -> str:
-    """Relative local paths are inside ComfyUI's input directory; hub ids pass through."""
-    source = source.strip()
-    if not source:
+    """A local file or folder inside the data roots (resolved), or `hf:<id>` for the Hugging Face hub.
+
+    Local folders are searched first; only `hf:<id>`, or an `owner/name` that no data root holds, goes to
+    the hub. Anything else that is not found says which folders were searched, without a hub call."""
+    text = source.strip()
+    if not text:
         raise ValueError("source is empty: give a parquet file/folder, an images folder with pairs.jsonl, or a dataset id")
-    if source.startswith("hf:") or os.path.isabs(source):
-        return source
-    try:
-        candidate = Path(comfy_env.folder_paths().get_input_directory()) / source
-    except ImportError:
-        return source
-    return str(candidate) if candidate.exists() else source
+    if text.startswith("hf:"):
+        return text
+    found = paths.find_data_path(text)
+    if found is not None:
+        return str(found)
+    if HUB_ID_RE.fullmatch(text) and not text.lower().endswith(LOCAL_SUFFIXES):
+        return "hf:" + text
+    raise ValueError(f"dataset {text!r} not found in {paths.searched()}; a Hugging Face dataset id is owner/name "
+                     "(or hf:name)")
 
 
 class PairsFromDataset:
@@ -53,7 +62,7 @@ class PairsFromDataset:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "source": ("STRING", {"default": "", "tooltip": "Parquet file or folder, images folder with pairs.jsonl (relative paths are inside ComfyUI's input directory), or a Hugging Face dataset id (prefix hf: to force)."}),
+            "source": ("STRING", {"default": "", "tooltip": "A parquet file or folder, or an images folder with pairs.jsonl, inside ComfyUI's input folder (or a folder in $PREFALIGN_DATASETS_DIR); or a Hugging Face dataset id owner/name (hf:name to skip the local lookup)."}),
             "split": ("STRING", {"default": "train", "tooltip": "Dataset split (Hugging Face datasets only)."}),
             "limit": ("INT", {"default": 0, "min": 0, "max": 100_000_000, "tooltip": "Use at most this many pairs (0: all). Required when streaming."}),
             "shuffle_seed": ("INT", {"default": -1, "min": -1, "max": 0xFFFFFFFF, "tooltip": "Shuffle the pairs with this seed before training (-1: keep the file order)."}),
@@ -62,8 +71,23 @@ class PairsFromDataset:
         }}
 
     @classmethod
+    def VALIDATE_INPUTS(cls, source):
+        """A path outside the data roots, or one that is nowhere, is refused when the graph is queued."""
+        if source is None:  # linked: checked when the node runs
+            return True
+        try:
+            resolve_source(source)
+        except ValueError as e:
+            return paths.redact(str(e))
+        return True
+
+    @classmethod
     def IS_CHANGED(cls, source, split, limit, shuffle_seed, keep_ties, streaming):
-        path = Path(resolve_source(source))
+        try:
+            resolved = resolve_source(source)
+        except ValueError:
+            return source
+        path = Path(resolved)
         if path.is_file():
             st = path.stat()
             return f"{path}:{st.st_size}:{st.st_mtime_ns}"
@@ -73,35 +97,54 @@ class PairsFromDataset:
         return source
 
     def load(self, source, split, limit, shuffle_seed, keep_ties, streaming):
-        from ..trainer.data.sources import DataSpec, open_examples
+        with paths.shown_errors():
+            pairs = _read_pairs(source, split, limit, shuffle_seed, keep_ties, streaming)
+        return (pairs, len(pairs))
 
-        resolved = resolve_source(source)
-        spec = DataSpec(source=resolved, split=split, streaming=streaming, keep_ties=keep_ties,
-                        limit=limit if limit > 0 else None)
-        examples = open_examples(spec)
-        if hasattr(examples, "__getitem__") and hasattr(examples, "__len__"):
-            order = list(range(len(examples)))
-            if shuffle_seed >= 0:
-                random.Random(shuffle_seed).shuffle(order)
-            pairs = IndexedPairs(examples, order, f"dataset:{source}")
-        else:  # a stream: materialise the first `limit` rows
-            if limit <= 0:
-                raise ValueError("streaming needs a limit: set how many pairs to read")
-            rows = []
-            for shard in range(examples.num_shards()):
-                for ex in examples.read_shard(shard):
-                    if ex is not None:
-                        rows.append(ex)
-                    if len(rows) >= limit:
-                        break
+
+def _read_pairs(source, split, limit, shuffle_seed, keep_ties, streaming) -> Sequence:
+    from ..trainer.data.sources import DataSpec, open_examples
+
+    resolved = resolve_source(source)
+    spec = DataSpec(source=resolved, split=split, streaming=streaming, keep_ties=keep_ties,
+                    limit=limit if limit > 0 else None)
+    examples = _open_hub(spec, source.strip()) if resolved.startswith("hf:") else open_examples(spec)
+    if hasattr(examples, "__getitem__") and hasattr(examples, "__len__"):
+        order = list(range(len(examples)))
+        if shuffle_seed >= 0:
+            random.Random(shuffle_seed).shuffle(order)
+        pairs = IndexedPairs(examples, order, f"dataset:{source}")
+    else:  # a stream: materialise the first `limit` rows
+        if limit <= 0:
+            raise ValueError("streaming needs a limit: set how many pairs to read")
+        rows = []
+        for shard in range(examples.num_shards()):
+            for ex in examples.read_shard(shard):
+                if ex is not None:
+                    rows.append(ex)
                 if len(rows) >= limit:
                     break
-            if shuffle_seed >= 0:
-                random.Random(shuffle_seed).shuffle(rows)
-            pairs = PreferencePairs(rows, f"dataset:{source}")
-        if len(pairs) == 0:
-            raise ValueError(f"no pairs in {source!r} (ties are dropped unless keep_ties is on)")
-        return (pairs, len(pairs))
+            if len(rows) >= limit:
+                break
+        if shuffle_seed >= 0:
+            random.Random(shuffle_seed).shuffle(rows)
+        pairs = PreferencePairs(rows, f"dataset:{source}")
+    if len(pairs) == 0:
+        raise ValueError(f"no pairs in {source!r} (ties are dropped unless keep_ties is on)")
+    return pairs
+
+
+def _open_hub(spec, text: str):
+    """A Hugging Face dataset; when it does not load, the message also says where it was looked for locally."""
+    from ..trainer.data.sources import open_examples
+
+    implicit = not text.startswith("hf:")
+    if implicit:
+        logging.info("PrefAlign: %r is not in %s; loading it from the Hugging Face hub", text, paths.searched())
+    try:
+        return open_examples(spec)
+    except ValueError as e:  # the trainer turns every `datasets` failure into one line naming the source
+        raise ValueError(f"{text!r} is not in {paths.searched()}; {e}" if implicit else str(e)) from None
 
 
 NODES = {"PrefAlignPairsFromDataset": (PairsFromDataset, "Preference Pairs from Dataset")}

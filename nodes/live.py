@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 from . import comfy_env
 
@@ -27,12 +29,25 @@ def start(node_id: str | None, prompt_id: str | None, total: int, method: str) -
     return state
 
 
+def resume(state: dict, points: list[tuple[int, float]]) -> None:
+    """A resumed run's chart starts with the steps its earlier sessions logged."""
+    with _lock:
+        state["loss"] = [[int(s), float(v)] for s, v in points][-MAX_POINTS:]
+        state["step"] = state["loss"][-1][0] if state["loss"] else 0
+        payload = {"node": state["node"], "prompt_id": state["prompt_id"], "step": state["step"],
+                   "total": state["total"], "status": "running", "points": list(state["loss"])}
+    comfy_env.send("train", payload)
+
+
 def step(state: dict, step: int, loss: float | None, metrics: dict | None = None) -> None:
     point = None
     with _lock:
         state["step"] = int(step)
         if loss is not None:
             point = [int(step), float(loss)]
+            # a resumed run retrains the steps logged after its checkpoint: the new values replace them
+            while state["loss"] and state["loss"][-1][0] >= step:
+                state["loss"].pop()
             state["loss"].append(point)
             if len(state["loss"]) > MAX_POINTS:
                 state["loss"] = state["loss"][::2]
@@ -48,6 +63,19 @@ def finish(state: dict, status: str, lora: str | None = None, message: str = "")
         state.update(status=status, lora=lora, message=message, finished=time.time())
     comfy_env.send("train", {"node": state["node"], "prompt_id": state["prompt_id"], "step": state["step"],
                              "total": state["total"], "status": status, "lora": lora, "message": message, "points": []})
+
+
+@contextmanager
+def ended_on_error(state: dict) -> Iterator[None]:
+    """A run that raises ends its chart: "stopped" on Cancel, else "error" with the message (never left "running")."""
+    try:
+        yield
+    except Exception as e:
+        if state["status"] == "running":
+            interrupted = comfy_env.is_interrupt(e)
+            finish(state, "stopped" if interrupted else "error",
+                   message="cancelled before the first step" if interrupted else str(e))
+        raise
 
 
 def snapshot() -> dict:

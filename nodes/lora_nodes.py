@@ -16,6 +16,17 @@ SUMMARY_KEYS = {
     "base model": ("prefalign.base_model", "ss_sd_model_name", "modelspec.architecture"),
     "rank / alpha": ("ss_network_dim",),
 }
+MAX_VALUE_CHARS = 200  # a metadata value is shown up to this long: a file may carry megabytes of it
+MAX_LISTED = 3  # modules named in a "does not fit" message
+#: the down/up weight names of one LoRA module, in the formats ComfyUI's LoRA adapter reads
+DOWN_UP = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
+           (".lora.down.weight", ".lora.up.weight"))
+TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_")
+
+
+def lora_file_names() -> list[str]:
+    """The LoRA menu: .safetensors only (a .pt/.ckpt file can hold pickled code, and is never read here)."""
+    return [n for n in comfy_env.lora_names() if n.lower().endswith(".safetensors")]
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -23,6 +34,12 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def shown(value: str) -> str:
+    """A metadata value as shown on the node: one line, at most MAX_VALUE_CHARS."""
+    value = " ".join(str(value).split())
+    return value if len(value) <= MAX_VALUE_CHARS else value[:MAX_VALUE_CHARS - 1] + "…"
 
 
 def summarize(metadata: dict[str, str]) -> dict[str, str]:
@@ -33,9 +50,21 @@ def summarize(metadata: dict[str, str]) -> dict[str, str]:
                 value = metadata[key]
                 if label == "rank / alpha" and metadata.get("ss_network_alpha"):
                     value = f"{value} / {metadata['ss_network_alpha']}"
-                out[label] = value
+                out[label] = shown(value)
                 break
     return out
+
+
+def hyper_parameters(text: str) -> str:
+    """`prefalign.method_args` (a flat JSON object) as `k=v, ...`; anything else (nested, huge, broken) as raw text."""
+    if len(text) <= MAX_VALUE_CHARS:
+        try:
+            args = json.loads(text)
+        except (ValueError, RecursionError):
+            args = None
+        if isinstance(args, dict) and all(isinstance(v, (str, int, float, bool)) or v is None for v in args.values()):
+            return shown(", ".join(f"{k}={v}" for k, v in args.items()))
+    return shown(text)
 
 
 def describe(name: str, metadata: dict[str, str]) -> str:
@@ -44,13 +73,45 @@ def describe(name: str, metadata: dict[str, str]) -> str:
     lines += [f"{k}: {v}" for k, v in summary.items()]
     args = metadata.get("prefalign.method_args")
     if args:
-        try:
-            lines.append("hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in json.loads(args).items()))
-        except (ValueError, AttributeError):
-            lines.append(f"hyper-parameters: {args}")
+        lines.append("hyper-parameters: " + hyper_parameters(args))
     if not summary:
         lines.append("(no PrefAlign metadata)")
     return "\n".join(lines)
+
+
+def module_features(lora: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every down/up module of a LoRA state dict, by module name."""
+    from ..trainer.export import lora_features
+
+    features = {}
+    for key, down in lora.items():
+        for down_suffix, up_suffix in DOWN_UP:
+            if key.endswith(down_suffix) and key[:-len(down_suffix)] + up_suffix in lora and down.dim() >= 2:
+                module = key[:-len(down_suffix)]
+                features[module] = lora_features(down, lora[module + up_suffix])
+    return features
+
+
+def check_fits(name: str, lora: dict, key_map: dict, weights: dict, metadata: dict[str, str]) -> list[str]:
+    """Refuse a LoRA whose modules do not fit the weights ComfyUI's key map puts them on, naming them (the
+    trainer's wrong-base check, `trainer.export.misfits`). Returns the modules the map does not place: ComfyUI
+    skips those ("lora key not loaded")."""
+    from ..trainer.export import misfits
+
+    have = module_features(lora)
+    targets = {m: key_map[m] for m in have if isinstance(key_map.get(m), str) and key_map[m] in weights}
+    expected = {m: (weights[k].shape[1], weights[k].shape[0]) for m, k in targets.items() if weights[k].dim() >= 2}
+    wrong = misfits(have, expected)
+    unplaced = sorted(m for m in have if m not in key_map)
+    made_for = metadata.get("prefalign.architecture") or metadata.get("ss_base_model_version")
+    hint = f" (its metadata says it was trained for {shown(made_for)})" if made_for else ""
+    if wrong:
+        raise ValueError(f"{name} does not fit this model{hint}: {len(wrong)} of its {len(have)} modules have other "
+                         f"shapes: " + "; ".join(wrong[:MAX_LISTED]) + ("; ..." if len(wrong) > MAX_LISTED else ""))
+    if have and len(unplaced) == len(have):
+        raise ValueError(f"{name} does not fit this model{hint}: none of its {len(have)} modules exists in it "
+                         f"(e.g. {unplaced[0]})")
+    return unplaced
 
 
 class LoadPreferenceLoRA:
@@ -67,7 +128,7 @@ class LoadPreferenceLoRA:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The diffusion model to apply the LoRA to."}),
-                "lora_name": (comfy_env.lora_names(), {"tooltip": "A LoRA file in models/loras (PrefAlign saves into models/loras/prefalign/)."}),
+                "lora_name": (lora_file_names(), {"tooltip": "A .safetensors LoRA in models/loras (PrefAlign saves into models/loras/prefalign/)."}),
                 "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "How strongly the LoRA changes the diffusion model; 0 leaves it unchanged, negative inverts the preference."}),
             },
             "optional": {
@@ -77,6 +138,10 @@ class LoadPreferenceLoRA:
         }
 
     def load(self, model, lora_name, strength_model, clip=None, strength_clip=1.0):
+        if not lora_name.lower().endswith(".safetensors"):
+            raise ValueError(f"{lora_name}: Load Preference LoRA reads .safetensors files only (a .pt/.ckpt file can "
+                             "hold pickled code); use a .safetensors copy")
+        import comfy.lora
         import comfy.sd
         import comfy.utils
 
@@ -84,12 +149,21 @@ class LoadPreferenceLoRA:
         metadata = read_metadata(path)
         info = describe(lora_name, metadata)
         if strength_model == 0 and (clip is None or strength_clip == 0):
-            return {"ui": {"text": [info]}, "result": (model, clip, info)}
+            return {"ui": {"prefalign_text": [info]}, "result": (model, clip, info)}
         lora = comfy.utils.load_torch_file(str(path), safe_load=True)
-        has_te = any(k.startswith(("lora_te", "text_encoder", "te_")) for k in lora)
+        has_te = any(k.startswith(TEXT_ENCODER_PREFIXES) for k in lora)
         clip_in = clip if (clip is not None and has_te) else None
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        weights = dict(model.model.state_dict())
+        if clip_in is not None:
+            key_map = comfy.lora.model_lora_keys_clip(clip_in.cond_stage_model, key_map)
+            weights.update(clip_in.cond_stage_model.state_dict())
+        applied = {k: v for k, v in lora.items() if clip_in is not None or not k.startswith(TEXT_ENCODER_PREFIXES)}
+        unplaced = check_fits(lora_name, applied, key_map, weights, metadata)
+        if unplaced:
+            info += f"\nnot applied: {len(unplaced)} modules this model does not have (e.g. {shown(unplaced[0])})"
         new_model, new_clip = comfy.sd.load_lora_for_models(model, clip_in, lora, strength_model, strength_clip if clip_in is not None else 0)
-        return {"ui": {"text": [info]}, "result": (new_model, new_clip if clip_in is not None else clip, info)}
+        return {"ui": {"prefalign_text": [info]}, "result": (new_model, new_clip if clip_in is not None else clip, info)}
 
 
 NODES = {"PrefAlignLoadLoRA": (LoadPreferenceLoRA, "Load Preference LoRA")}

@@ -9,60 +9,87 @@
     GET  /prefalign/methods                             methods with their default hyper-parameters
 
 ComfyUI serves each at `/x` and `/api/x`. Store names are checked against a strict pattern and the
-resolved folder must sit directly in the stores folder; batch ids are 32 hex digits; images are
-served only by batch and index, never by a client path.
+resolved folder must sit directly in the stores folder; batch ids are 32 hex digits; indexes plain decimal
+digits; images are served only by batch and index, never by a client path.
+
+Store work runs in the event loop's thread pool, never on the loop itself: a store another process is
+writing to keeps one request waiting (at most ROUTE_BUSY_TIMEOUT, then 503 "store busy"), never the server.
+Errors answer JSON {"error": message}: 400 for a bad request, 503 for a busy store, 500 for a damaged one.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from aiohttp import web
 
 from . import live
-from .pair_store import PairStore, StoreError, list_stores
+from .pair_store import PairStore, StoreBusyError, StoreDamagedError, StoreError, list_stores
 
 MAX_BODY = 4096  # bytes: a mark request is a few dozen
+ROUTE_BUSY_TIMEOUT = 2.0  # seconds a request waits for another process's write before answering 503
+INDEX_RE = re.compile(r"[0-9]{1,6}")  # ASCII digits only: no sign, spaces, '_' or other scripts' digits
 
 
 def _json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def make_routes(stores_base: Callable[[], Path]) -> list[web.RouteDef]:
-    def store(name: str | None) -> PairStore:
+def _status(e: StoreError) -> int:
+    if isinstance(e, StoreBusyError):
+        return 503
+    if isinstance(e, StoreDamagedError):
+        return 500
+    return 400
+
+
+def _index(text: str | None) -> int:
+    if text is None or not INDEX_RE.fullmatch(text):
+        raise StoreError(f"index must be a plain decimal number, got {text!r:.40}")
+    return int(text)
+
+
+def make_routes(stores_base: Callable[[], Path], busy_timeout: float = ROUTE_BUSY_TIMEOUT) -> list[web.RouteDef]:
+    def store(name: Any) -> PairStore:
         if name is None:
             raise StoreError("missing store")
-        return PairStore(stores_base(), name, create=False)
+        return PairStore(stores_base(), name, create=False, busy_timeout=busy_timeout)
+
+    async def off_loop(work: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+    async def answer(work: Callable[[], Any]) -> web.Response:
+        """Run store work off the event loop and answer its result as JSON, or its error."""
+        try:
+            return web.json_response(await off_loop(work))
+        except StoreError as e:
+            return _json_error(_status(e), str(e))
 
     async def stores(request: web.Request) -> web.Response:
-        return web.json_response({"stores": list_stores(stores_base())})
+        return await answer(lambda: {"stores": list_stores(stores_base())})
 
     async def store_info(request: web.Request) -> web.Response:
-        try:
+        def work():
             s = store(request.query.get("store"))
-            return web.json_response({"store": s.name, "pairs": s.count()})
-        except StoreError as e:
-            return _json_error(400, str(e))
+            return {"store": s.name, "pairs": s.count()}
+
+        return await answer(work)
 
     async def batch(request: web.Request) -> web.Response:
-        try:
-            s = store(request.query.get("store"))
-            return web.json_response(s.batch_state(request.query.get("batch", "")))
-        except StoreError as e:
-            return _json_error(400, str(e))
+        name, batch_id = request.query.get("store"), request.query.get("batch", "")
+        return await answer(lambda: store(name).batch_state(batch_id))
 
     async def image(request: web.Request) -> web.Response:
+        name, batch_id = request.query.get("store"), request.query.get("batch", "")
         try:
-            s = store(request.query.get("store"))
-            index = int(request.query.get("index", ""))
-            path = s.batch_image_path(request.query.get("batch", ""), index)
-        except (StoreError, ValueError) as e:
-            return _json_error(400, str(e))
-        if not path.is_file():
-            return _json_error(404, "image file missing")
-        return web.FileResponse(path, headers={"Content-Type": "image/png", "Cache-Control": "max-age=86400"})
+            index = _index(request.query.get("index"))
+            data = await off_loop(lambda: store(name).batch_image(batch_id, index))
+        except StoreError as e:
+            return _json_error(_status(e), str(e))
+        return web.Response(body=data, headers={"Content-Type": "image/png", "Cache-Control": "max-age=86400"})
 
     async def mark(request: web.Request) -> web.Response:
         if request.content_length is None or request.content_length > MAX_BODY:
@@ -72,22 +99,19 @@ def make_routes(stores_base: Callable[[], Path]) -> list[web.RouteDef]:
             return _json_error(413, f"body must be at most {MAX_BODY} bytes")
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return _json_error(400, "body is not JSON")
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting deeper than Python's stack
+            return _json_error(400, "body is not JSON (or is nested too deeply)")
         if not isinstance(body, dict) or set(body) - {"store", "batch", "index", "mark"}:
             return _json_error(400, "expected {store, batch, index, mark}")
-        try:
-            s = store(body.get("store"))
-            state = s.set_mark(body.get("batch", ""), body.get("index"), body.get("mark"))
-        except StoreError as e:
-            return _json_error(400, str(e))
-        return web.json_response(state)
+        return await answer(
+            lambda: store(body.get("store")).set_mark(body.get("batch", ""), body.get("index"), body.get("mark"))
+        )
 
     async def train_status(request: web.Request) -> web.Response:
         return web.json_response({"runs": live.snapshot()})
 
     async def methods(request: web.Request) -> web.Response:
-        from .train_node import format_args, method_table
+        from ..trainer.methods.args import format_args, method_table
 
         table = method_table()
         return web.json_response({n: {**t, "text": format_args(t["defaults"])} for n, t in table.items()})

@@ -1,62 +1,33 @@
 """Train preference LoRA: the trainer's loop, in-process, on the graph's MODEL through `ComfyBackend`."""
 from __future__ import annotations
 
-import json
+import errno
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
+from ..trainer.methods.args import format_args, method_table, parse_method_args
 from . import comfy_env, live
 from .store_nodes import PAIRS
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 CATEGORY = "preference/train"
 DEFAULT_TARGETS = "to_q, to_k, to_v, to_out.0"
 
 
-def method_table() -> dict[str, dict]:
-    from ..trainer.methods import method_class, method_names
-
-    return {n: {"defaults": method_class(n).defaults(), "paper": method_class(n).paper} for n in method_names()}
+LEARNING_RATES = (1e-8, 1.0)  # the range the learning_rate input accepts (paper full fine-tunes .. far too big)
 
 
-def format_args(defaults: dict) -> str:
-    """A method's defaults as the TOML lines the method_args widget holds."""
-    lines = []
-    for k, v in defaults.items():
-        if v is None:
-            lines.append(f"# {k} = (automatic)")
-        else:
-            lines.append(f"{k} = {json.dumps(v)}")
-    return "\n".join(lines)
-
-
-def parse_method_args(method: str, text: str) -> dict:
-    """TOML lines (`beta = 2500`) or a JSON object; empty means the method's defaults. Keys are checked."""
-    table = method_table()
-    if method not in table:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(table)}")
-    text = (text or "").strip()
-    if not text:
-        return {}
+def parse_learning_rate(value: str | float) -> float:
+    """The learning_rate input: text such as `5e-7` (the widget), or a number (API graphs from before it was text)."""
+    lo, hi = LEARNING_RATES
     try:
-        args = json.loads(text) if text.startswith("{") else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"method_args: write one `name = value` per line (TOML) or a JSON object: {e}") from None
-    if not isinstance(args, dict):
-        raise ValueError("method_args must be a table of name = value")
-    defaults = table[method]["defaults"]
-    unknown = sorted(set(args) - set(defaults))
-    if unknown:
-        raise ValueError(f"method_args: {method} has no hyper-parameter {', '.join(unknown)}; "
-                         f"it takes: {format_args(defaults) or '(none)'}")
-    return args
+        rate = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError(f"learning_rate {value!r} is not a number: write it like 1e-5 or 0.00001") from None
+    if isinstance(value, bool) or not lo <= rate <= hi:  # NaN fails the comparison too
+        raise ValueError(f"learning_rate {value!r} is outside {lo:g} .. {hi:g}")
+    return rate
 
 
 def _slug(text: str) -> str:
@@ -86,8 +57,8 @@ class TrainPreferenceLoRA:
     RETURN_NAMES = ("model", "lora", "loss_curve", "lora_name")
     OUTPUT_TOOLTIPS = (
         "The input model with the trained LoRA applied (strength 1).",
-        "The LoRA weights, for ComfyUI's Save LoRA / Load LoRA Model nodes.",
-        "The training loss per step.",
+        "The LoRA weights, for ComfyUI's Load LoRA Model node (the file is already saved with its metadata).",
+        "The training loss per step, over the whole run (earlier sessions of a resumed run included).",
         "The saved file's name inside models/loras (for LoraLoader).",
     )
 
@@ -99,6 +70,7 @@ class TrainPreferenceLoRA:
             table = {"dpo": {"defaults": {}, "paper": ""}}
         names = list(table)
         help_lines = "; ".join(f"{n}: {format_args(t['defaults']).replace(chr(10), ', ') or 'no options'}" for n, t in table.items())
+        lo, hi = LEARNING_RATES
         return {"required": {
             "model": ("MODEL", {"tooltip": "The diffusion model to align; it is not changed (the LoRA is trained beside it)."}),
             "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP, to encode the prompts of the pairs."}),
@@ -109,7 +81,9 @@ class TrainPreferenceLoRA:
                                        "tooltip": "The method's hyper-parameters, one `name = value` per line; a missing name keeps the default. "
                                                   "Changing the method fills in its defaults. Defaults: " + help_lines}),
             "steps": ("INT", {"default": 200, "min": 1, "max": 1_000_000, "tooltip": "Optimiser steps."}),
-            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-9, "max": 1.0, "step": 1e-6, "round": False, "tooltip": "Peak learning rate (LoRA DPO: 1e-5 to 1e-4)."}),
+            # text, not FLOAT: the frontend rounds FLOAT widgets to their display precision (5e-7 -> 1e-6)
+            "learning_rate": ("STRING", {"default": "1e-4", "tooltip": f"Peak learning rate, as text: 1e-4, 5e-7, 0.00002 ({lo:g} to {hi:g}). "
+                                                                        "LoRA DPO: 1e-5 to 1e-4; the papers' full fine-tunes use about 1e-8."}),
             "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "LoRA rank."}),
             "alpha": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 1024.0, "step": 0.5, "tooltip": "LoRA alpha (the update is scaled by alpha / rank)."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Pairs per step (before accumulation)."}),
@@ -124,102 +98,126 @@ class TrainPreferenceLoRA:
             "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue the latest run with this lora_name and method from its last checkpoint (after Cancel, an error or a restart); steps is the total to reach."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, learning_rate):
+        """Refuse a bad learning rate when the graph is queued, before anything runs."""
+        try:
+            parse_learning_rate(learning_rate)
+        except ValueError as e:
+            return str(e)
+        return True
+
     def train(self, model, clip, vae, pairs, method, method_args, steps, learning_rate, rank, alpha, batch_size,
               gradient_accumulation_steps, resolution, training_seed, checkpoint_every, target_modules, lora_name,
               gradient_checkpointing=False, resume=False):
-        seed = training_seed
         import torch
         from safetensors.torch import load_file
 
+        from ..trainer.atomic import DiskFullError
         from ..trainer.config import make_config
         from ..trainer.loop import TrainHooks, train
+        from ..trainer.metrics import logged_losses
+        from ..trainer.models.lora import LoraSpec
         from .comfy_backend import ComfyBackend
         from .images import pil_to_tensor
         from .loss_plot import plot_loss
 
-        args = parse_method_args(method, method_args)
-        targets = [t.strip() for t in target_modules.split(",") if t.strip()]
-        if not targets:
-            raise ValueError("target_modules is empty")
-        if len(pairs) == 0:
-            raise ValueError("no preference pairs to train on")
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        prefix = _slug(lora_name)
-        root = comfy_env.output_dir() / "prefalign"
-        run_dir = latest_run(root / "runs", f"{prefix}-{method}") if resume else root / "runs" / f"{prefix}-{method}-{stamp}"
-        description = getattr(pairs, "description", "") or f"{len(pairs)} pairs"
-        config = make_config({
-            "model": "comfyui", "data": description, "method": method, "method_args": args, "rank": rank,
-            "alpha": float(alpha), "target_modules": targets, "learning_rate": float(learning_rate),
-            "max_steps": steps, "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
-            "resolution": resolution, "seed": seed, "output_dir": str(run_dir), "checkpoint_every": checkpoint_every,
-            "cache_dir": str(root / "cache"), "lr_warmup_steps": 0,
-            "log_every": 1,  # the live loss chart and progress bar move every step
-            "resume": "latest" if resume else None,
-        })
         prompt_id, node_id = comfy_env.executing_context()
+        # a new chart first: a run refused below must not leave the previous run's "done" showing
         state = live.start(node_id, prompt_id, steps, method)
-        pbar = comfy_env.progress_bar(steps, node_id)
+        with live.ended_on_error(state):
+            args = parse_method_args(method, method_args)
+            targets = [t.strip() for t in target_modules.split(",") if t.strip()]
+            if not targets:
+                raise ValueError("target_modules is empty")
+            if len(pairs) == 0:
+                raise ValueError("no preference pairs to train on")
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            prefix = _slug(lora_name)
+            root = comfy_env.output_dir() / "prefalign"
+            runs = root / "runs"
+            run_dir = latest_run(runs, f"{prefix}-{method}") if resume else runs / f"{prefix}-{method}-{stamp}"
+            description = getattr(pairs, "description", "") or f"{len(pairs)} pairs"
+            config = make_config({
+                "model": "comfyui", "data": description, "method": method, "method_args": args, "rank": rank,
+                "alpha": float(alpha), "target_modules": targets, "learning_rate": parse_learning_rate(learning_rate),
+                "max_steps": steps, "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
+                "resolution": resolution, "seed": training_seed, "output_dir": str(run_dir),
+                "checkpoint_every": checkpoint_every,
+                "cache_dir": str(root / "cache"), "lr_warmup_steps": 0,
+                "log_every": 1,  # the live loss chart and progress bar move every step
+                "resume": "latest" if resume else None,
+            })
+            metrics_file = run_dir / "metrics.jsonl"
+            if resume:
+                live.resume(state, logged_losses(metrics_file))
+            pbar = comfy_env.progress_bar(steps, state["node"])
+            cancel = {"requested": False}
+            holder = {}
 
-        cancel = {"requested": False}
+            def on_step(report):
+                if "backend" in holder:
+                    holder["backend"].cancel_while_encoding = False  # from now on Cancel stops at a step boundary
+                live.step(state, report.step, report.metrics.get("loss"), report.metrics)
+                if pbar is not None:
+                    try:  # ComfyUI's progress hook raises on Cancel (and clears the flag): stop at this boundary instead
+                        pbar.update_absolute(report.step, report.total)
+                    except Exception as e:
+                        if not comfy_env.is_interrupt(e):
+                            raise
+                        cancel["requested"] = True
 
-        holder = {}
+            def should_stop() -> bool:
+                cancel["requested"] = cancel["requested"] or comfy_env.interrupted()
+                return cancel["requested"]
 
-        def on_step(report):
-            if "backend" in holder:
-                holder["backend"].cancel_while_encoding = False  # from now on Cancel stops at a step boundary
-            loss = report.metrics.get("loss")
-            live.step(state, report.step, loss, report.metrics)
-            if pbar is not None:
-                try:  # ComfyUI's progress hook raises on Cancel (and clears the flag): stop at this boundary instead
-                    pbar.update_absolute(report.step, report.total)
-                except Exception as e:
-                    if not comfy_env.is_interrupt(e):
-                        raise
-                    cancel["requested"] = True
+            try:
+                lora = LoraSpec.from_config(config)  # the one description of the LoRA: the config's
+                with torch.inference_mode(False), ComfyBackend(model, clip, vae, lora, seed=training_seed, model_name="comfyui",
+                                                               gradient_checkpointing=gradient_checkpointing) as backend:
+                    holder["backend"] = backend
+                    result = train(config, backend, pairs, TrainHooks(on_step=on_step, should_stop=should_stop))
+            except DiskFullError as e:
+                raise DiskFullError(e.errno, f"{e.strerror} (here: turn resume on and queue again)") from None
+            if result.steps == 0:  # cancelled before the first step: nothing worth saving
+                live.finish(state, "stopped", message="cancelled before the first step")
+                comfy_env.throw_if_interrupted()
+                comfy_env.raise_interrupt()
+            if result.lora_path is None:
+                raise RuntimeError("the trainer wrote no LoRA file")
+            rel = publish_lora(Path(result.lora_path), f"{prefix}_{method}_{result.steps}steps_{stamp}.safetensors")
+            live.finish(state, "stopped" if result.stopped else "done", lora=rel,
+                        message=f"saved {rel} after {result.steps} steps")
+            if result.stopped:  # report the Cancel to ComfyUI (execution_interrupted); the file is already saved
+                comfy_env.throw_if_interrupted()
+                comfy_env.raise_interrupt()
+            lora_sd = load_file(str(comfy_env.loras_dir() / rel))
+            import comfy.sd
 
-        def should_stop() -> bool:
-            cancel["requested"] = cancel["requested"] or comfy_env.interrupted()
-            return cancel["requested"]
-
-        try:
-            with torch.inference_mode(False), ComfyBackend(model, clip, vae, rank, alpha, targets, seed=seed, model_name="comfyui",
-                                                           gradient_checkpointing=gradient_checkpointing) as backend:
-                holder["backend"] = backend
-                result = train(config, backend, pairs, TrainHooks(on_step=on_step, should_stop=should_stop))
-        except Exception as e:
-            interrupted = comfy_env.is_interrupt(e)
-            live.finish(state, "stopped" if interrupted else "error",
-                        message="cancelled before the first step" if interrupted else str(e))
-            raise
-        if result.steps == 0:  # cancelled before the first step: nothing worth saving
-            live.finish(state, "stopped", message="cancelled before the first step")
-            comfy_env.throw_if_interrupted()
-            comfy_env.raise_interrupt()
-        if result.lora_path is None:
-            live.finish(state, "error", message="the trainer wrote no LoRA file")
-            raise RuntimeError("the trainer wrote no LoRA file")
-        name = f"{prefix}_{method}_{result.steps}steps_{stamp}.safetensors"
-        dest = comfy_env.loras_dir() / "prefalign" / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name("." + dest.name + ".tmp")
-        shutil.copyfile(result.lora_path, tmp)
-        tmp.replace(dest)
-        rel = f"prefalign/{name}"
-        live.finish(state, "stopped" if result.stopped else "done", lora=rel,
-                    message=f"saved {rel} after {result.steps} steps")
-        if result.stopped:  # report the Cancel to ComfyUI (execution_interrupted); the file is already saved
-            comfy_env.throw_if_interrupted()
-            comfy_env.raise_interrupt()
-        lora_sd = load_file(str(dest))
-        import comfy.sd
-
-        model_out, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
-        curve = pil_to_tensor(plot_loss(state["loss"], f"{method} loss"))
-        ui = {"prefalign_train": [{"node": node_id, "lora": rel, "steps": result.steps, "stopped": result.stopped,
-                                   "metrics": {k: float(v) for k, v in result.metrics.items()}}],
-              "text": [f"saved models/loras/{rel} ({result.steps} steps)"]}
-        return {"ui": ui, "result": (model_out, lora_sd, curve, rel)}
+            model_out, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
+            curve = pil_to_tensor(plot_loss(logged_losses(metrics_file), f"{method} loss"))
+            ui = {"prefalign_train": [{"node": state["node"], "lora": rel, "steps": result.steps, "stopped": result.stopped,
+                                       "metrics": {k: float(v) for k, v in result.metrics.items()}}],
+                  "prefalign_text": [f"saved models/loras/{rel} ({result.steps} steps)"]}
+            return {"ui": ui, "result": (model_out, lora_sd, curve, rel)}
 
 
-NODES = {"PrefAlignTrainLoRA": (TrainPreferenceLoRA, "Train Preference LoRA")}
+def publish_lora(trained: Path, name: str) -> str:
+    """Copy a run's LoRA into models/loras/prefalign/ atomically (fsynced; a full disk leaves no partial file);
+    returns its name for LoraLoader."""
+    from ..trainer.atomic import DiskFullError, atomic_path
+
+    rel = f"prefalign/{name}"
+    try:
+        with atomic_path(comfy_env.loras_dir() / rel) as tmp:
+            shutil.copyfile(trained, tmp)
+    except DiskFullError:
+        run = trained.parent
+        raise DiskFullError(errno.ENOSPC, f"disk full while copying the LoRA into models/loras/{rel}; nothing was "
+                                          f"written there, and the trained file is kept in output/prefalign/runs/"
+                                          f"{run.name}/{trained.name}. Free some space and copy it, or queue again "
+                                          "with resume on") from None
+    return rel
+
+
+NODES = {"PrefAlignTrainLoRA": (TrainPreferenceLoRA, "Train Preference LoRA (DPO and more)")}

@@ -52,7 +52,7 @@ def pairs() -> list[PreferenceExample]:
 def tiny_config(tmp_path: Path, **overrides):
     from trainer.config import make_config
 
-    values = dict(model="tiny-sd", resolution=32, batch_size=2, max_steps=4, learning_rate=1e-3, rank=4, alpha=4.0,
+    values = dict(model="tiny-sd", data="tiny", resolution=32, batch_size=2, max_steps=4, learning_rate=1e-3, rank=4, alpha=4.0,
                   output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), checkpoint_every=0, seed=0,
                   log_every=1)
     values.update(overrides)

@@ -240,6 +240,10 @@ def test_disk_full_during_training_keeps_the_last_checkpoint_and_resume_continue
     assert_same_lora(tmp_path / "a" / "out" / "lora.safetensors", tmp_path / "b" / "out" / "lora.safetensors")
 
 
-def test_written_files_get_ordinary_permissions(tmp_path):
+def test_written_files_get_ordinary_permissions(tmp_path, monkeypatch):
+    """The umask's mode, also for safetensors files (the library re-creates the temp file as 0600)."""
+    monkeypatch.setattr(atomic, "FILE_MODE", 0o640)  # what umask 027 gives
     atomic.write_text(tmp_path / "config.toml", "x = 1")
-    assert (tmp_path / "config.toml").stat().st_mode & 0o777 == atomic.FILE_MODE
+    atomic.save_safetensors(tmp_path / "lora.safetensors", {"w": torch.ones(3)})
+    for name in ("config.toml", "lora.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name

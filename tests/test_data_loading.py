@@ -82,10 +82,26 @@ def test_sampler_resumes_exactly(consumed):
         ResumableSampler(11, seed=5, random_flip=True).load_state_dict(state)
 
 
-def test_sampler_ranks_are_disjoint_and_equal():
-    per_rank = [take(ResumableSampler(11, seed=0, random_flip=False, rank=r, world_size=3), 3) for r in range(3)]
-    rows = [r for keys in per_rank for r, _ in keys]
-    assert len(rows) == len(set(rows)) == 9
+def test_ranks_take_their_slice_of_each_global_batch(tmp_path):
+    """3 ranks with batch 2 load exactly what 1 process with batch 6 loads, each its own third."""
+    source = open_examples(DataSpec(str(parquet(tmp_path, 20, 5))))
+    kw = dict(seed=0, random_flip=True)
+    whole = take(make_loader(source, ImageTransform(8), batch_size=6, **kw), 4)  # crosses an epoch of 20
+    per_rank = [take(make_loader(source, ImageTransform(8), batch_size=2, rank=r, world_size=3, **kw), 4)
+                for r in range(3)]
+    for step in range(4):
+        assert sum((per_rank[r][step]["sources"] for r in range(3)), []) == whole[step]["sources"]
+        assert torch.equal(torch.cat([per_rank[r][step]["pixels"] for r in range(3)]), whole[step]["pixels"])
+
+
+def test_a_data_error_in_a_worker_arrives_as_its_own_line(tmp_path):
+    rows = pickapic_rows(6, size=16)
+    rows[3]["jpg_0"] = b"broken"
+    source = open_examples(DataSpec(str(write_parquet(tmp_path / "d.parquet", rows))))
+    with pytest.raises(DataError) as e:
+        take(make_loader(source, ImageTransform(8), seed=0, batch_size=3, num_workers=2), 2)
+    assert str(e.value).startswith(f"{tmp_path / 'd.parquet'} row 3 (rejected image): image does not decode")  # jpg_1 won
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
 
 
 def test_related_prompts_batches_share_a_topic():

@@ -5,10 +5,13 @@ import json
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from trainer.data import DataError, DataSpec, MapSource, StreamSource, open_examples
+from trainer.data.parquet import ParquetSource
 from trainer.data.synthetic import noise_jpegs, pickapic_rows, write_parquet
 
 
@@ -54,12 +57,34 @@ def test_rows_are_read_lazily_a_row_group_at_a_time_within_a_byte_budget(tmp_pat
     assert len(source._cache) == 0  # opening reads labels only
     source[5]
     source[6]
-    assert list(source._cache) == [(0, 1)]
+    assert list(source._cache) == [(0, 1, 0)]  # (file, row group, block): a small row group is one block
     source[0]
-    assert list(source._cache) == [(0, 1), (0, 0)]
-    source.cache_bytes = 1  # never below one row group
+    assert list(source._cache) == [(0, 1, 0), (0, 0, 0)]
+    source.cache_bytes = 1  # never below one block
     source[9]
-    assert list(source._cache) == [(0, 2)]
+    assert list(source._cache) == [(0, 2, 0)]
+
+
+def test_a_row_group_above_the_block_budget_is_read_in_blocks(tmp_path):
+    path = write_parquet(tmp_path / "d.parquet", pickapic_rows(12), row_group_size=12)
+    whole, blocked = ParquetSource(path), ParquetSource(path)
+    blocked.block_bytes = 1  # every row costs more: one row per block
+    assert [blocked[i] for i in range(len(whole))] == [whole[i] for i in range(len(whole))]
+    assert len(blocked._cache) == len(whole) and all(t.num_rows == 1 for t in blocked._cache.values())
+    assert len(whole._cache) == 1
+    blocked._cache.clear()
+    assert blocked[7] == whole[7] and blocked[3] == whole[3]  # out of order: read again from the group's start
+
+
+def test_a_row_group_without_rows_reads(tmp_path):
+    path = tmp_path / "d.parquet"
+    table = pa.Table.from_pylist(pickapic_rows(3))
+    with pq.ParquetWriter(path, table.schema) as writer:
+        writer.write_table(table.slice(0, 0))
+        writer.write_table(table)
+    assert pq.ParquetFile(path).metadata.row_group(0).num_rows == 0
+    source = ParquetSource(path, keep_ties=True)
+    assert [source[i].prompt for i in range(len(source))] == table.column("caption").to_pylist()
 
 
 def test_extra_columns_ignored_and_image_struct_accepted(tmp_path):

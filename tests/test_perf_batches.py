@@ -131,7 +131,7 @@ def test_cache_reopens_lazily_and_writes_few_shards(tmp_path, monkeypatch):
     assert len(shards) == 5
     reopened = EncodingCache(shards[0].parent)
     assert len(reopened) == 20 and not reopened.entries  # only the index was read
-    key = next(iter(first.entry_keys.values()))
+    key = next(iter(first.loader.dataset.entry_keys.values()))
     got, want = reopened.get(key), first.cache.get(key)
     assert torch.equal(got.latents, want.latents) and got.prompt == want.prompt
     assert key in reopened.entries  # kept in memory after first use

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,38 @@ def test_unpaired_data_refused_by_a_pairwise_method(tmp_path):
     config = tiny_config(tmp_path)
     with pytest.raises(ValueError, match="pairs"):
         train(config, backend_for(config), make_unpaired(4))
+
+
+def test_a_stop_request_on_any_rank_stops_every_rank_at_that_step(tmp_path, pairs):
+    """Ranks agree on stopping (Ctrl-C reaches them at different moments): here another rank asks at the
+    boundary after step 2, while this rank's own hook never does."""
+    from trainer.distributed import Ranks
+
+    asked = []
+
+    class OtherRankStops(Ranks):
+        def any(self, flag: bool) -> bool:
+            asked.append(flag)
+            return len(asked) == 3
+
+    config = tiny_config(tmp_path, max_steps=10, log_every=5)
+    result = train(config, backend_for(config), pairs, TrainHooks(should_stop=lambda: False),
+                   OtherRankStops(0, 1, torch.device("cpu")))
+    assert result.stopped and result.steps == 2 and asked == [False] * 3
+    assert result.checkpoint.name == "step-2"
+    # the steps since the last log are logged at the stop
+    assert [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()] == [2]
+
+
+def _any_rank(results: str) -> None:
+    from trainer.run import make_ranks
+
+    ranks = make_ranks()
+    Path(results, f"rank{ranks.rank}").write_text(str([ranks.any(ranks.rank == 1), ranks.any(False)]))
+
+
+def test_ranks_any_is_true_everywhere_when_true_on_one_rank(tmp_path):
+    from ranks import run_ranks
+
+    run_ranks(_any_rank, (str(tmp_path),))
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["[True, False]"] * 2

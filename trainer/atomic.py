@@ -66,8 +66,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        os.chmod(tmp_path, FILE_MODE)
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)  # after the writer: mkstemp's 0600, which safetensors also re-creates
         fsync_path(tmp_path)
         os.replace(tmp_path, path)
         fsync_path(path.parent)

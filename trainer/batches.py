@@ -1,30 +1,32 @@
-"""The stream of training batches: sampler keys -> (cached or freshly encoded) `TrainBatch`es.
+"""The stream of training batches: the data loader's batches -> (cached or freshly encoded) `TrainBatch`es.
 
-Every rank draws the same global batch of keys and keeps its own share, so a run on W processes
-with batch B sees exactly the data and noise of one process with batch W*B. The position in the
-stream is the sampler's (epoch, index): resuming jumps straight there.
+One loader (`data/loader.py`) gives every batch, with its exact position: map-style data is drawn by
+its resumable sampler (every rank draws the same global batch of keys and keeps its own share, so a
+run on W processes with batch B sees exactly the data and noise of one process with batch W*B), and
+streamed data shard by shard. Resuming jumps straight to the saved position.
 
-Images are decoded by a DataLoader (`num_workers` processes, reading ahead, pinned memory on CUDA),
-both for filling the cache and for per-step encoding (`cache = false`); only the VAE / text-encoder
-calls run in the main process. However far the workers have read ahead, `state_dict()` is the
-position after the last batch handed out. On CUDA a batch is handed out already on the device
-(copied asynchronously from pinned memory), so the loop's own `.to(device)` is a no-op.
+With the cache on (map-style data), every row is encoded once before training, its images decoded by
+a DataLoader with `num_workers` processes; a row whose images do not read or decode is then, with
+`skip_bad_rows`, left out of the sampler and counted. Otherwise images are decoded by the loader's
+workers (reading ahead, pinned memory on CUDA) and encoded every step; a bad row is dropped from its
+batch and counted. Only the VAE / text-encoder calls run in the main process. On CUDA a batch is handed
+out already on the device (copied asynchronously from pinned memory).
 """
 from __future__ import annotations
 
-import itertools
-from collections import deque
-from dataclasses import dataclass
+import functools
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .config import TrainConfig
-from .data.loader import make_loader
-from .data.dataset import Key, PreferenceDataset, ResumableSampler, collate
+from .data.base import DataStats
+from .data.dataset import Key, PreferenceDataset, collate
+from .data.errors import BadImageError, DataError
+from .data.loader import ResumableLoader, make_loader, make_sampler, one_line_errors, row_prompts
 from .data.records import PreferenceExample, TrainBatch
 from .data.transforms import ImageTransform
 from .distributed import Ranks
@@ -38,66 +40,110 @@ ENCODE_IMAGES_AT_512 = 16
 MAX_ROWS_PER_CALL = 16
 
 
-@dataclass
 class StreamBatch:
-    local: TrainBatch  # this rank's rows, chosen-first
-    rows: Tensor  # their indices in the global chosen-first batch
-    global_shape: torch.Size  # latents shape of the global batch
+    """This rank's rows of one global batch: `local` chosen-first, `rows` their indices in the global
+    chosen-first batch, `global_shape` the latents shape of the global batch (for the shared noise)."""
+
+    def __init__(self, local: TrainBatch, rank: int, local_size: int, world_size: int) -> None:
+        k = 2 if local.paired else 1
+        b = local.latents.shape[0] // k  # fewer than local_size when bad rows were dropped from the batch
+        start, global_size = rank * local_size, local_size * world_size
+        self.local = local
+        self.rows = torch.cat([torch.arange(start, start + b) + j * global_size for j in range(k)])
+        self.global_shape = torch.Size((global_size * k, *local.latents.shape[1:]))
 
 
-class _KeyBatches:
-    """A DataLoader batch sampler: this rank's keys of each global batch, forever; queues the sampler
-    state after each batch so the stream knows its position whatever the workers read ahead."""
+class _CachedRows(Dataset):
+    """Sampler keys (index among the readable rows, flip) -> cache entry keys."""
 
-    def __init__(self, stream: "BatchStream") -> None:
-        self.stream = stream
+    def __init__(self, entry_keys: dict[Key, str], rows: list[int]) -> None:
+        self.entry_keys, self.rows = entry_keys, rows
 
-    def __iter__(self) -> Iterator[list[Key]]:
-        s = self.stream
-        while True:
-            keys = list(itertools.islice(s.keys, s.global_size))
-            s._states.append(s.sampler.state_dict())
-            yield keys[s.ranks.rank * s.local_size : (s.ranks.rank + 1) * s.local_size]
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: Key) -> str:
+        return self.entry_keys[(self.rows[key[0]], key[1])]
+
+
+def _cached_batch(cache: EncodingCache, keys: list[str]) -> dict:
+    return {"batch": batch_from_cache(cache, keys)}
+
+
+class _Keyed(Dataset):
+    """(row, flip) -> ((row, flip), the processed row or None when it was skipped as bad)."""
+
+    def __init__(self, dataset: PreferenceDataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, key: Key):
+        return key, self.dataset[key]
+
+
+def _collate_keyed(items: list) -> tuple[list[Key], dict]:
+    kept = [(key, x) for key, x in items if x is not None]
+    return [key for key, _ in kept], collate([x for _, x in kept])
 
 
 class BatchStream:
     def __init__(self, config: TrainConfig, backend: Backend, examples: Sequence[PreferenceExample],
                  method: Method, ranks: Ranks) -> None:
-        self.backend, self.ranks = backend, ranks
-        self.local_size = config.batch_size
-        self.global_size = config.batch_size * ranks.world_size
-        self.num_workers = config.num_workers
+        self.backend, self.ranks, self.local_size = backend, ranks, config.batch_size
         self.device = torch.device(backend.device)
-        self.pin = self.device.type == "cuda"
-        self.transform = ImageTransform(config.resolution, config.center_crop)
-        self.dataset = PreferenceDataset(examples, self.transform, config.seed)
+        pin = self.device.type == "cuda"
+        transform = ImageTransform(config.resolution, config.center_crop, config.max_pixels, config.max_image_bytes)
         related = getattr(method, "wants_related_prompts", False)
-        self.sampler = ResumableSampler(len(examples), config.seed, config.random_flip, related,
-                                        prompts=_prompts(examples) if related else None,
-                                        group_size=self.global_size)
-        self.keys = iter(self.sampler)
-        self._state = self.sampler.state_dict()  # position after the last batch handed out
-        self._states: deque[dict] = deque()  # positions after the batches the loader has queued
-        self._loader: Iterator[dict] | None = None
-        self.cache = None
-        if config.cache:
+        map_style = not config.streaming and hasattr(examples, "__getitem__")
+        if related and not map_style:
+            raise ValueError(f"method {method.name!r} groups related prompts in a batch, which needs random "
+                             "access to every prompt: use a local dataset without --streaming")
+        self.cache: EncodingCache | None = None
+        if map_style and config.cache:
             self.cache = EncodingCache(_cache_folder(config, backend))
-            self._fill_cache(config, examples)
+            entry_keys, rows = self._fill_cache(config, examples, transform)
+            prompts = row_prompts(examples) if related else None
+            sampler = make_sampler(len(rows), config.seed, config.random_flip, self.local_size * ranks.world_size,
+                                   [prompts[r] for r in rows] if prompts is not None else None)
+            self.loader = ResumableLoader(_CachedRows(entry_keys, rows), batch_size=self.local_size, sampler=sampler,
+                                          stats=getattr(examples, "stats", None), rank=ranks.rank,
+                                          world_size=ranks.world_size,
+                                          collate_fn=functools.partial(_cached_batch, self.cache))
+            self.loader.stats.bad_rows_skipped += len(examples) - len(rows)
+        else:
+            self.loader = make_loader(examples, transform, seed=config.seed, batch_size=self.local_size,
+                                      num_workers=config.num_workers, random_flip=config.random_flip,
+                                      related_prompts=related, streaming=not map_style,
+                                      skip_bad_rows=config.skip_bad_rows, rank=ranks.rank, world_size=ranks.world_size,
+                                      pin_memory=pin)
+        self._batches: Iterator[dict] | None = None
+
+    @property
+    def stats(self) -> DataStats:
+        """Rows read, ties dropped and bad rows skipped so far."""
+        return self.loader.stats
 
     # --- the cache ---------------------------------------------------------------------------------
-    def _fill_cache(self, config: TrainConfig, examples: Sequence[PreferenceExample]) -> None:
-        """Encode every (row, flip) the run can draw once. With a cache folder the ranks split the
-        missing rows and each writes its own shards; without one every rank encodes all of them."""
+    def _fill_cache(self, config: TrainConfig, examples: Sequence[PreferenceExample],
+                    transform: ImageTransform) -> tuple[dict[Key, str], list[int]]:
+        """Encode every (row, flip) the run can draw once; return the entry keys and the rows every
+        rank trains on. With a cache folder the ranks split the missing rows and each writes its own
+        shards; without one every rank encodes all of them. A bad row (skip_bad_rows) is one whose
+        entries are not in the cache afterwards, which every rank sees alike."""
         flips = (False, True) if config.random_flip else (False,)
         setting = cache_setting(self.backend, config.resolution, config.center_crop, config.seed, config.vae)
-        self.entry_keys = {(row, flip): entry_key(examples[row], flip, setting)
-                           for row in range(len(examples)) for flip in flips}
+        entry_keys: dict[Key, str] = {}
+        for row in range(len(examples)):
+            try:
+                entry_keys.update({(row, flip): entry_key(examples[row], flip, setting) for flip in flips})
+            except BadImageError:  # an image file that does not read
+                if not config.skip_bad_rows:
+                    raise
         shared = self.cache.folder is not None
         missing, seen = [], set()
-        for k, key in self.entry_keys.items():
+        for k, key in entry_keys.items():
             if key not in self.cache and key not in seen:  # identical rows are encoded once
                 seen.add(key)
-                missing.append((k, key))
+                missing.append(k)
         if shared and self.ranks.world_size > 1:
             self.ranks.barrier()  # every rank has listed the cache before any rank adds a shard to it
             missing = missing[self.ranks.rank :: self.ranks.world_size]
@@ -105,39 +151,32 @@ class BatchStream:
             images = ENCODE_IMAGES_AT_512 * 512 * 512 // config.resolution ** 2
             per_call = max(1, min(MAX_ROWS_PER_CALL, images // len(examples[0].images)))
             chunks = [missing[i : i + per_call] for i in range(0, len(missing), per_call)]
-            loader = self._decode([[k for k, _ in chunk] for chunk in chunks])
-            encode_batches(self.cache, self.backend, (([key for _, key in chunk], raw) for chunk, raw in zip(chunks, loader)))
+            dataset = _Keyed(PreferenceDataset(examples, transform, config.seed, config.skip_bad_rows))
+            decoded = DataLoader(dataset, batch_sampler=chunks, collate_fn=_collate_keyed, pin_memory=self.device.type == "cuda",
+                                 num_workers=config.num_workers if len(chunks) > 1 else 0)
+            encode_batches(self.cache, self.backend, (([entry_keys[k] for k in kept], raw)
+                                                      for kept, raw in one_line_errors(iter(decoded)) if kept))
         self.ranks.barrier()
         if shared and self.ranks.world_size > 1:
             self.cache = EncodingCache(self.cache.folder)
         self.backend.release_encoders()  # from here on training touches only the UNet
-
-    def _decode(self, batches) -> Iterator[dict]:
-        """Collated batches of processed rows for the given key batches, decoded by the workers."""
-        workers = self.num_workers if len(batches) > 1 else 0
-        return iter(DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                               pin_memory=self.pin))
+        rows = [r for r in range(len(examples)) if all(entry_keys.get((r, f)) in self.cache for f in flips)]
+        if not rows:
+            raise DataError(f"every one of the {len(examples)} rows was skipped: no image of the dataset reads or decodes")
+        return entry_keys, rows
 
     # --- batches -----------------------------------------------------------------------------------
     def next_batch(self) -> StreamBatch:
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        raw = next(self._batches)
         if self.cache is not None:
-            keys = list(itertools.islice(self.keys, self.global_size))
-            self._state = self.sampler.state_dict()
-            mine = keys[self.ranks.rank * self.local_size : (self.ranks.rank + 1) * self.local_size]
-            local = self._to_device(batch_from_cache(self.cache, [self.entry_keys[k] for k in mine]))
+            local = self._to_device(raw["batch"])
         else:
-            if self._loader is None:
-                self._states.clear()
-                self._loader = iter(DataLoader(self.dataset, batch_sampler=_KeyBatches(self), collate_fn=collate,
-                                               num_workers=self.num_workers, pin_memory=self.pin,
-                                               prefetch_factor=4 if self.num_workers else None))
-            raw = next(self._loader)
-            self._state = self._states.popleft()
+            while not raw["prompts"]:  # every row of this batch was skipped as undecodable
+                raw = next(self._batches)
             local = encode_collated(self.backend, raw, to_cpu=False)
-        k = 2 if local.paired else 1
-        start = self.ranks.rank * self.local_size
-        rows = torch.cat([torch.arange(start, start + self.local_size) + j * self.global_size for j in range(k)])
-        return StreamBatch(local, rows, torch.Size((self.global_size * k, *local.latents.shape[1:])))
+        return StreamBatch(local, self.ranks.rank, self.local_size, self.ranks.world_size)
 
     def _to_device(self, batch: TrainBatch) -> TrainBatch:
         if self.device.type != "cuda":
@@ -151,77 +190,20 @@ class BatchStream:
 
     # --- position ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return dict(self._state)
+        """The position after the last batch handed out (however far the workers have read ahead)."""
+        return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Jump straight to the saved position (no image is decoded again)."""
         self.close()
-        self.sampler.load_state_dict(state)
-        self.keys = iter(self.sampler)
-        self._state = self.sampler.state_dict()
+        self.loader.load_state_dict(state)
 
     def close(self) -> None:
         """Stop the decoding workers (they are also stopped when the stream is garbage-collected)."""
-        loader, self._loader = self._loader, None
-        if loader is not None and hasattr(loader, "_shutdown_workers"):
-            loader._shutdown_workers()
-        self._states.clear()
+        self._batches = None
+        self.loader.close()
 
 
 def _cache_folder(config: TrainConfig, backend: Backend) -> Path:
     root = Path(config.cache_dir) if config.cache_dir else cache_root() / "encodings"
     return root / backend.model_info().get("hash", "model")
-
-
-def _prompts(examples: Sequence[PreferenceExample]) -> list[str]:
-    """Every row's prompt; a data source answers without reading images."""
-    prompts = getattr(examples, "prompts", None)
-    return prompts() if callable(prompts) else [e.prompt for e in examples]
-
-
-class StreamingBatchStream:
-    """Batches read shard by shard (parquet row groups, HF shards) with a bounded shuffle buffer:
-    memory stays bounded whatever the dataset size. Each rank reads its own shards; images are
-    encoded every step (there is no finite set of rows to cache). The position is the loader's
-    (shard, row, offset) per worker: resuming reads no skipped data."""
-
-    def __init__(self, config: TrainConfig, backend: Backend, source, method: Method, ranks: Ranks) -> None:
-        if getattr(method, "wants_related_prompts", False):
-            raise ValueError(f"method {method.name!r} groups related prompts in a batch, which needs random "
-                             "access to every prompt: use a local dataset without --streaming")
-        self.backend, self.ranks, self.local_size = backend, ranks, config.batch_size
-        self.loader = make_loader(source, ImageTransform(config.resolution, config.center_crop), seed=config.seed,
-                                  batch_size=config.batch_size, num_workers=config.num_workers,
-                                  random_flip=config.random_flip, streaming=True, skip_bad_rows=config.skip_bad_rows,
-                                  rank=ranks.rank, world_size=ranks.world_size)
-        self._batches: Iterator[dict] | None = None
-
-    def next_batch(self) -> StreamBatch:
-        if self._batches is None:
-            self._batches = iter(self.loader)
-        raw = next(self._batches)
-        while not raw["prompts"]:  # every row of this batch was skipped as undecodable
-            raw = next(self._batches)
-        local = encode_collated(self.backend, raw, to_cpu=False)
-        b, k = raw["labels"].shape
-        start = self.ranks.rank * self.local_size
-        global_size = self.local_size * self.ranks.world_size
-        rows = torch.cat([torch.arange(start, start + b) + j * global_size for j in range(k)])
-        return StreamBatch(local, rows, torch.Size((global_size * k, *local.latents.shape[1:])))
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-        self._batches = None
-
-    def close(self) -> None:
-        self._batches = None
-
-
-def open_batches(config: TrainConfig, backend: Backend, examples, method: Method, ranks: Ranks):
-    """A `BatchStream` over random-access data, or a `StreamingBatchStream` when streaming."""
-    if config.streaming or not hasattr(examples, "__getitem__"):
-        return StreamingBatchStream(config, backend, examples, method, ranks)
-    return BatchStream(config, backend, examples, method, ranks)

@@ -1,43 +1,41 @@
-"""`python -m trainer`: train, list methods."""
+"""`python -m trainer`: train, list methods, demo, eval.
+
+Exit codes: 0 done; 1 the demo's intervals overlap, or training stopped on a non-finite loss or a full
+disk; 2 a bad option, path or data row (one line on stderr naming it; nothing written); 130 stopped by
+Ctrl-C (the first Ctrl-C during training saves a checkpoint and the LoRA at the next step boundary).
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+import signal
 import sys
+import threading
 from typing import Any, Sequence
 
 from .config import ConfigError, config_fields, load_toml, make_config
 
-
-def _parse_value(text: str) -> Any:
-    """A flag value as TOML would read it (numbers, booleans, strings)."""
-    from .config import tomllib
-
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program stopped by Ctrl-C
 
 
-def _key_values(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError("method_args", f"expected KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = _parse_value(value.strip())
-    return out
+def _option(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """`--name-with-dashes`, shown in the help; `--name_with_underscores` is accepted too, not shown."""
+    parser.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)
+    if "_" in name:
+        parser.add_argument(f"--{name}", dest=name, **{**kwargs, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS})
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (`--max_steps` and `--max-steps` both work); unset flags keep the config file's."""
+    """One flag per config field; unset flags keep the config file's."""
     parser.add_argument("--config", help="TOML file with any of the options below; flags override it")
     for name, (f, annotation) in config_fields().items():
-        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
         text = str(annotation)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            shown = "required"
+        else:
+            shown = f"default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()}"
+        kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} ({shown})")
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif text.startswith("list"):
@@ -46,14 +44,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs.update(nargs="+", metavar="KEY=VALUE")
         else:
             kwargs["type"] = next((t for t in (int, float) if annotation is t or text.startswith(t.__name__)), str)
-        parser.add_argument(*flags, **kwargs)
+        _option(parser, name, **kwargs)
 
 
 def config_from_args(args: argparse.Namespace):
+    from .methods.args import read_method_args
+
     values = load_toml(args.config) if getattr(args, "config", None) else {}
     given = {k: v for k, v in vars(args).items() if k in config_fields()}
     if "method_args" in given:
-        given["method_args"] = {**values.get("method_args", {}), **_key_values(given["method_args"])}
+        given["method_args"] = {**values.get("method_args", {}), **read_method_args(given["method_args"])}
     return make_config({**values, **given})
 
 
@@ -62,21 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
         "PrefAlign: align a text-to-image diffusion model with human preferences by training a LoRA."))
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a preference LoRA", description=(
-        "Train a LoRA with a preference method. Options come from --config (TOML) and flags; flags win."))
+        "Train a LoRA with a preference method. Options come from --config (TOML) and flags; flags win. "
+        "--model and --data are required (the toy world: --model toy, or `python -m trainer demo`). Ctrl-C "
+        "stops at the end of the step, saves a checkpoint and the LoRA, and exits with code 130."))
     add_train_arguments(train)
     sub.add_parser("methods", help="list the alignment methods and their defaults")
     demo = sub.add_parser("demo", help="align the built-in toy model toward an attribute and show before/after",
                           description="Build a toy preference dataset, train a LoRA, and report the chosen-attribute "
-                                      "rate before and after (with 95%% intervals) plus a before/after grid PNG.")
+                                      "rate before and after (with 95% intervals) plus a before/after grid PNG.")
     demo.add_argument("--method", default="dpo", help="alignment method (default: dpo)")
-    demo.add_argument("--method-args", "--method_args", nargs="+", default=[], metavar="KEY=VALUE",
-                      help="method hyper-parameters")
+    _option(demo, "method_args", nargs="+", default=[], metavar="KEY=VALUE", help="method hyper-parameters")
     demo.add_argument("--attribute", default="shaded", help="the attribute to prefer: shaded/flat, a colour or a shape")
     demo.add_argument("--pairs", type=int, default=256, help="preference pairs to generate (default: 256)")
     demo.add_argument("--steps", type=int, default=150, help="training steps (default: 150)")
     demo.add_argument("--samples", type=int, default=192, help="samples per model for the rates (default: 192)")
     demo.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    demo.add_argument("--output-dir", "--output_dir", default="runs/demo", help="where everything goes")
+    _option(demo, "output_dir", default="runs/demo", help="where everything goes (default: runs/demo)")
     add_eval_parser(sub)
     return parser
 
@@ -90,8 +91,7 @@ def add_eval_parser(sub) -> None:
     ev.add_argument("--model", default="toy", help="base model folder (default: toy, the built-in toy model)")
     ev.add_argument("--scorer", default="attribute", choices=("attribute", "clip", "style"),
                     help="attribute: toy classifier; clip: logit_scale*cos(text, image); style: fraction in style")
-    ev.add_argument("--scorer-model", "--scorer_model", default=None,
-                    help="CLIP folder or hub id for --scorer clip (and optional for style)")
+    _option(ev, "scorer_model", default=None, help="CLIP folder or hub id for --scorer clip (and optional for style)")
     ev.add_argument("--attribute", default="shaded", help="attribute / style to measure (default: shaded)")
     ev.add_argument("--alternatives", nargs="+", default=[], help="other styles for CLIP zero-shot style judging")
     ev.add_argument("--prompts", default=None, help="prompt file, one a line (default: toy captions leaving "
@@ -99,10 +99,70 @@ def add_eval_parser(sub) -> None:
     ev.add_argument("--samples", type=int, default=96, help="(prompt, seed) pairs (default: 96)")
     ev.add_argument("--seed", type=int, default=10_000, help="first seed (default: 10000)")
     ev.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
-    ev.add_argument("--output-dir", "--output_dir", default="runs/eval", help="where eval.json and grid.png go")
+    _option(ev, "output_dir", default="runs/eval", help="where eval.json and grid.png go (default: runs/eval)")
+
+
+class CtrlC:
+    """Once training runs, the first Ctrl-C asks the loop to stop at the next step boundary (it then saves
+    a checkpoint and the LoRA); a second one aborts at once. Before training starts, Ctrl-C aborts."""
+
+    def __init__(self) -> None:
+        self.started = self.requested = False
+        self._previous: Any = None
+
+    def start(self, step: int) -> None:
+        self.started = True
+        if threading.current_thread() is threading.main_thread():  # where Python delivers signals
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping at the end of this step and saving a checkpoint and the LoRA "
+              "(Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues this run: the same options, with `--resume latest`."""
+    kept, skip = [], False
+    for arg in argv:
+        name = arg.split("=", 1)[0].replace("_", "-")
+        if skip or name in ("--overwrite", "--no-overwrite"):
+            skip = False
+        elif name == "--resume":
+            skip = "=" not in arg  # its value follows
+        else:
+            kept.append(arg)
+    return shlex.join(["python", "-m", "trainer", *kept, "--resume", "latest"])
+
+
+def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .loop import TrainHooks
+    from .run import run
+
+    config = config_from_args(args)
+    again = resume_command(argv)
+    ctrl_c = CtrlC()
+    try:
+        result = run(config, TrainHooks(should_stop=lambda: ctrl_c.requested, on_start=ctrl_c.start), resume_hint=again)
+    except KeyboardInterrupt:
+        if not ctrl_c.started:
+            print("error: interrupted before training started; nothing was written to the output folder", file=sys.stderr)
+        else:
+            print(f"aborted; continue from the last checkpoint with: {again}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        ctrl_c.restore()
+    return EXIT_INTERRUPTED if result.stopped else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     from .atomic import DiskFullError
@@ -118,9 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pathlib import Path
 
             from .demo import run_demo
+            from .methods.args import read_method_args
 
             report = run_demo(Path(args.output_dir), args.method, args.attribute, args.pairs, args.steps,
-                              args.samples, args.seed, _key_values(args.method_args))
+                              args.samples, args.seed, read_method_args(args.method_args))
             print((Path(args.output_dir) / "report.md").read_text())
             return 0 if report["moved"] else 1
         if args.command == "eval":
@@ -130,16 +191,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    args.samples, args.seed, args.steps, args.output_dir, args.alternatives)))
             return 0
         if args.command == "train":
-            from .run import run
-
-            run(config_from_args(args))
-            return 0
+            return _train(args, argv)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, DiskFullError) as e:  # the message says what was kept and what to do
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # demo, eval: nothing to continue; their files are written atomically
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 1
 
 

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
+
+from .limits import MAX_CELL_BYTES, MAX_IMAGE_BYTES, MAX_PIXELS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -18,24 +21,30 @@ TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")  # trainer/forward_proc
 QUANTIZE = ("no", "nf4", "int8")  # trainer/models/flow_loading.py
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
-    """Every option of a training run. Each field is also a `--flag` of `python -m trainer train`."""
+    """Every option of a training run. Each field is also a `--flag` of `python -m trainer train`.
+    `model` and `data` have no default: a run names what it trains (the toy world is `model = "toy"`,
+    or `python -m trainer demo`)."""
 
     # model
-    model: str = field(default="tiny-sd", metadata={"help": "diffusers folder, hub id, single-file .safetensors, or tiny-sd / tiny-sdxl / tiny-sd3 / tiny-flux / toy; SD1.5, SDXL, SD3/SD3.5 and Flux.1 are recognised"})
+    model: str = field(metadata={"help": "diffusers folder, hub id (owner/name), single-file .safetensors, or toy (the built-in toy model; tiny-sd / tiny-sdxl: untrained test models)"})
     vae: str | None = field(default=None, metadata={"help": "optional VAE folder or hub id (e.g. an fp16-fixed SDXL VAE)"})
     model_config: str | None = field(default=None, metadata={"help": "diffusers folder or hub id describing a single-file checkpoint's architecture (default: inferred; the standard SD1.5/SDXL configs need the hub once); required for a single-file SD3/Flux transformer, whose VAE, text encoders and scheduler it provides"})
     drop_t5: bool = field(default=False, metadata={"help": "SD3/SD3.5: train without the T5 text encoder (zeros in its place, as the pipeline without text_encoder_3): ~9.5 GB less to load, shorter prompts understood"})
     guidance: float = field(default=3.5, metadata={"help": "Flux.1-dev: the guidance-embedding value during training (diffusers' flux training default; use the value you sample with); ignored by models without one (schnell, SD3)"})
     quantize: str = field(default="no", metadata={"help": f"SD3/Flux: load the frozen transformer quantised ({', '.join(QUANTIZE)}; bitsandbytes, CUDA, extra 'prefalign[bnb]'); NF4 stores Flux.1's 12B weights in about 6 GB"})
     # data
-    data: str = field(default="tiny", metadata={"help": "parquet file/folder, images folder with pairs.jsonl, HF dataset id, or tiny (built in)"})
+    data: str = field(metadata={"help": "parquet file or folder, images folder with pairs.jsonl, Hugging Face dataset id (owner/name, or hf:NAME), or tiny (8 built-in test pairs)"})
     split: str = field(default="train", metadata={"help": "dataset split (HF datasets)"})
     streaming: bool = field(default=False, metadata={"help": "stream a HF dataset instead of downloading it whole"})
     keep_ties: bool = field(default=False, metadata={"help": "keep tied pairs (label 0.5) with jpg_0 first; dropped by default"})
     skip_bad_rows: bool = field(default=False, metadata={"help": "skip and count rows whose images do not decode instead of stopping"})
     max_examples: int | None = field(default=None, metadata={"help": "use at most this many rows"})
+    max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "refuse images with more pixels, from their header (decompression bombs); see docs/security.md"})
+    max_image_bytes: int = field(default=MAX_IMAGE_BYTES, metadata={"help": "refuse images whose decoded samples (width x height x bands x bytes per sample) exceed this many bytes, e.g. a huge 16-bit PNG"})
+    max_cell_bytes: int = field(default=MAX_CELL_BYTES, metadata={"help": "refuse parquet pages (each holds one or more cells) above this many bytes before reading them; memory per read is about this much"})
+    allow_outside_paths: bool = field(default=False, metadata={"help": "let image paths in a dataset (pairs.jsonl, parquet or HF path cells) point outside its folder"})
     resolution: int = field(default=512, metadata={"help": "training resolution in pixels (square)"})
     center_crop: bool = field(default=True, metadata={"help": "centre crop (else random crop)"})
     random_flip: bool = field(default=False, metadata={"help": "flip both images of a pair horizontally at random"})
@@ -72,26 +81,52 @@ class TrainConfig:
     output_dir: str = field(default="out", metadata={"help": "where lora.safetensors, metrics.jsonl, config.toml and checkpoints/ go"})
     checkpoint_every: int = field(default=500, metadata={"help": "save a resumable checkpoint every N steps (0: only at the end)"})
     keep_checkpoints: int = field(default=3, metadata={"help": "keep the newest N checkpoints"})
-    resume: str | None = field(default=None, metadata={"help": "latest, or a checkpoint folder"})
+    resume: str | None = field(default=None, metadata={"help": "latest (the newest checkpoint in OUTPUT/checkpoints; none: train from scratch), or a checkpoint folder; the run's other options must match the folder's config.toml"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh in an output folder that holds another run: its LoRA, metrics and checkpoints are deleted once the new run starts"})
     log_every: int = field(default=10, metadata={"help": "read metrics from the device (a host sync) and log them every N steps"})
-    tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard under OUTPUT/tensorboard"})
-    cache_dir: str | None = field(default=None, metadata={"help": "on-disk cache of latents and text embeddings (default OUTPUT/../.cache)"})
+    tensorboard: bool = field(default=False, metadata={"help": 'also log to TensorBoard under OUTPUT/tensorboard (pip install "prefalign[tensorboard]")'})
+    cache_dir: str | None = field(default=None, metadata={"help": "on-disk cache of latents and text embeddings, shared by runs (default: $PREFALIGN_CACHE/encodings, else ~/.cache/prefalign/encodings)"})
     cache: bool = field(default=True, metadata={"help": "encode images and prompts once and reuse them (then the VAE and text encoders leave the GPU); off: encode every step"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
 
     def __post_init__(self) -> None:
+        """Every value is checked here, before anything loads or is written; errors name the key."""
         choices = {"mixed_precision": MIXED_PRECISION, "lr_scheduler": LR_SCHEDULERS, "quantize": QUANTIZE,
-                   "timestep_sampling": (None, *TIMESTEP_SAMPLINGS)}
+                   "timestep_sampling": TIMESTEP_SAMPLINGS}
         for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                named = ", ".join(a for a in allowed if a is not None)
-                raise ConfigError(key, f"{getattr(self, key)!r} is not one of {named}")
-        positive = ("rank", "batch_size", "gradient_accumulation_steps", "max_steps", "resolution", "log_every")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ConfigError(key, f"must be at least 1, got {getattr(self, key)}")
-        if self.resolution % 8:
-            raise ConfigError("resolution", f"must be a multiple of 8, got {self.resolution}")
+            if getattr(self, key) not in allowed and not (key == "timestep_sampling" and self.timestep_sampling is None):
+                raise ConfigError(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for key in ("rank", "batch_size", "gradient_accumulation_steps", "max_steps", "resolution", "log_every",
+                    "max_pixels", "max_image_bytes", "max_cell_bytes"):
+            _check(key, getattr(self, key) >= 1, "must be at least 1", getattr(self, key))
+        for key in ("lr_warmup_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "seed"):
+            _check(key, getattr(self, key) >= 0, "must be 0 or more", getattr(self, key))
+        for key in ("learning_rate", "adam_epsilon", "weight_decay", "max_grad_norm"):
+            _check(key, math.isfinite(getattr(self, key)) and getattr(self, key) >= 0, "must be a finite number, 0 or more",
+                   getattr(self, key))
+        for key in ("adam_beta1", "adam_beta2"):
+            _check(key, 0 <= getattr(self, key) < 1, "must be in [0, 1)", getattr(self, key))
+        _check("alpha", math.isfinite(self.alpha) and self.alpha > 0, "must be a finite number above 0", self.alpha)
+        _check("resolution", self.resolution % 8 == 0, "must be a multiple of 8", self.resolution)
+        _check("seed", self.seed < 2**63, "must be below 2**63", self.seed)
+        if self.max_examples is not None:
+            _check("max_examples", self.max_examples >= 1, "must be at least 1", self.max_examples)
+        _check("target_modules", self.target_modules is None or (bool(self.target_modules) and all(
+            t.strip() for t in self.target_modules)), "needs at least one module name, none empty", self.target_modules)
+        _check("logit_std", math.isfinite(self.logit_std) and self.logit_std > 0, "must be a finite number above 0",
+               self.logit_std)
+        for key in ("model", "data", "split", "output_dir", "method"):
+            _check(key, bool(getattr(self, key).strip()), "may not be empty", getattr(self, key))
+        for key in ("vae", "model_config", "embedder", "cache_dir", "resume"):
+            _check(key, getattr(self, key) is None or bool(getattr(self, key).strip()), "may not be empty", getattr(self, key))
+        from .methods.args import resolve_method_args  # imports torch: only once the plain values are fine
+
+        self.method_args = resolve_method_args(self.method, self.method_args)  # defaults recorded too
+
+
+def _check(key: str, ok: bool, problem: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(key, f"{problem}, got {value!r}")
 
 
 class ConfigError(ValueError):
@@ -150,6 +185,10 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
         if key not in fields:
             raise ConfigError(key, "unknown option (see `python -m trainer train --help`)")
         checked[key] = coerce(key, value, fields[key][1])
+    for key, (f, _) in fields.items():
+        if key not in checked and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(key, f"required (--{key.replace('_', '-')}, or {key} = ... in the --config file): "
+                                   f"{f.metadata['help']}. `python -m trainer demo` shows the toy world end to end")
     return TrainConfig(**checked)
 
 
@@ -164,17 +203,58 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {path}: {e}") from None
 
 
+#: What a run does once rather than what it is: not recorded in config.toml, never compared.
+ACTIONS = ("resume", "overwrite")
+#: Keys a resumed run may change: where files go, how often they are written, how fast it runs, how far it
+#: trains, and how each global batch is split (a resume on another number of processes changes batch_size or
+#: gradient_accumulation_steps; see docs/distributed.md). Any other difference changes what is trained, so a
+#: resume with it is refused.
+CHANGEABLE_ON_RESUME = ("output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard",
+                        "cache_dir", "cache", "num_workers", "compile", "gradient_checkpointing", "batch_size",
+                        "gradient_accumulation_steps", "max_pixels", "max_image_bytes", "max_cell_bytes")
+
+
 def to_toml(config: TrainConfig) -> str:
-    """The resolved configuration as TOML (written to OUTPUT/config.toml)."""
+    """The resolved configuration as TOML (written to OUTPUT/config.toml), without the one-off actions."""
     lines, tables = [], []
     for key, value in dataclasses.asdict(config).items():
-        if value is None:
+        if value is None or key in ACTIONS:
             continue
         if isinstance(value, dict):
-            tables.append(f"\n[{key}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in value.items()))
+            tables.append(f"\n[{key}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in value.items() if v is not None))
         else:
             lines.append(f"{key} = {_toml_value(value)}\n")
     return "".join(lines) + "".join(tables)
+
+
+def config_differences(recorded: dict[str, Any], config: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: recorded -> now` for each key whose value in `config` differs from a recorded config.toml's
+    (a key the file lacks counts as its default: unset, or written by a version without it)."""
+    from .methods.args import resolve_method_args
+
+    now, before = tomllib.loads(to_toml(config)), dict(recorded)
+    try:  # an older config.toml records only the method options that were set
+        before["method_args"] = resolve_method_args(before.get("method", config.method), before.get("method_args", {}))
+    except (ValueError, TypeError):
+        pass  # compared as written
+    changes = []
+    for key, (f, _) in config_fields().items():
+        if key in ACTIONS or key in ignore:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        old, new = before.get(key, None if default is dataclasses.MISSING else default), now.get(key)
+        if key == "method_args" and before.get("method", config.method) != config.method:
+            continue  # another method: its options differ as a whole, and `method` already says so
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += [f"{key}.{k}: {_shown(old.get(k))} -> {_shown(new.get(k))}"
+                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            changes.append(f"{key}: {_shown(old)} -> {_shown(new)}")
+    return changes
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else _toml_value(value)
 
 
 def _toml_value(value: Any) -> str:

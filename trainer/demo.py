@@ -60,14 +60,16 @@ def run_demo(output_dir: Path, method: str = "dpo", attribute: str = "shaded", p
              samples: int = 192, seed: int = 0, method_args: dict | None = None) -> dict:
     """Train, sample before/after, write report.md + grid.png; return the report as a dict."""
     from .run import run
-    from .toy import sample_images, write_preference_dataset
+    from .toy import attribute_kind, sample_images, write_preference_dataset
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    data = write_preference_dataset(output_dir / "data", attribute, pairs, seed) \
-        if not (output_dir / "data" / "pairs.jsonl").exists() else output_dir / "data"
-    config = make_config({**DEMO_TRAINING, "data": str(data), "method": method, "max_steps": steps, "seed": seed,
-                          "method_args": method_args or {}, "output_dir": str(output_dir / "run"),
-                          "cache_dir": str(output_dir / "cache")})
+    attribute_kind(attribute)  # an unknown attribute stops here, before it names a folder
+    config = make_config({**DEMO_TRAINING, "data": str(output_dir / "data" / f"{attribute}-{pairs}pairs-seed{seed}"),
+                          "method": method, "max_steps": steps, "seed": seed, "method_args": method_args or {},
+                          "output_dir": str(output_dir / "run"), "cache_dir": str(output_dir / "cache"),
+                          "overwrite": True})  # the demo's run folder holds its latest run only
+    data = Path(config.data)  # one dataset per (attribute, pairs, seed): another demo never reuses these pairs
+    if not (data / "pairs.jsonl").exists():
+        write_preference_dataset(data, attribute, pairs, seed)
     result = run(config)
     prompts, seeds = evaluation_set(attribute, samples, seed=10_000)
     before = sample_images(None, prompts, seeds)

@@ -91,6 +91,14 @@ class Ranks:
         if len(set(values)) > 1:
             raise ValueError(f"ranks disagree on {what}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on any rank (a stop request: all ranks stop at the same step)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()

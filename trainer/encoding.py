@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .atomic import save_safetensors
 from .fingerprint import file_fingerprint
+from .data.errors import BadImageError
 from .data.records import PreferenceExample, TrainBatch
 from .models.backend import Backend
 
@@ -75,12 +76,16 @@ def cache_setting(backend: Backend, resolution: int, center_crop: bool, seed: in
 
 
 def entry_key(example: PreferenceExample, flip: bool, setting: str) -> str:
-    """Content hash of one row as it will be encoded."""
+    """Content hash of one row as it will be encoded. An image file that cannot be read raises the
+    error an undecodable image raises (naming the row and the image), so `skip_bad_rows` skips it."""
     h = hashlib.sha256(setting.encode())
     h.update(example.prompt.encode())
     h.update(bytes([flip]))
-    for image in example.images:
-        h.update(image if isinstance(image, bytes) else Path(image).read_bytes())
+    for k, image in enumerate(example.images):
+        try:
+            h.update(image if isinstance(image, bytes) else Path(image).read_bytes())
+        except OSError as e:
+            raise BadImageError(f"{example.image_where(k)}: cannot read {image}: {e.strerror or e}") from None
     return h.hexdigest()[:32]
 
 

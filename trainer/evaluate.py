@@ -116,8 +116,14 @@ class ClipScorer:
 
     def __init__(self, location: str, batch_size: int = 64) -> None:
         from .models.embedder import ClipEmbedder
+        from .models.loading import check_model_source
 
-        self.embedder = ClipEmbedder(location)
+        check_model_source(location, "--scorer-model")  # a typo or an offline hub id: said before any download
+        try:
+            self.embedder = ClipEmbedder(location)
+        except ValueError as e:  # the embedder names its training option ("config key 'embedder'"): name ours
+            reason = str(e).split(": ", 1)[-1].splitlines()[0]
+            raise ValueError(f"--scorer-model {location}: {reason}") from None
         self.logit_scale = float(self.embedder.model.logit_scale.exp())
         self.batch_size = batch_size
 
@@ -215,6 +221,10 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorer: str = "attribu
     base_prompts = read_prompts(prompts, attribute)
     prompt_list = [base_prompts[i % len(base_prompts)] for i in range(samples)]
     seeds = [seed + i for i in range(samples)]
+    if model != "toy":
+        from .models.loading import check_model_source
+
+        check_model_source(model, "--model")
     pipe = load_toy_pipeline(toy_model_path() if model == "toy" else model)
     base = sample_images(pipe, prompt_list, seeds, steps=steps)
     tuned = sample_images(pipe, prompt_list, seeds, steps=steps, lora=str(lora))
@@ -224,6 +234,7 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorer: str = "attribu
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        report["files"] = [str(out / "eval.json"), str(out / "grid.png")]
         shown = min(12, samples)
         with atomic_path(out / "grid.png") as tmp:
             grid([base[:shown], tuned[:shown]]).save(tmp, format="PNG")
@@ -235,7 +246,7 @@ def summary(report: dict) -> str:
     w = report["win_rate"]
     lines = [f"{report['scorer']} scorer, {report['samples']} (prompt, seed) pairs, LoRA {report['lora']}",
              f"win rate (LoRA scores higher): {w['rate']:.1%} [{w['low']:.1%}, {w['high']:.1%}] "
-             f"({w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"]
+             f"({_count(w['wins'], 'win')}, {_count(w['ties'], 'tie')}, {_count(w['losses'], 'loss', 'losses')})"]
     if "before" in report:
         b, a = report["before"], report["after"]
         what = "in style" if report["scorer"] == "style" else "attribute rate"
@@ -243,4 +254,10 @@ def summary(report: dict) -> str:
                      f"LoRA {a['rate']:.1%} [{a['low']:.1%}, {a['high']:.1%}]")
     else:
         lines.append(f"mean score: base {report['mean_base']:.3f} -> LoRA {report['mean_lora']:.3f}")
+    if report.get("files"):
+        lines.append(f"wrote {' and '.join(report['files'])}")
     return "\n".join(lines)
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"

@@ -137,13 +137,21 @@ def check_lora_matches(weights: dict[str, torch.Tensor], expected: dict[str, tup
     if unknown:
         raise ValueError(f"{path}: LoRA does not match this base model ({where}): {len(unknown)} of its "
                          f"{len(modules)} modules do not exist in it, e.g. {unknown[0]}")
-    for module in sorted(modules):
-        down, up = modules[module]["lora_down.weight"], modules[module]["lora_up.weight"]
-        have = (down.shape[1], up.shape[0])
-        if have != expected[module]:
-            raise ValueError(f"{path}: LoRA does not match this base model ({where}): module {module} has "
-                             f"in/out features {have[0]}/{have[1]} in the LoRA, {expected[module][0]}/"
-                             f"{expected[module][1]} in the model")
+    have = {m: lora_features(parts["lora_down.weight"], parts["lora_up.weight"]) for m, parts in modules.items()}
+    wrong = misfits(have, expected)
+    if wrong:
+        raise ValueError(f"{path}: LoRA does not match this base model ({where}): {wrong[0]}")
+
+
+def lora_features(down: torch.Tensor, up: torch.Tensor) -> tuple[int, int]:
+    """The (in, out) features a module's down/up pair patches: what must fit the model, whatever the rank."""
+    return down.shape[1], up.shape[0]
+
+
+def misfits(have: dict[str, tuple[int, int]], expected: dict[str, tuple[int, int]]) -> list[str]:
+    """One line per module whose (in, out) features differ from the model's, in name order."""
+    return [f"module {m} has in/out features {h[0]}/{h[1]} in the LoRA, {expected[m][0]}/{expected[m][1]} in the model"
+            for m, h in sorted(have.items()) if m in expected and h != expected[m]]
 
 
 def load_lora_into(backend, path: str | Path) -> dict[str, str]:

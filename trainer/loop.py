@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 import torch
 
 from .atomic import write_text
-from .batches import open_batches
-from .checkpoint import TrainingState, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .config import TrainConfig, to_toml
+from .batches import BatchStream
+from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .data.records import PreferenceExample
 from .distributed import Ranks
 from .export import lora_metadata, write_lora
@@ -25,6 +25,7 @@ from .methods import EMBEDDINGS, Method, build_method
 from .metrics import MetricsLog, MetricsMeter, Progress
 from .models.backend import Backend
 from .optim import make_lr_scheduler, make_optimizer
+from .run_folder import plan_output_dir, start_run_folder
 from .step import compute_outputs, draw_noise
 
 
@@ -39,6 +40,7 @@ class StepReport:
 class TrainHooks:
     on_step: Callable[[StepReport], None] | None = None  # after each logged optimiser step
     should_stop: Callable[[], bool] | None = None  # checked at every step boundary
+    on_start: Callable[[int], None] | None = None  # the run has started (its folder is written), at this step
 
 
 @dataclass
@@ -49,7 +51,8 @@ class TrainResult:
     lora_path: Path | None
     stopped: bool
     checkpoint: Path | None = None
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the output folder check found (see run_folder.py)
+    data: dict[str, int] = field(default_factory=dict)  # rows read, ties dropped, bad rows skipped
 
 
 class NonFiniteLossError(RuntimeError):
@@ -81,88 +84,98 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
     method = build_method(config.method, config.method_args)
     check_compatible(method, examples, backend)
     method = method.for_model(backend.prediction_type, backend.model_info().get("architecture", ""))
+    plan = plan_output_dir(config)  # refuses a folder that another run owns, before any work
     if EMBEDDINGS in method.needs and config.embedder:
         from .models.embedder import EmbeddingBackend
 
         backend = EmbeddingBackend(backend, config.embedder)
     out = Path(config.output_dir)
     ckpt_root = out / "checkpoints"
-    if ranks.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.toml", to_toml(config))
 
     params = backend.trainable_parameters()
     optimizer = make_optimizer(config, params)
     lr_scheduler = make_lr_scheduler(config, optimizer)
     generator = torch.Generator().manual_seed(config.seed)
-    stream = open_batches(config, backend, examples, method, ranks)
-    step = 0
+    stream = BatchStream(config, backend, examples, method, ranks)
+    step, metrics = 0, {}
+    if plan.resume_from is not None:
+        state = load_checkpoint(plan.resume_from)
+        backend.load_adapter_state_dict(state.adapter)
+        optimizer.load_state_dict(state.optimizer)
+        lr_scheduler.load_state_dict(state.lr_scheduler)
+        generator.set_state(state.generator)
+        stream.load_state_dict(state.data)
+        step, metrics = state.step, state.extra.get("metrics", {})
     if config.resume:
-        folder = resolve_resume(config.resume, ckpt_root)
-        if folder is not None:
-            state = load_checkpoint(folder)
-            backend.load_adapter_state_dict(state.adapter)
-            optimizer.load_state_dict(state.optimizer)
-            lr_scheduler.load_state_dict(state.lr_scheduler)
-            generator.set_state(state.generator)
-            stream.load_state_dict(state.data)
-            step = state.step
         ranks.check_agree(step, "the step to resume from (every rank must see the checkpoints rank 0 writes: "
                                 "put output_dir on storage that all machines share)")
+    if ranks.is_main:  # the run has started: only now does the folder become this run's
+        start_run_folder(config, plan)
     log = MetricsLog(out / "metrics.jsonl", enabled=ranks.is_main, after_step=step, tensorboard=config.tensorboard)
     meter = MetricsMeter()
     progress = Progress(config.max_steps, step, ranks.is_main)
     autocast = _autocast(config.mixed_precision, backend.device)
     scaler = torch.amp.GradScaler(backend.device.type, enabled=config.mixed_precision == "fp16")
     accum = config.gradient_accumulation_steps
-    last_good = (list_checkpoints(ckpt_root) or [None])[-1]
-    stopped, metrics = False, {}
+    last_good = latest_checkpoint(ckpt_root)
+    stopped = False
 
     def checkpoint() -> Path | None:
         if not ranks.is_main:
             return None
         state = TrainingState(step, backend.adapter_state_dict(), optimizer.state_dict(), lr_scheduler.state_dict(),
-                              generator.get_state(), stream.state_dict())
+                              generator.get_state(), stream.state_dict(), extra={"metrics": metrics})
         return save_checkpoint(ckpt_root, state, config.keep_checkpoints)
 
+    def log_step() -> dict[str, float]:
+        logged = ranks.average_metrics(meter.read())
+        logged["lr"] = lr_scheduler.get_last_lr()[0]
+        if not math.isfinite(logged["loss"]):
+            raise NonFiniteLossError(_stopped(f"loss is {logged['loss']} at step {step}", last_good))
+        log.write(step, logged)
+        progress.update(step, logged)
+        if hooks.on_step is not None:
+            hooks.on_step(StepReport(step, config.max_steps, logged))
+        return logged
+
+    if hooks.on_start is not None:
+        hooks.on_start(step)
     backend.model.train()
-    while step < config.max_steps:
-        if hooks.should_stop is not None and hooks.should_stop():
-            stopped = True
-            break
-        for _ in range(accum):
-            batch = stream.next_batch()
-            noise = draw_noise(method, batch.global_shape, batch.local.paired, backend.timestep_sampling, generator)
-            with autocast:
-                outputs = compute_outputs(backend, method, batch.local, noise.take(batch.rows))
-                loss, step_metrics = method.loss(outputs)
-            scaler.scale(loss / accum).backward()
-            meter.add(step_metrics)
-        ranks.average_gradients(params)
-        scaler.unscale_(optimizer)
-        if config.max_grad_norm > 0:
-            meter.add({"grad_norm": torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)})
-        scaler.step(optimizer)
-        scaler.update()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        save_now = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-        if step % config.log_every == 0 or step == config.max_steps or save_now:  # a checkpoint needs a finite check
-            metrics = ranks.average_metrics(meter.read())
-            metrics["lr"] = lr_scheduler.get_last_lr()[0]
-            if not math.isfinite(metrics["loss"]):
-                raise NonFiniteLossError(_stopped(f"loss is {metrics['loss']} at step {step}", last_good))
-            log.write(step, metrics)
-            progress.update(step, metrics)
-            if hooks.on_step is not None:
-                hooks.on_step(StepReport(step, config.max_steps, metrics))
-            if save_now:
-                _check_finite_adapter(params, step, last_good)
-                last_good = checkpoint() or last_good
-    progress.close()
-    stream.close()  # stop decoding workers now rather than at garbage collection
-    result = TrainResult(step, metrics, out, None, stopped)
+    try:
+        while step < config.max_steps:
+            if hooks.should_stop is not None and ranks.any(hooks.should_stop()):  # every rank stops at the same step
+                stopped = True
+                if meter.sums:  # steps since the last log: the summary and the final checkpoint show where it stopped
+                    metrics = log_step()
+                break
+            for _ in range(accum):
+                batch = stream.next_batch()
+                noise = draw_noise(method, batch.global_shape, batch.local.paired, backend.timestep_sampling, generator)
+                with autocast:
+                    outputs = compute_outputs(backend, method, batch.local, noise.take(batch.rows))
+                    loss, step_metrics = method.loss(outputs)
+                scaler.scale(loss / accum).backward()
+                meter.add(step_metrics)
+            ranks.average_gradients(params)
+            scaler.unscale_(optimizer)
+            if config.max_grad_norm > 0:
+                meter.add({"grad_norm": torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)})
+            scaler.step(optimizer)
+            scaler.update()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            save_now = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+            if step % config.log_every == 0 or step == config.max_steps or save_now:  # a checkpoint needs a finite check
+                metrics = log_step()
+                if save_now:
+                    _check_finite_adapter(params, step, last_good)
+                    last_good = checkpoint() or last_good
+    finally:  # on an error too: the bar ends its line (the message prints below it), decoding workers stop
+        progress.close()
+        stream.close()
+        log.close()
+    result = TrainResult(step, metrics, out, None, stopped, notes=plan.notes, data=stream.stats.as_dict())
     if step > 0:
         _check_finite_adapter(params, step, last_good)  # every rank: they hold the same weights
     if ranks.is_main:
@@ -173,8 +186,7 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
         meta = lora_metadata(resolved, backend.model_info(), step, metrics)
         result.lora_path = write_lora(out / "lora.safetensors", backend.export_lora(), meta)
         write_text(out / "summary.json", json.dumps({"steps": step, "stopped": stopped, "metrics": metrics,
-                                                     "lora": str(result.lora_path)}, indent=2))
-    log.close()
+                                                     "data": result.data, "lora": str(result.lora_path)}, indent=2))
     ranks.barrier()
     return result
 

@@ -1,11 +1,15 @@
 """Per-step metrics: accumulated on the device, read every few steps, written to metrics.jsonl."""
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
+
+from .atomic import DiskFullError, is_disk_full, write_text
 
 
 class MetricsMeter:
@@ -40,8 +44,6 @@ class MetricsLog:
             return
         if path.exists():
             keep = [line for line in path.read_text(errors="replace").splitlines() if _step_of(line) <= after_step]
-            from .atomic import write_text
-
             write_text(path, "".join(line + "\n" for line in keep))
         self.file = open(path, "a")
         if tensorboard:
@@ -52,9 +54,17 @@ class MetricsLog:
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            # a line torn here is dropped on resume, like one torn by a crash
+            raise DiskFullError(errno.ENOSPC, f"disk full while appending step {step} to {self.path}; the lines "
+                                              "before it are intact. Free some space and continue with --resume "
+                                              "latest") from None
         if self.writer is not None:
             for name, value in metrics.items():
                 self.writer.add_scalar(name, value, step)
@@ -64,6 +74,22 @@ class MetricsLog:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def logged_losses(path: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every complete line of a run's metrics.jsonl with a finite loss, in file order."""
+    if not path.is_file():
+        return []
+    points = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            step, loss = int(row["step"]), float(row["loss"])
+        except (ValueError, KeyError, TypeError, RecursionError):
+            continue
+        if math.isfinite(loss):
+            points.append((step, loss))
+    return points
 
 
 def _step_of(line: str) -> float:

@@ -2,10 +2,12 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
-  acceptsTrainMessage, chartGeometry, clickMark, createMarkSender, imageUrl, keyAction, markBody, mergePoints,
-  moveCursor, nextMark, progressText, smooth, summary,
+  acceptsTrainMessage, chartGeometry, clickMark, createMarkSender, gridLayout, imageUrl, keyAction, markBody, MAX_TILES,
+  mergePoints, moveCursor, nextMark, nodeQueueError, progressText, queueTransition, sanitizeBatch, smooth, summary,
+  textLines, textRows,
 } from "./prefalign_logic.js";
 
+const PACK_PREFIX = "PrefAlign"; // every node of the pack: its result text shows on the node
 const GALLERY = "PrefAlignGalleryPicker";
 const TRAIN = "PrefAlignTrainLoRA";
 const COLORS = { chosen: "#2e9e44", rejected: "#c8323c", none: "transparent" };
@@ -14,7 +16,7 @@ const STYLE = `
 .prefalign-gallery { display:flex; flex-direction:column; gap:4px; font:12px sans-serif; color:var(--fg-color,#ddd); outline:none; overflow:auto; height:100%; box-sizing:border-box; }
 .prefalign-gallery:focus { box-shadow: inset 0 0 0 1px #4a8fe7; }
 .prefalign-gallery .pa-prompt { opacity:.85; white-space:nowrap; overflow:hidden; text-overflow:ellipsis; }
-.prefalign-gallery .pa-grid { display:grid; grid-template-columns:repeat(auto-fill,minmax(96px,1fr)); gap:4px; }
+.prefalign-gallery .pa-grid { display:grid; grid-template-columns:repeat(auto-fill,minmax(96px,1fr)); gap:4px; flex:1; min-height:0; align-content:start; }
 .prefalign-gallery .pa-tile { position:relative; border:3px solid transparent; border-radius:4px; cursor:pointer; }
 .prefalign-gallery .pa-tile.pa-cursor { outline:2px dashed #4a8fe7; outline-offset:1px; }
 .prefalign-gallery .pa-tile img { width:100%; display:block; border-radius:2px; }
@@ -23,6 +25,10 @@ const STYLE = `
 .prefalign-gallery .pa-error { color:#f66; }
 .prefalign-chart { width:100%; height:100%; display:flex; flex-direction:column; font:11px sans-serif; color:var(--fg-color,#ddd); }
 .prefalign-chart canvas { flex:1; width:100%; min-height:80px; background:rgba(0,0,0,.25); border-radius:4px; }
+.prefalign-text.pa-stale { opacity:.45; }
+.prefalign-text { font:12px sans-serif; color:var(--fg-color,#ddd); white-space:pre-wrap; overflow-wrap:anywhere; overflow:auto; height:100%; box-sizing:border-box; padding:4px 6px; background:rgba(0,0,0,.2); border-radius:4px; user-select:text; }
+.prefalign-preview { position:fixed; inset:0; z-index:10000; display:flex; flex-direction:column; align-items:center; justify-content:center; gap:6px; background:rgba(0,0,0,.8); font:13px sans-serif; color:#eee; cursor:zoom-out; }
+.prefalign-preview img { height:86vh; width:auto; max-width:92vw; object-fit:contain; box-shadow:0 0 0 4px var(--pa-mark,transparent); }
 `;
 
 function injectStyle() {
@@ -52,10 +58,14 @@ class Gallery {
     this.el = document.createElement("div");
     this.el.className = "prefalign-gallery";
     this.el.tabIndex = 0;
-    this.el.innerHTML = `<div class="pa-prompt"></div><div class="pa-grid"></div><div class="pa-status">Run the graph to show a batch here. Click = chosen, right-click/shift-click = rejected; keys C / R / X, arrows move.</div>`;
+    this.el.innerHTML = `<div class="pa-prompt"></div><div class="pa-grid"></div><div class="pa-status">Run the graph to show a batch here. Click = chosen, right-click/shift-click = rejected; keys C / R / X, arrows move; V, space or Ctrl+hover = full size.</div>`;
     this.promptEl = this.el.querySelector(".pa-prompt");
     this.grid = this.el.querySelector(".pa-grid");
     this.status = this.el.querySelector(".pa-status");
+    this.hover = null;
+    this.preview = null;
+    // tiles grow with the node: as many columns as make the images largest in the space the node gives
+    new ResizeObserver(() => this.layout()).observe(this.el);
     this.sender = createMarkSender(
       (body) => jsonFetch("/prefalign/mark", { method: "POST", headers: { "Content-Type": "application/json" }, body }),
       (state, pending, err) => this.onServer(state, pending, err),
@@ -65,10 +75,27 @@ class Gallery {
     this.el.addEventListener("pointerdown", (e) => e.stopPropagation());
   }
 
-  async show(batch, restore = false) {
+  /** Show a batch; `restore`: it came from the saved workflow, so its size comes from the server, not the graph. */
+  async show(described, restore = false) {
+    const batch = sanitizeBatch(described);
+    if (!batch) {
+      this.status.textContent = "This workflow names no valid gallery batch; run the graph to make one.";
+      return;
+    }
+    let state = null;
+    try {
+      state = await jsonFetch(`/prefalign/batch?${new URLSearchParams({ store: batch.store, batch: batch.batch })}`);
+    } catch (err) {
+      if (restore) {
+        this.status.textContent = `This batch is no longer in store "${batch.store}".`;
+        return;
+      }
+    }
+    if (state && Array.isArray(state.marks)) batch.count = Math.min(state.marks.length, MAX_TILES);
     this.batch = batch;
     this.marks = Array(batch.count).fill("none");
     this.cursor = 0;
+    this.closePreview();
     this.promptEl.textContent = batch.prompt || "(no prompt)";
     this.promptEl.title = batch.prompt || "";
     this.grid.replaceChildren();
@@ -89,17 +116,52 @@ class Gallery {
         this.el.focus();
         this.mark(i, clickMark(e));
       });
+      tile.addEventListener("mouseenter", (e) => { this.hover = i; if (e.ctrlKey || e.metaKey) this.openPreview(i); });
+      tile.addEventListener("mousemove", (e) => { if ((e.ctrlKey || e.metaKey) && this.preview === null) this.openPreview(i); });
+      tile.addEventListener("mouseleave", () => { this.hover = null; if (this.previewByHover) this.closePreview(); });
       this.grid.appendChild(tile);
       this.tiles.push(tile);
     }
-    this.render();
-    try {
-      const state = await jsonFetch(`/prefalign/batch?${new URLSearchParams({ store: batch.store, batch: batch.batch })}`);
-      this.marks = state.marks;
-      this.render(state);
-    } catch (err) {
-      if (restore) this.status.textContent = `This batch is no longer in store "${batch.store}".`;
-    }
+    if (state && Array.isArray(state.marks)) this.marks = state.marks.slice(0, batch.count);
+    this.layout();
+    this.render(state);
+  }
+
+  layout() {
+    const n = this.tiles ? this.tiles.length : 0;
+    if (!n) return;
+    const width = this.grid.clientWidth;
+    const height = this.el.clientHeight - this.promptEl.offsetHeight - this.status.offsetHeight - 8;
+    const { columns, side } = gridLayout(n, width, height, 4);
+    // 6 px: the tile's 3 px border on each side; never below the old fixed size
+    const cell = Math.max(side - 6, 90);
+    this.grid.style.gridTemplateColumns = side > 0 ? `repeat(${columns}, ${cell + 6}px)` : "";
+  }
+
+  /** Full-size view of one image, over the page; closes on click, Escape, V or releasing Ctrl. */
+  openPreview(index, byHover = true) {
+    if (!this.batch || index === null || index >= this.batch.count) return;
+    this.closePreview();
+    const overlay = document.createElement("div");
+    overlay.className = "prefalign-preview";
+    const img = document.createElement("img");
+    img.src = this.tiles[index].querySelector("img").src;
+    img.style.setProperty("--pa-mark", COLORS[this.marks[index]]);
+    const caption = document.createElement("div");
+    caption.textContent = `${index + 1} / ${this.batch.count} · ${this.marks[index]} · ${this.batch.prompt || ""}`;
+    overlay.append(img, caption);
+    // opened by Ctrl+hover: the pointer stays on the tile underneath (leaving it closes the view)
+    if (byHover) overlay.style.pointerEvents = "none";
+    overlay.addEventListener("mousedown", (e) => { e.preventDefault(); e.stopPropagation(); this.closePreview(); });
+    document.body.appendChild(overlay);
+    this.preview = { overlay, index };
+    this.previewByHover = byHover;
+  }
+
+  closePreview() {
+    if (this.preview) this.preview.overlay.remove();
+    this.preview = null;
+    this.previewByHover = false;
   }
 
   mark(index, wanted) {
@@ -116,6 +178,12 @@ class Gallery {
     if (!action || !this.batch) return;
     e.preventDefault();
     e.stopPropagation();
+    if (action.type === "preview") {
+      if (this.preview) this.closePreview();
+      else this.openPreview(this.hover !== null ? this.hover : this.cursor, false);
+      return;
+    }
+    if (action.type === "close") { this.closePreview(); return; }
     if (action.type === "move") this.cursor = moveCursor(this.cursor, action.delta, this.batch.count);
     else this.mark(this.cursor, action.mark === "none" ? this.marks[this.cursor] : action.mark);
     this.render();
@@ -158,6 +226,38 @@ function setupGallery(node) {
   if (saved) gallery.show(saved, true);
 }
 
+// Ctrl+hover previews last while Ctrl is held
+window.addEventListener("keyup", (e) => {
+  if (e.key !== "Control" && e.key !== "Meta") return;
+  for (const node of app.graph ? app.graph._nodes || app.graph.nodes || [] : []) {
+    if (node.prefalignGallery && node.prefalignGallery.previewByHover) node.prefalignGallery.closePreview();
+  }
+});
+
+// ---------------------------------------------------------------- result text (every node of the pack)
+function showText(node, message) {
+  const lines = textLines(message);
+  if (!lines.length) return;
+  if (!node.prefalignText) {
+    injectStyle();
+    const el = document.createElement("div");
+    el.className = "prefalign-text";
+    node.prefalignText = el;
+    // tall enough for every row at the node's width, up to a scroll box
+    const wanted = () => Math.min(14 + 15 * textRows(node.prefalignTextLines || [], node.size[0] - 32), 320);
+    const widget = node.addDOMWidget("prefalign_text", "prefalign_text", el, { serialize: false, getMinHeight: wanted });
+    // queued again: dimmed until this run's result replaces it (a failed run leaves it dimmed, marked as earlier)
+    widget.beforeQueued = () => { el.classList.add("pa-stale"); el.title = "from an earlier run"; };
+  }
+  node.prefalignText.classList.remove("pa-stale");
+  node.prefalignText.title = "";
+  node.prefalignText.textContent = lines.join("\n");
+  node.prefalignTextLines = lines;
+  const wanted = node.computeSize();
+  node.setSize([Math.max(node.size[0], wanted[0]), Math.max(node.size[1], wanted[1])]);
+  node.setDirtyCanvas(true, true);
+}
+
 // ---------------------------------------------------------------- loss chart
 class LossChart {
   constructor(node) {
@@ -177,6 +277,12 @@ class LossChart {
     }
     if (detail.step === 0 && detail.status === "running") this.state.points = [];
     this.state = { ...this.state, ...detail, points: mergePoints(this.state.points, detail.points || detail.loss || []) };
+    this.draw();
+  }
+
+  /** Run pressed, refused, or ended before this node: see queueTransition. */
+  transition(event, info) {
+    this.state = queueTransition(this.state, event, info);
     this.draw();
   }
 
@@ -216,7 +322,8 @@ function setupTrain(node) {
   injectStyle();
   const chart = new LossChart(node);
   node.prefalignChart = chart;
-  node.addDOMWidget("prefalign_loss", "prefalign_loss", chart.el, { serialize: false, getMinHeight: () => 140 });
+  const widget = node.addDOMWidget("prefalign_loss", "prefalign_loss", chart.el, { serialize: false, getMinHeight: () => 140 });
+  widget.beforeQueued = () => chart.transition("queued"); // the previous run's "done" must not stand for this one
   node.setSize([Math.max(node.size[0], 360), node.size[1] + 150]);
   const method = node.widgets && node.widgets.find((w) => w.name === "method");
   const args = node.widgets && node.widgets.find((w) => w.name === "method_args");
@@ -238,18 +345,38 @@ function setupTrain(node) {
   }).catch(() => {});
 }
 
+function charts() {
+  return (app.graph ? app.graph._nodes || app.graph.nodes || [] : []).filter((n) => n.prefalignChart);
+}
+
 app.registerExtension({
   name: "prefalign.ui",
   async setup() {
     // register before any message arrives: the frontend drops custom events nobody listens to
     api.addEventListener("prefalign.train", (event) => {
-      const detail = event.detail;
-      for (const node of app.graph ? app.graph._nodes || app.graph.nodes || [] : []) {
-        if (node.prefalignChart && acceptsTrainMessage(detail, node.id)) node.prefalignChart.update(detail);
-      }
+      for (const node of charts()) if (acceptsTrainMessage(event.detail, node.id)) node.prefalignChart.update(event.detail);
     });
+    // a graph the server refused (e.g. learning_rate at queue time) or a run that ended before the Train node
+    api.addEventListener("promptQueued", () => {
+      const errors = app.lastNodeErrors;
+      if (!errors || !Object.keys(errors).length) return;
+      for (const node of charts()) node.prefalignChart.transition("refused", nodeQueueError(errors, node.id));
+    });
+    api.addEventListener("execution_error", (e) => {
+      for (const node of charts()) node.prefalignChart.transition("failed", e.detail && e.detail.node_type);
+    });
+    api.addEventListener("execution_interrupted", () => charts().forEach((n) => n.prefalignChart.transition("interrupted")));
+    api.addEventListener("execution_success", () => charts().forEach((n) => n.prefalignChart.transition("finished")));
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name.startsWith(PACK_PREFIX)) {
+      const executed = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (message) {
+        const r = executed ? executed.apply(this, arguments) : undefined;
+        showText(this, message);
+        return r;
+      };
+    }
     if (nodeData.name === GALLERY) {
       const created = nodeType.prototype.onNodeCreated;
       nodeType.prototype.onNodeCreated = function () {
@@ -260,7 +387,7 @@ app.registerExtension({
       const executed = nodeType.prototype.onExecuted;
       nodeType.prototype.onExecuted = function (message) {
         const r = executed ? executed.apply(this, arguments) : undefined;
-        const batch = message && message.prefalign_batch && message.prefalign_batch[0];
+        const batch = sanitizeBatch(message && message.prefalign_batch && message.prefalign_batch[0]);
         if (batch) {
           this.properties = this.properties || {};
           this.properties.prefalign_batch = batch; // saved with the workflow: reopening restores the marks
@@ -271,7 +398,7 @@ app.registerExtension({
       const configured = nodeType.prototype.onConfigure;
       nodeType.prototype.onConfigure = function () {
         const r = configured ? configured.apply(this, arguments) : undefined;
-        const saved = this.properties && this.properties.prefalign_batch;
+        const saved = sanitizeBatch(this.properties && this.properties.prefalign_batch);
         if (saved && this.prefalignGallery && (!this.prefalignGallery.batch || this.prefalignGallery.batch.batch !== saved.batch)) {
           this.prefalignGallery.show(saved, true);
         }

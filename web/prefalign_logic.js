@@ -2,6 +2,11 @@
 // ComfyUI imports every .js file under WEB_DIRECTORY; this one only defines functions.
 
 export const MARKS = ["none", "chosen", "rejected"];
+export const MAX_TILES = 64; // images a gallery shows (one request each); a crafted workflow may claim thousands
+export const MAX_TEXT_LINES = 40; // result text shown on a node
+export const MAX_TEXT_CHARS = 4000;
+const STORE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/; // the server's store-name rule
+const BATCH_ID = /^[0-9a-f]{32}$/;
 
 /** Keyboard shortcuts of the gallery picker -> action. */
 export function keyAction(key) {
@@ -11,6 +16,8 @@ export function keyAction(key) {
     case "x": case "X": case "0": case "Delete": return { type: "mark", mark: "none" };
     case "ArrowRight": case "ArrowDown": case "l": return { type: "move", delta: 1 };
     case "ArrowLeft": case "ArrowUp": case "h": return { type: "move", delta: -1 };
+    case "v": case "V": case " ": return { type: "preview" };
+    case "Escape": return { type: "close" };
     default: return null;
   }
 }
@@ -100,12 +107,15 @@ export function acceptsTrainMessage(detail, nodeId) {
   return !!detail && String(detail.node) === String(nodeId);
 }
 
-/** Merge loss points [step, loss] by step (newest wins), keep at most `max` by even thinning. */
+/**
+ * Merge loss points [step, loss] by step, keep at most `max` by even thinning. Incoming points replace every known
+ * point from their first step on: a resumed run retrains the steps logged after its checkpoint.
+ */
 export function mergePoints(points, incoming, max = 2000) {
-  const byStep = new Map(points.map((p) => [p[0], p]));
-  for (const p of incoming || []) {
-    if (Array.isArray(p) && p.length >= 2 && Number.isFinite(p[0]) && Number.isFinite(p[1])) byStep.set(p[0], [p[0], p[1]]);
-  }
+  const fresh = (incoming || []).filter((p) => Array.isArray(p) && p.length >= 2 && Number.isFinite(p[0]) && Number.isFinite(p[1]));
+  const from = fresh.length ? Math.min(...fresh.map((p) => p[0])) : Infinity;
+  const byStep = new Map(points.filter((p) => p[0] < from).map((p) => [p[0], p]));
+  for (const p of fresh) byStep.set(p[0], [p[0], p[1]]);
   let out = [...byStep.values()].sort((a, b) => a[0] - b[0]);
   if (out.length > max) {
     const stride = out.length / max;
@@ -141,6 +151,85 @@ export function progressText(state) {
   if (!state) return "";
   const last = state.points && state.points.length ? state.points[state.points.length - 1][1] : null;
   const loss = last === null ? "" : `  loss ${last.toFixed(4)}`;
-  const tail = state.status && state.status !== "running" ? `  (${state.status}${state.lora ? ": " + state.lora : ""})` : "";
+  const detail = state.status === "error" || state.status === "queued" ? state.message : state.lora;
+  const tail = state.status && state.status !== "running" ? `  (${state.status}${detail ? ": " + detail : ""})` : "";
   return `step ${state.step || 0}/${state.total || "?"}${loss}${tail}`;
+}
+
+/**
+ * The chart between pressing Run and the server's first message for the node. `event`: "queued" (Run pressed),
+ * "refused" (the server rejected the graph; `info`: this node's error or null), "failed" (another node's error
+ * ended the run first; `info`: its type), "interrupted", "finished" (the run ended without this node: cached
+ * or not part of it). Anything but "queued" changes only a chart still waiting.
+ */
+export function queueTransition(state, event, info = null) {
+  if (event === "queued") {
+    const previous = state.status === "queued" ? state.previous : { status: state.status, message: state.message };
+    return { ...state, status: "queued", message: "waiting for the server", previous };
+  }
+  if (state.status !== "queued") return state;
+  switch (event) {
+    case "refused": return { ...state, status: "error", message: info || "not run: the graph was refused (see the error)" };
+    case "failed": return { ...state, status: "error", message: `not run: ${info || "another node"} failed first` };
+    case "interrupted": return { ...state, status: "stopped", message: "cancelled before training" };
+    case "finished": return { ...state, ...(state.previous || { status: "", message: "" }) };
+    default: return state;
+  }
+}
+
+/** This node's errors from a refused queue (`app.lastNodeErrors`), as one bounded line; null when it has none. */
+export function nodeQueueError(nodeErrors, nodeId) {
+  const entry = nodeErrors && typeof nodeErrors === "object" ? nodeErrors[String(nodeId)] : null;
+  if (!entry || !Array.isArray(entry.errors) || !entry.errors.length) return null;
+  const text = entry.errors.map((e) => [e && e.message, e && e.details].filter((x) => typeof x === "string" && x).join(": ")).join("; ");
+  return boundText(text || "refused", 300);
+}
+
+function boundText(text, max) {
+  return text.length <= max ? text : text.slice(0, max - 1) + "…";
+}
+
+/** The result lines a node sent in `ui.prefalign_text` (strings only, bounded), or [] when it sent none. */
+export function textLines(message) {
+  const items = message && Array.isArray(message.prefalign_text) ? message.prefalign_text : [];
+  const lines = items.filter((t) => typeof t === "string").flatMap((t) => t.split("\n"));
+  const out = [];
+  let size = 0;
+  for (const line of lines) {
+    if (out.length >= MAX_TEXT_LINES || size >= MAX_TEXT_CHARS) { out.push("…"); break; }
+    const kept = boundText(line, MAX_TEXT_CHARS - size);
+    out.push(kept);
+    size += kept.length;
+  }
+  return out;
+}
+
+/** Rows `lines` take when wrapped at `width` px (12 px sans-serif: about 6.6 px a character). */
+export function textRows(lines, width, charWidth = 6.6) {
+  const perRow = Math.max(10, Math.floor(width / charWidth));
+  return lines.reduce((rows, line) => rows + Math.max(1, Math.ceil(line.length / perRow)), 0);
+}
+
+/**
+ * A gallery batch as a graph or the server describes it ({store, batch, prompt, count}), checked: null when the
+ * store or batch id breaks the server's rules or count is not a positive integer; count capped at MAX_TILES.
+ */
+export function sanitizeBatch(batch) {
+  if (!batch || typeof batch !== "object") return null;
+  const { store, batch: id, prompt, count } = batch;
+  if (typeof store !== "string" || !STORE_NAME.test(store) || store.includes("..")) return null;
+  if (typeof id !== "string" || !BATCH_ID.test(id)) return null;
+  if (!Number.isInteger(count) || count < 1) return null;
+  return { store, batch: id, prompt: typeof prompt === "string" ? boundText(prompt, 2000) : "", count: Math.min(count, MAX_TILES) };
+}
+
+/** Columns of square tiles that make `count` images as large as fits in width x height (gap px between tiles). */
+export function gridLayout(count, width, height, gap = 4) {
+  let best = { columns: 1, side: 0 };
+  for (let columns = 1; columns <= Math.max(1, count); columns++) {
+    const rows = Math.ceil(count / columns);
+    const side = Math.floor(Math.min((width - gap * (columns - 1)) / columns, (height - gap * (rows - 1)) / rows));
+    if (side > best.side) best = { columns, side };
+  }
+  return best;
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,6 +28,21 @@ def free_port() -> int:
 
 
 CHECKPOINTS = {"tiny_sd15.safetensors": "sd15", "tiny_sdxl.safetensors": "sdxl"}  # file -> family
+PACK_FOLDER = "prefalign"  # the pack's folder name under custom_nodes/ (ComfyUI's module name for it)
+
+
+def pack_import_report(log: str, pack_dir: Path) -> tuple[bool, list[str]]:
+    """(loaded, problems) for the pack at `pack_dir` in a ComfyUI log: whether the import-times list shows that
+    folder loaded, and the lines reporting that folder failed. The folder's full path is matched, never a word:
+    ComfyUI's own import failures (audio nodes without torchaudio) name the checkout's path, which may contain
+    "prefalign"."""
+    folder = str(pack_dir)
+    lines = log.splitlines()
+    loaded = any(re.fullmatch(r"\s*[\d.]+ seconds: " + re.escape(folder), line) for line in lines)
+    problems = [line for line in lines
+                if re.fullmatch(r"\s*[\d.]+ seconds \(IMPORT FAILED\): " + re.escape(folder), line)
+                or line.startswith(f"Cannot import {folder} module for custom nodes")]
+    return loaded, problems
 
 
 class ComfyServer:
@@ -37,9 +53,9 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         for d in ("models/checkpoints", "models/loras", "custom_nodes", "output", "input", "temp", "user"):
             (base / d).mkdir(parents=True, exist_ok=True)
-        link = base / "custom_nodes" / "prefalign"
-        if not link.exists():
-            link.symlink_to(ROOT, target_is_directory=True)
+        self.pack_dir = base / "custom_nodes" / PACK_FOLDER
+        if not self.pack_dir.exists():
+            self.pack_dir.symlink_to(ROOT, target_is_directory=True)
         store = checkpoint_dir or base / "models" / "checkpoints"
         for name, family in CHECKPOINTS.items():
             made = store / name
@@ -118,6 +134,13 @@ class ComfyServer:
                     return entry
             time.sleep(0.5)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s; log tail: {self.log_text()[-3000:]}")
+
+    def failure(self, prompt: dict, timeout: float = 300) -> str:
+        """Run a prompt that must fail; the failing node's exception message."""
+        status = self.wait(self.queue(prompt), timeout).get("status", {})
+        errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
+        assert status.get("status_str") == "error" and errors, f"the prompt did not fail: {status}"
+        return errors[0]["exception_message"]
 
     def run(self, prompt: dict, timeout: float = 300) -> dict:
         entry = self.wait(self.queue(prompt), timeout)

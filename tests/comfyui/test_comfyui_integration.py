@@ -59,7 +59,7 @@ def info(server):
 
 
 def workflow(name: str) -> dict:
-    return json.loads((ROOT / "workflows" / name).read_text())
+    return json.loads((wt.WORKFLOW_DIR / name).read_text())
 
 
 def api_of(name: str, info: dict) -> dict:
@@ -84,9 +84,9 @@ def small(api: dict, size: int = 64, steps: int = 3, ckpt: str = "tiny_sd15.safe
 
 
 def test_pack_loads(server, info):
-    log = server.log_text()
-    assert "prefalign" in log and "Cannot import" not in "\n".join(l for l in log.splitlines() if "prefalign" in l)
-    assert "IMPORT FAILED" not in "\n".join(l for l in log.splitlines() if "prefalign" in l.lower())
+    # by the pack's folder, not the word "prefalign" (the ComfyUI checkout's own failures may contain it)
+    loaded, problems = cs.pack_import_report(server.log_text(), server.pack_dir)
+    assert loaded and problems == []
     ours = {k for k in info if k.startswith("PrefAlign")}
     assert ours == {"PrefAlignPairsFromDataset", "PrefAlignAddPair", "PrefAlignLoadStore", "PrefAlignGalleryPicker",
                     "PrefAlignExportParquet", "PrefAlignImportParquet", "PrefAlignTrainLoRA", "PrefAlignLoadLoRA"}
@@ -97,7 +97,19 @@ def test_pack_loads(server, info):
     assert b"registerExtension" in js
 
 
-@pytest.mark.parametrize("name", ["prefalign_curate.json", "prefalign_train.json", "prefalign_compare.json"])
+def test_template_browser_lists_workflows_with_pictures(server):
+    """The template browser titles the pack's workflows by file name and loads `<name>.jpg` beside each: no 404."""
+    from urllib.parse import quote
+
+    listed = server.get("/workflow_templates")[cs.PACK_FOLDER]
+    assert sorted(listed) == sorted(Path(n).stem for n in wt.WORKFLOWS)
+    for name in listed:
+        picture = server.get(f"/api/workflow_templates/{cs.PACK_FOLDER}/{quote(name)}.jpg")
+        assert picture[:3] == b"\xff\xd8\xff" and len(picture) > 5_000, name
+        assert server.get(f"/api/workflow_templates/{cs.PACK_FOLDER}/{quote(name)}.json")["nodes"]
+
+
+@pytest.mark.parametrize("name", list(wt.WORKFLOWS))
 def test_workflows_fit_live_nodes(info, name):
     problems = [p for p in wt.validate(workflow(name), info) if "is not one of the choices" not in p]
     assert problems == []
@@ -146,7 +158,7 @@ def test_curate_train_compare(server, info):
     from safetensors import safe_open
 
     # 1. curate: generate a batch of 4, the gallery records it, marks go through the route
-    api = small(api_of("prefalign_curate.json", info))
+    api = small(api_of(wt.CURATE, info))
     gallery_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignGalleryPicker")
     api[gallery_id]["inputs"]["store"] = STORE
     nodes_of(api, "EmptyLatentImage")[0]["inputs"]["batch_size"] = 4
@@ -163,11 +175,14 @@ def test_curate_train_compare(server, info):
     base_before = sample(server, None)
 
     # 2. train: store -> train -> save; a big learning rate so 3 steps visibly change the model
-    api = small(api_of("prefalign_train.json", info))
+    api = small(api_of(wt.TRAIN, info))
     train_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignTrainLoRA")
     nodes_of(api, "PrefAlignLoadStore")[0]["inputs"]["store"] = STORE
-    api[train_id]["inputs"].update(steps=3, resolution=64, learning_rate=0.05, checkpoint_every=0, lora_name="it",
+    api[train_id]["inputs"].update(steps=3, resolution=64, learning_rate="0", checkpoint_every=0, lora_name="it",
                                    gradient_accumulation_steps=1, method_args="beta = 5000")
+    with pytest.raises(AssertionError, match=r"learning_rate '0' is outside 1e-08 \.\. 1"):  # refused when queued
+        server.queue(api)
+    api[train_id]["inputs"]["learning_rate"] = 0.05  # a number, as API graphs saved before it was text send it
     t0 = time.time()
     entry = server.run(api, timeout=600)
     train_s = time.time() - t0
@@ -180,8 +195,11 @@ def test_curate_train_compare(server, info):
         keys, meta = list(f.keys()), f.metadata()
     assert keys and all(k.startswith("lora_unet_") for k in keys)
     assert meta["prefalign.method"] == "dpo" and meta["prefalign.steps"] == "3" and meta["prefalign.dataset"] == f"store:{STORE}"
-    assert any(f.startswith("prefalign_trained") for f in os.listdir(server.base / "output" / "loras"))  # SaveLoRANode
-    assert lora_name in server.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
+    assert entry["outputs"][train_id]["prefalign_text"] == [f"saved models/loras/{lora_name} (3 steps)"]
+    # saved once: no second copy without metadata in output/loras/, which LoRA menus list too
+    assert not (server.base / "output" / "loras").exists()
+    menu = server.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
+    assert lora_name in menu and [n for n in menu if n.startswith(("it_", "prefalign/it_"))] == [lora_name]
     print(f"\ntrain workflow (3 DPO steps, 4 pairs at 64 px, tiny SD1.5) took {train_s:.1f} s on CPU")
 
     # 3. stock LoraLoader: every key maps, and the image changes at the same seed
@@ -203,7 +221,7 @@ def test_curate_train_compare(server, info):
     assert np.abs(from_lora_model - tuned).mean() < 0.5
 
     # 4. compare workflow: our loader, same seed, side by side
-    api = small(api_of("prefalign_compare.json", info))
+    api = small(api_of(wt.COMPARE, info))
     nodes_of(api, "PrefAlignLoadLoRA")[0]["inputs"]["lora_name"] = lora_name
     save_id = next(k for k, n in api.items() if n["class_type"] == "SaveImage")
     loader_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignLoadLoRA")
@@ -214,7 +232,7 @@ def test_curate_train_compare(server, info):
     arr = np.asarray(stitched, dtype=np.float32)
     half = (w - 8) // 2
     assert np.abs(arr[:, :half] - arr[:, -half:]).mean() > 0.5
-    text = "\n".join(entry["outputs"][loader_id]["text"])
+    (text,) = entry["outputs"][loader_id]["prefalign_text"]
     assert "method: dpo" in text and "steps: 3" in text and f"dataset: store:{STORE}" in text
 
 
@@ -226,7 +244,8 @@ def add_colour_pairs(server, store: str, prompt: str = "a red square") -> None:
         "3": {"class_type": "PrefAlignAddPair", "inputs": {"chosen": ["1", 0], "rejected": ["2", 0], "prompt": prompt, "store": store}},
     }
     entry = server.run(add)
-    assert entry["outputs"]["3"]["text"][0].endswith("holds 2")
+    assert entry["outputs"]["3"]["prefalign_text"][0].endswith("holds 2")
+    assert server.get(f"/prefalign/store?store={store}")["pairs"] == 2
 
 
 def test_sdxl_train_and_load(server, info):
@@ -238,7 +257,7 @@ def test_sdxl_train_and_load(server, info):
     ckpt = "tiny_sdxl.safetensors"
     add_colour_pairs(server, "sdxl_store")
     base_before = sample(server, None, ckpt=ckpt)
-    api = small(api_of("prefalign_train.json", info), ckpt=ckpt)
+    api = small(api_of(wt.TRAIN, info), ckpt=ckpt)
     train_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignTrainLoRA")
     nodes_of(api, "PrefAlignLoadStore")[0]["inputs"]["store"] = "sdxl_store"
     api[train_id]["inputs"].update(steps=3, resolution=64, learning_rate=0.05, checkpoint_every=0, lora_name="sdxl",
@@ -261,6 +280,13 @@ def test_sdxl_train_and_load(server, info):
     diff = np.abs(base - tuned).mean()
     assert diff > 0.5, f"the LoRA did not change the SDXL image (mean abs diff {diff:.3f})"
 
+    # the SDXL LoRA on an SD1.5 model: Load Preference LoRA names the modules that do not fit (ComfyUI's key map)
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+         "2": {"class_type": "PrefAlignLoadLoRA", "inputs": {"model": ["1", 0], "lora_name": out["lora"], "strength_model": 1.0}}}
+    g.update(sampling_nodes(["2", 0], ["1", 1], ["1", 2], 7, "it_sdxl_on_sd15"))
+    message = server.failure(g)
+    assert "does not fit this model (its metadata says it was trained for sdxl)" in message, message
+
 
 @pytest.mark.parametrize("patch, inputs, prediction", [
     ("ModelSamplingDiscrete", {"sampling": "v_prediction", "zsnr": False}, "v_prediction"),
@@ -274,7 +300,7 @@ def test_other_model_samplings_train(server, info, patch, inputs, prediction):
 
     store = f"{prediction}_store"
     add_colour_pairs(server, store)
-    api = small(api_of("prefalign_train.json", info))
+    api = small(api_of(wt.TRAIN, info))
     (ckpt_id,) = [k for k, n in api.items() if n["class_type"] == "CheckpointLoaderSimple"]
     train_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignTrainLoRA")
     api["patch"] = {"class_type": patch, "inputs": {"model": [ckpt_id, 0], **inputs}}
@@ -302,7 +328,7 @@ def test_other_model_samplings_train(server, info, patch, inputs, prediction):
 def test_cancel_keeps_lora(server, info):
     """Cancel (POST /interrupt) during training: execution_interrupted, and a LoRA with fewer steps is saved."""
     add_colour_pairs(server, "cancel_store")
-    api = small(api_of("prefalign_train.json", info))
+    api = small(api_of(wt.TRAIN, info))
     train_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignTrainLoRA")
     nodes_of(api, "PrefAlignLoadStore")[0]["inputs"]["store"] = "cancel_store"
     api[train_id]["inputs"].update(steps=500, resolution=64, checkpoint_every=0, lora_name="cancelled",
@@ -337,6 +363,9 @@ def test_cancel_keeps_lora(server, info):
     out = entry["outputs"][train_id]["prefalign_train"][0]
     assert out["steps"] == done + 2 and not out["stopped"]
     assert len(list((server.base / "output" / "prefalign" / "runs").glob("cancelled-dpo-*"))) == 1
+    # the chart (and the loss_curve drawn from the same file) covers the whole run, not only the resumed steps
+    run = server.get("/prefalign/train/status")["runs"][train_id]
+    assert [p[0] for p in run["loss"]] == list(range(1, done + 3))
 
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -345,24 +374,59 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 @pytest.mark.skipif(not Path(CHROMIUM).exists() or not (HERE / "node_modules" / "playwright-core").is_dir(),
                     reason="needs Debian's chromium (apt-get install chromium) and `npm install` in tests/comfyui")
 def test_browser_gallery_and_loss_chart(server, tmp_path):
-    """The real frontend: load the curate workflow, run it, pick with mouse and keys, reload, train, watch the chart."""
+    """The real frontend: curate (Run again, marks, growing thumbnails, full-size view, reload, a crafted workflow),
+    train (typed learning rate, live chart, result text, argument errors), compare (the LoRA's metadata on the
+    node), node search, template browser. The screenshots are for a person to look at."""
     import subprocess
 
     shots = Path(os.environ.get("PREFALIGN_SCREENSHOTS", tmp_path / "shots"))
-    out = subprocess.run(["node", str(HERE / "browser_test.mjs"), server.url, str(shots), "browser_store"],
-                         capture_output=True, text=True, timeout=900, env={**os.environ, "CHROMIUM": CHROMIUM})
+    out = subprocess.run(["node", str(HERE / "browser_test.mjs"), server.url, str(shots), "browser_store",
+                          wt.CURATE, wt.TRAIN, wt.COMPARE],
+                         capture_output=True, text=True, timeout=1200, env={**os.environ, "CHROMIUM": CHROMIUM})
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"\nbrowser saw: {json.dumps(seen)}\nscreenshots: {shots}")
-    assert seen["curate"]["missing"] == [] and seen["train"]["missing"] == []
-    assert seen["tiles"] == 4
-    assert "2 chosen, 2 rejected → 4 pairs" in seen["status"] and seen["status"].endswith("saved")
-    assert seen["restored"], seen.get("restoredStatus")
-    assert seen["trained"] and "step 4/4" in seen["chart"]
-    assert "lambda_d = 1.0" in seen["methodArgs"]["kto"] and "beta = 5000.0" in seen["methodArgs"]["dpo"]
+    assert seen["curate"]["missing"] == [] and seen["train"]["missing"] == [] and seen["compare"]["missing"] == []
     # no page error raised in our extension's code (the frontend itself logs a settings error on a first start)
     assert [e for e in seen["errors"] if "extensions/prefalign" in e or "prefalign" in e.split("|")[0].lower()] == []
+    # Run again makes a new batch: the seed is randomized after each run
+    run_again = seen["runAgain"]
+    assert run_again["second"] != run_again["first"] and len(set(run_again["seeds"])) == 3
+    assert seen["tiles"] == 4
+    assert "2 chosen, 2 rejected → 4 pairs" in seen["status"] and seen["status"].endswith("saved")
+    # thumbnails grow with the node; V shows one full size; Ctrl+hover shows it while Ctrl is held
+    assert seen["growth"]["after"] > 1.5 * seen["growth"]["before"], seen["growth"]  # auto-fill 96 px columns: ~1.0
+    assert seen["preview"]["natural"] == 64 and seen["preview"]["shown"] > seen["growth"]["after"]
+    assert seen["preview"]["caption"].startswith("2 / 4 · rejected")
+    assert seen["previewClosed"] and seen["ctrlHover"] and seen["ctrlReleased"]
+    assert seen["restored"], seen.get("restoredStatus")
+    # a crafted workflow claiming 3000 images: the page asks the server how many there are
+    assert seen["crafted"]["tiles"] == 4 and seen["crafted"]["requests"] <= 4, seen["crafted"]  # cached images: no request
+    # training: the typed rate reaches the graph unrounded; the chart and the node's text show the result
+    assert seen["learningRate"] == "5e-7"
+    assert seen["trained"] and "step 4/4" in seen["chart"]
+    text = seen["trainText"]
+    assert re.fullmatch(r"saved models/loras/prefalign/browser_dpo_4steps_\d{8}-\d{6}\.safetensors \(4 steps\)", text["text"])
+    assert text["width"] > 100 and text["height"] > 10 and text["onTop"] and text["fits"]
+    assert "lambda_d = 1.0" in seen["methodArgs"]["kto"] and "beta = 5000.0" in seen["methodArgs"]["dpo"]
+    # an argument error, then a learning rate refused at queue time: the chart no longer says "done"
+    assert "(error: method_args: dpo has no hyper-parameter gamma" in seen["argumentError"] and "done" not in seen["argumentError"]
+    assert "(error: " in seen["refused"] and "learning_rate '0' is outside" in seen["refused"] and "done" not in seen["refused"]
+    assert seen["staleText"]  # the earlier run's "saved ..." text is dimmed, not shown as this run's result
+    # Load Preference LoRA shows the file's metadata on the node
+    lora_text = seen["loraText"]
+    assert "method: dpo" in lora_text["text"] and "steps: 4" in lora_text["text"] and "dataset: store:browser_store" in lora_text["text"]
+    assert lora_text["onTop"] and lora_text["fits"]  # every line visible, none scrolled away
+    # node search: "dpo" finds the Train node, "preference" every node of the pack
+    assert any(o.startswith("Train Preference LoRA (DPO and more)") for o in seen["search"]["dpo"])
+    displays = [d["display_name"] for k, d in server.get("/object_info").items() if k.startswith("PrefAlign")]
+    assert all(any(o.startswith(d) for o in seen["search"]["preference"]) for d in displays), seen["search"]["preference"]
+    # template browser: readable titles, every picture loads
+    titles = {t["title"]: t["images"] for t in seen["templates"]}
+    assert set(titles) == {Path(n).stem for n in wt.WORKFLOWS}
+    assert all(images and all(i["loaded"] for i in images) for images in titles.values()), titles
     # the picks are in the store: every chosen x rejected pairing, right away
     assert server.get("/prefalign/store?store=browser_store")["pairs"] == 4
-    for name in ("gallery.png", "gallery_after_reload.png", "train.png"):
+    for name in ("gallery.png", "gallery_preview.png", "gallery_grown.png", "gallery_after_reload.png", "train.png",
+                 "train_refused.png", "compare.png", "search.png", "templates.png"):
         assert (shots / name).stat().st_size > 10_000

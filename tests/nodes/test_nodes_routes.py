@@ -145,3 +145,120 @@ def test_register_adds_routes_to_comfy_server(pack, monkeypatch):
     sys.modules["server"].PromptServer.instance.routes = Routes()
     assert routes.register() is True
     assert ("POST", "/prefalign/mark") in added and ("GET", "/prefalign/image") in added
+
+
+def test_deep_json_is_a_bad_request(batch):
+    """Issue 14 item 11: nesting under the 4 KB limit raised RecursionError (500 with a traceback)."""
+    base, store, b = batch
+
+    async def scenario(client):
+        for raw in (b"[" * 4000, b'{"store": ' + b"[" * 2000 + b"]" * 2000 + b"}"):
+            assert len(raw) <= routes.MAX_BODY
+            r = await client.post("/prefalign/mark", data=raw, headers={"Content-Type": "application/json"})
+            assert r.status == 400 and "nested too deeply" in (await r.json())["error"]
+
+    run(base, scenario)
+
+
+@pytest.mark.parametrize("index", [" 1", "1 ", "+1", "-0", "1_0", "\u0661", "0x1", "1e0", "", "1" * 7])
+def test_image_index_is_plain_decimal(batch, index):
+    """Issue 14 item 11: int() accepted signs, spaces, '_' and other scripts' digits."""
+    base, store, b = batch
+
+    async def scenario(client):
+        r = await client.get("/prefalign/image", params={"store": "art", "batch": b, "index": index})
+        assert r.status == 400 and "plain decimal" in (await r.json())["error"]
+
+    run(base, scenario)
+
+
+def test_corrupt_store_answers_with_a_message(batch):
+    """Issue 14 item 11: a corrupt pairs.sqlite gave 500 with a traceback; now JSON naming the store."""
+    base, store, b = batch
+    store.db_path.write_bytes(b"this is not a database" * 100)
+    for extra in ("-wal", "-shm"):
+        store.db_path.with_name(store.db_path.name + extra).unlink(missing_ok=True)
+
+    async def scenario(client):
+        answers = [await client.get("/prefalign/store", params={"store": "art"}),
+                   await client.get("/prefalign/batch", params={"store": "art", "batch": b}),
+                   await client.get("/prefalign/image", params={"store": "art", "batch": b, "index": "0"}),
+                   await client.post("/prefalign/mark", json={"store": "art", "batch": b, "index": 0, "mark": "chosen"})]
+        for r in answers:
+            assert r.status == 500 and r.content_type == "application/json"
+            assert (await r.json())["error"].startswith("store 'art' is damaged: its pairs.sqlite does not read")
+
+    run(base, scenario)
+
+
+def test_tampered_image_name_serves_nothing(batch):
+    """Issue 14 item 12: a batch record naming '../..' served any PNG by path; names must be sha256 digests."""
+    import sqlite3
+
+    base, store, b = batch
+    secret = base.parent / "secret.png"
+    secret.write_bytes(b"\x89PNG\r\n\x1a\nSECRET")
+    rel = "../../secret"  # images/<rel[:2]>/<rel>.png resolves to base.parent/secret.png
+    assert (store.images_dir / rel[:2] / f"{rel}.png").resolve() == secret.resolve()
+    with sqlite3.connect(store.db_path) as con:
+        con.execute("UPDATE batches SET images = ?", (json.dumps([rel, rel]),))
+
+    async def scenario(client):
+        r = await client.get("/prefalign/image", params={"store": "art", "batch": b, "index": "0"})
+        body = await r.read()
+        assert r.status == 500 and b"SECRET" not in body
+        assert "does not list image names" in json.loads(body)["error"]
+
+    run(base, scenario)
+
+
+LOCK_HOLDER = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("BEGIN IMMEDIATE")
+con.execute("INSERT INTO meta VALUES ('lock holder', 'x')")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_writer_in_another_process_blocks_neither_the_server_nor_reads(batch):
+    """Issue 14 item 5: another process holds the store's write lock for 20 s. The event loop stays free
+    (an unrelated route answers at once), reads answer (read-only, WAL: no writes on GET), and a mark
+    answers 503 "busy" after the short busy timeout instead of hanging the whole server."""
+    import subprocess
+    import sys
+    import time
+
+    base, store, b = batch
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(store.db_path), "20"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+
+        async def timed(request):
+            start = time.monotonic()
+            r = await request
+            return r, time.monotonic() - start
+
+        async def scenario(client):
+            marking = asyncio.ensure_future(timed(client.post(
+                "/prefalign/mark", json={"store": "art", "batch": b, "index": 0, "mark": "chosen"})))
+            await asyncio.sleep(0.3)  # the mark is now waiting for the lock
+            r, took = await timed(client.get("/prefalign/train/status"))
+            assert r.status == 200 and took < 1.5, f"unrelated route took {took:.1f} s while a mark waited"
+            for path, params in (("/prefalign/store", {"store": "art"}), ("/prefalign/batch", {"store": "art", "batch": b}),
+                                 ("/prefalign/image", {"store": "art", "batch": b, "index": "1"}),
+                                 ("/prefalign/stores", {})):
+                r, took = await timed(client.get(path, params=params))
+                assert r.status == 200 and took < 1.5, (path, r.status, took)
+            r, took = await marking
+            assert r.status == 503 and "busy" in (await r.json())["error"]
+            assert took < 10, f"the mark answered after {took:.1f} s"
+            assert not marking.cancelled()
+
+        run(base, scenario)
+        assert holder.poll() is None  # the lock was held throughout
+    finally:
+        holder.kill()
+        holder.wait()
+    assert store.batch_state(b)["marks"] == ["none"] * 4

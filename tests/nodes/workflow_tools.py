@@ -4,7 +4,7 @@
   nodes from `stock_object_info.json` (a snapshot of a real ComfyUI's /object_info for the few stock nodes
   the workflows use; the integration test checks the workflows against the live server instead).
 - `Graph`: a tiny builder for UI-format (LiteGraph, version 0.4) workflows; `python workflow_tools.py`
-  rewrites workflows/*.json.
+  rewrites example_workflows/*.json.
 - `validate(ui, info)`: every node type exists, links join matching types, every required input is
   linked or has a widget value, widget values fit their specs.
 - `to_api(ui, info)`: the API-format prompt the frontend would queue for a UI workflow.
@@ -16,6 +16,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+# ComfyUI serves a pack's templates from the first of example_workflows/, example/, examples/, workflow/, workflows/
+# that exists; this repository's examples/ (accelerate configs) would shadow a later name
+WORKFLOW_DIR = ROOT / "example_workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -83,7 +86,8 @@ class Graph:
         self.info, self.nodes, self.links = info, [], []
 
     def add(self, type_: str, pos, widgets: dict | None = None, links: dict | None = None, title: str | None = None,
-            size=None) -> int:
+            size=None, control: str = "fixed") -> int:
+        """`control`: what the frontend does to a seed after each run (fixed, increment, decrement, randomize)."""
         defn = self.info[type_]
         widgets, links = dict(widgets or {}), dict(links or {})
         node_id = len(self.nodes) + 1
@@ -103,7 +107,7 @@ class Graph:
                         widgets[name] = opts["default"]
                     values.append(widgets.pop(name))
                 if has_control(name, spec):
-                    values.append("fixed")
+                    values.append(control)
             else:
                 link = self._link(links.pop(name), node_id, len(inputs), spec[0]) if name in links else None
                 inputs.append({"name": name, "type": spec[0], "link": link})
@@ -224,8 +228,10 @@ def curate(info: dict) -> dict:
     pos = g.add("CLIPTextEncode", (400, 60), {}, {"clip": (ckpt, 1), "text": (text, 0)}, title="Positive")
     neg = g.add("CLIPTextEncode", (400, 260), {"text": NEGATIVE}, {"clip": (ckpt, 1)}, title="Negative")
     lat = g.add("EmptyLatentImage", (400, 460), {"width": 512, "height": 512, "batch_size": 4})
+    # randomize: each run (Run again) generates a new batch instead of returning the cached one
     ks = g.add("KSampler", (760, 60), {"seed": 1, "steps": 25, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
-               {"model": (ckpt, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (lat, 0)}, size=[320, 270])
+               {"model": (ckpt, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (lat, 0)}, size=[320, 270],
+               control="randomize")
     dec = g.add("VAEDecode", (1120, 60), {}, {"samples": (ks, 0), "vae": (ckpt, 2)}, size=[200, 50])
     g.add("PrefAlignGalleryPicker", (1120, 160), {"store": "my_pairs"}, {"images": (dec, 0), "prompt": (text, 0)}, size=[520, 560])
     return g.ui("Curate: generate a batch, pick chosen and rejected images")
@@ -237,11 +243,11 @@ def train(info: dict) -> dict:
     store = g.add("PrefAlignLoadStore", (40, 220), {"store": "my_pairs"}, size=[320, 80])
     tr = g.add("PrefAlignTrainLoRA", (400, 60), {
         "method": "dpo", "method_args": "beta = 5000.0\nloss_type = \"sigmoid\"\nspace = \"latent\"", "steps": 200,
-        "learning_rate": 1e-4, "rank": 8, "alpha": 8.0, "batch_size": 1, "gradient_accumulation_steps": 4,
+        "learning_rate": "1e-4", "rank": 8, "alpha": 8.0, "batch_size": 1, "gradient_accumulation_steps": 4,
         "resolution": 512, "training_seed": 0, "checkpoint_every": 50, "target_modules": "to_q, to_k, to_v, to_out.0",
         "lora_name": "my_pairs"}, {"model": (ckpt, 0), "clip": (ckpt, 1), "vae": (ckpt, 2), "pairs": (store, 0)}, size=[400, 700])
-    g.add("SaveLoRANode", (860, 60), {"prefix": "loras/prefalign_trained"}, {"lora": (tr, 1)}, size=[320, 80])
-    g.add("PreviewImage", (860, 180), {}, {"images": (tr, 2)}, title="Loss curve", size=[360, 260])
+    # the Train node itself saves the file, with its metadata, into models/loras/prefalign/: no Save LoRA node
+    g.add("PreviewImage", (860, 60), {}, {"images": (tr, 2)}, title="Loss curve", size=[360, 380])
     pos = g.add("CLIPTextEncode", (860, 480), {"text": PROMPT}, {"clip": (ckpt, 1)}, title="Positive")
     neg = g.add("CLIPTextEncode", (860, 680), {"text": NEGATIVE}, {"clip": (ckpt, 1)}, title="Negative")
     lat = g.add("EmptyLatentImage", (860, 880), {"width": 512, "height": 512, "batch_size": 1})
@@ -273,14 +279,16 @@ def compare(info: dict) -> dict:
     return g.ui("Compare: same seeds with and without the preference LoRA, side by side")
 
 
-WORKFLOWS = {"prefalign_curate.json": curate, "prefalign_train.json": train, "prefalign_compare.json": compare}
+# file names are the titles ComfyUI's template browser shows; `<name>.jpg` beside each is its thumbnail
+CURATE, TRAIN, COMPARE = "Curate preference pairs.json", "Train a preference LoRA.json", "Compare with and without the LoRA.json"
+WORKFLOWS = {CURATE: curate, TRAIN: train, COMPARE: compare}
 
 
 def build_all(info: dict) -> dict[str, dict]:
     return {name: fn(info) for name, fn in WORKFLOWS.items()}
 
 
-if __name__ == "__main__":  # regenerate workflows/*.json
+if __name__ == "__main__":  # regenerate example_workflows/*.json
     import importlib.util
     import sys
 
@@ -292,5 +300,5 @@ if __name__ == "__main__":  # regenerate workflows/*.json
     for name, ui in build_all(info).items():
         problems = [p for p in validate(ui, info) if "is not one of the choices" not in p]
         assert not problems, problems
-        (ROOT / "workflows" / name).write_text(json.dumps(ui, indent=1) + "\n")
+        (WORKFLOW_DIR / name).write_text(json.dumps(ui, indent=1) + "\n")
         print("wrote", name)

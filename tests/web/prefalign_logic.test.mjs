@@ -3,8 +3,9 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import {
-  acceptsTrainMessage, chartGeometry, clickMark, createMarkSender, imageUrl, keyAction, markBody, mergePoints,
-  moveCursor, nextMark, pairsFromMarks, progressText, smooth, summary,
+  acceptsTrainMessage, chartGeometry, clickMark, createMarkSender, gridLayout, imageUrl, keyAction, markBody, MAX_TEXT_CHARS,
+  MAX_TEXT_LINES, MAX_TILES, mergePoints, moveCursor, nextMark, nodeQueueError, pairsFromMarks, progressText,
+  queueTransition, sanitizeBatch, smooth, summary, textLines, textRows,
 } from "../../web/prefalign_logic.js";
 
 test("keyboard shortcuts", () => {
@@ -95,4 +96,83 @@ test("chart geometry", () => {
   assert.ok(flat.lines.every(([, y]) => y === 50));
   assert.equal(progressText({ step: 3, total: 10, points: [[3, 0.25]] , status: "running"}), "step 3/10  loss 0.2500");
   assert.match(progressText({ step: 3, total: 10, points: [], status: "done", lora: "prefalign/x.safetensors" }), /done: prefalign/);
+});
+
+test("a resumed run's points replace the steps logged after its checkpoint", () => {
+  const before = [[1, 0.7], [2, 0.6], [3, 0.5], [4, 0.4]]; // steps 3 and 4 came after the checkpoint at 2
+  assert.deepEqual(mergePoints(before, [[3, 0.55]]), [[1, 0.7], [2, 0.6], [3, 0.55]]);
+  assert.deepEqual(mergePoints(before, []), before);
+  assert.deepEqual(mergePoints(before, [[1, 0.9], [2, 0.8]]), [[1, 0.9], [2, 0.8]]); // a status reload: the server's list
+});
+
+test("result text: strings only, bounded", () => {
+  assert.deepEqual(textLines({ prefalign_text: ["saved a.safetensors (3 steps)"] }), ["saved a.safetensors (3 steps)"]);
+  assert.deepEqual(textLines({ prefalign_text: ["a\nb", 7, null, "c"] }), ["a", "b", "c"]);
+  assert.deepEqual(textLines({ text: ["ignored by the frontend"] }), []);
+  assert.deepEqual(textLines(null), []);
+  assert.deepEqual(textLines({ prefalign_text: "not a list" }), []);
+  const many = textLines({ prefalign_text: [Array.from({ length: 500 }, (_, i) => `line ${i}`).join("\n")] });
+  assert.equal(many.length, MAX_TEXT_LINES + 1);
+  assert.equal(many[many.length - 1], "…");
+  const long = textLines({ prefalign_text: ["x".repeat(10 * MAX_TEXT_CHARS)] });
+  assert.ok(long.join("").length <= MAX_TEXT_CHARS + 1);
+  // the node grows to show every row: a long line wraps
+  assert.equal(textRows(["method: dpo", "steps: 4"], 330), 2);
+  assert.equal(textRows(["x".repeat(120)], 330), 3);
+  assert.equal(textRows([""], 330), 1);
+});
+
+test("a gallery batch from a workflow is checked and bounded", () => {
+  const id = "ab".repeat(16);
+  assert.deepEqual(sanitizeBatch({ store: "art", batch: id, prompt: "p", count: 4 }), { store: "art", batch: id, prompt: "p", count: 4 });
+  assert.equal(sanitizeBatch({ store: "art", batch: id, count: 3000 }).count, MAX_TILES);
+  assert.equal(MAX_TILES, 64);
+  for (const count of [-1, 0, 2.5, "4", NaN, Infinity, null, undefined]) {
+    assert.equal(sanitizeBatch({ store: "art", batch: id, count }), null, String(count));
+  }
+  for (const store of ["../etc", "a/b", "", ".hidden", "a..b", "art\n", 5]) {
+    assert.equal(sanitizeBatch({ store, batch: id, count: 1 }), null, String(store));
+  }
+  for (const batch of ["AB".repeat(16), "ab", "../x", 7]) assert.equal(sanitizeBatch({ store: "art", batch, count: 1 }), null);
+  assert.equal(sanitizeBatch(null), null);
+  assert.equal(sanitizeBatch("x"), null);
+  assert.equal(sanitizeBatch({ store: "art", batch: id, count: 1, prompt: { evil: 1 } }).prompt, "");
+});
+
+test("gallery tiles grow with the space", () => {
+  assert.deepEqual(gridLayout(4, 420, 300, 4), { columns: 2, side: 148 }); // 2x2 beats 4x1 (101 px)
+  assert.deepEqual(gridLayout(4, 900, 900, 4), { columns: 2, side: 448 });
+  assert.ok(gridLayout(4, 1200, 1200, 4).side > gridLayout(4, 420, 420, 4).side * 2);
+  assert.deepEqual(gridLayout(3, 1000, 200, 0), { columns: 3, side: 200 });
+  assert.equal(gridLayout(4, 0, 0).side, 0); // not laid out yet: the caller keeps its default grid
+  assert.deepEqual(keyAction("v"), { type: "preview" });
+  assert.deepEqual(keyAction(" "), { type: "preview" });
+  assert.deepEqual(keyAction("Escape"), { type: "close" });
+});
+
+test("the chart between Run and the server: refused, failed, cached", () => {
+  const done = { status: "done", lora: "prefalign/a.safetensors", message: "saved", step: 3, total: 3, points: [[3, 0.5]] };
+  const queued = queueTransition(done, "queued");
+  assert.equal(queued.status, "queued");
+  assert.doesNotMatch(progressText(queued), /done/);
+  const refused = queueTransition(queued, "refused", "learning_rate '0' is outside 1e-08 .. 1");
+  assert.equal(refused.status, "error");
+  assert.match(progressText(refused), /\(error: learning_rate '0' is outside/);
+  assert.match(queueTransition(queued, "refused", null).message, /refused/);
+  assert.match(queueTransition(queued, "failed", "PrefAlignLoadStore").message, /PrefAlignLoadStore failed first/);
+  assert.equal(queueTransition(queued, "interrupted").status, "stopped");
+  const restored = queueTransition(queueTransition(queued, "queued"), "finished"); // Run twice, then cached
+  assert.equal(restored.status, "done");
+  assert.equal(queueTransition(done, "refused", "x"), done); // only a waiting chart changes
+  const running = { ...queued, status: "running" };
+  assert.equal(queueTransition(running, "finished"), running);
+});
+
+test("this node's queue errors, bounded", () => {
+  const errors = { 12: { errors: [{ message: "Custom validation failed for node", details: "learning_rate - learning_rate 'abc' is not a number" }], class_type: "PrefAlignTrainLoRA" } };
+  assert.equal(nodeQueueError(errors, 12), "Custom validation failed for node: learning_rate - learning_rate 'abc' is not a number");
+  assert.equal(nodeQueueError(errors, 13), null);
+  assert.equal(nodeQueueError(null, 12), null);
+  assert.equal(nodeQueueError({ 12: { errors: "junk" } }, 12), null);
+  assert.ok(nodeQueueError({ 12: { errors: [{ message: "m".repeat(5000) }] } }, 12).length <= 300);
 });

@@ -68,12 +68,11 @@ def collate(items: Sequence[ProcessedExample | None]) -> dict[str, Any]:
 class ResumableSampler(Sampler[Key]):
     """Yields (row, flip) forever, epoch after epoch, each epoch a seeded permutation.
 
-    Ranks: each epoch's order is cut into chunks (one row, or `group_size` rows with
-    `related_prompts`); rank r takes chunks r, r + world_size, ...; every rank gets the same
-    number of chunks, so up to world_size - 1 chunks per epoch are left out (different ones
-    each epoch). `related_prompts` orders rows so that each chunk of `group_size` consecutive
-    rows holds related prompts (see grouping.py); set group_size to the per-rank batch size.
-    The position is (epoch, index) and `load_state_dict` jumps straight to it.
+    `related_prompts` orders rows so that each chunk of `group_size` consecutive rows holds related
+    prompts (see grouping.py); set group_size to the global batch size. An epoch is cut into whole
+    chunks (a few rows may sit out an epoch, different ones each epoch). Ranks of a distributed run
+    all draw the same keys and each keeps its slice of every global batch (see loader.py). The
+    position is (epoch, index) and `load_state_dict` jumps straight to it.
     """
 
     def __init__(
@@ -85,40 +84,30 @@ class ResumableSampler(Sampler[Key]):
         *,
         prompts: Sequence[str] | None = None,
         group_size: int = 1,
-        rank: int = 0,
-        world_size: int = 1,
     ):
         if num_rows < 1:
             raise ValueError(f"num_rows must be at least 1, got {num_rows}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         if group_size < 1:
             raise ValueError(f"group_size must be at least 1, got {group_size}")
         self.num_rows, self.seed, self.random_flip = num_rows, seed, random_flip
-        self.rank, self.world_size = rank, world_size
         self.chunk = group_size if related_prompts else 1
         self.groups = None
         if related_prompts:
             if prompts is None or len(prompts) != num_rows:
                 raise ValueError("related_prompts needs one prompt per row (prompts=)")
             self.groups = related_groups(prompts, min_size=max(2, group_size))
-        self.chunks_per_rank = num_rows // self.chunk // world_size
-        self.epoch_length = self.chunks_per_rank * self.chunk
+        self.epoch_length = num_rows // self.chunk * self.chunk
         if self.epoch_length == 0:
-            raise ValueError(f"{num_rows} rows are too few for {world_size} ranks x {self.chunk} rows per chunk")
+            raise ValueError(f"{num_rows} rows are too few for batches of {self.chunk} related prompts")
         self.position = 0
         self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def epoch_keys(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's rows and flips for one epoch."""
+        """The rows and flips of one epoch."""
         if self._epoch is None or self._epoch[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            if self.groups is None:
-                order = rng.permutation(self.num_rows)
-            else:
-                order = related_order(*self.groups, self.chunk, rng)
-            chunks = order[: self.num_rows // self.chunk * self.chunk].reshape(-1, self.chunk)
-            rows = chunks[self.rank :: self.world_size][: self.chunks_per_rank].reshape(-1)
+            order = rng.permutation(self.num_rows) if self.groups is None else related_order(*self.groups, self.chunk, rng)
+            rows = order[: self.epoch_length]
             flips = rng.random(len(rows)) < 0.5 if self.random_flip else np.zeros(len(rows), dtype=bool)
             self._epoch = (epoch, rows, flips)
         return self._epoch[1], self._epoch[2]

@@ -2,7 +2,8 @@
 
 Pairs: rows ``{"prompt", "chosen", "rejected"}``. Unpaired feedback: rows
 ``{"prompt", "image", "label"}`` with label 1/0, true/false or "like"/"dislike".
-Image paths are relative to the folder holding the jsonl file; one kind of row per file.
+Image paths are relative to the folder holding the jsonl file and must resolve (symlinks
+followed) inside it unless `allow_outside_paths`; one kind of row per file.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from .base import DataStats, MapSource
 from .errors import DataError
 from .records import PreferenceExample
-from .rows import unpaired_label
+from .rows import image_path, unpaired_label
 
 JSONL_NAMES = ("pairs.jsonl", "feedback.jsonl")
 _PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -29,8 +30,9 @@ def find_jsonl(path: Path) -> Path | None:
 class JsonlFolderSource(MapSource):
     """Examples from a jsonl file whose rows name image files beside it."""
 
-    def __init__(self, jsonl: Path, limit: int | None = None):
+    def __init__(self, jsonl: Path, limit: int | None = None, allow_outside_paths: bool = False):
         self.name = str(jsonl)
+        self.roots = None if allow_outside_paths else (jsonl.parent,)
         self.stats = DataStats()
         self.examples: list[PreferenceExample] = []
         kinds: set[bool] = set()
@@ -41,7 +43,7 @@ class JsonlFolderSource(MapSource):
                 if limit is not None and len(self.examples) >= limit:
                     break
                 where = f"{jsonl} line {number}"
-                example = self._parse(line, jsonl.parent, where)
+                example = self._parse(line, jsonl.parent, where, self.roots)
                 kinds.add(example.is_pair)
                 if len(kinds) > 1:
                     raise DataError(f"{where}: mixes pair and unpaired rows; use one kind per file")
@@ -51,11 +53,13 @@ class JsonlFolderSource(MapSource):
         self._check_not_empty()
 
     @staticmethod
-    def _parse(line: str, folder: Path, where: str) -> PreferenceExample:
+    def _parse(line: str, folder: Path, where: str, roots: tuple[Path, ...] | None) -> PreferenceExample:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON: {e}") from None
+        except RecursionError:
+            raise DataError(f"{where}: not valid JSON: nested too deeply") from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object")
         keys = _UNPAIRED_KEYS if "image" in row else _PAIR_KEYS
@@ -63,9 +67,13 @@ class JsonlFolderSource(MapSource):
             if key not in row:
                 raise DataError(f"{where}: missing field {key!r} (rows need {', '.join(keys)})")
         prompt = str(row["prompt"])
-        if "image" in row:
-            return PreferenceExample(prompt, (folder / row["image"],), (unpaired_label(row["label"], where),), where)
-        return PreferenceExample(prompt, (folder / row["chosen"], folder / row["rejected"]), (1.0, 0.0), where)
+        images = []
+        for key in ("image",) if "image" in row else ("chosen", "rejected"):
+            if not isinstance(row[key], str) or not row[key]:
+                raise DataError(f"{where}: field {key!r} must be an image path (a string), got {type(row[key]).__name__}")
+            images.append(image_path(row[key], folder, roots, where, f"field {key!r}"))
+        labels = (unpaired_label(row["label"], where),) if "image" in row else (1.0, 0.0)
+        return PreferenceExample(prompt, tuple(images), labels, where)
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -1,7 +1,14 @@
 """Hugging Face datasets: a hub id or local dataset through `datasets.load_dataset`, or a
-folder written by `save_to_disk`; indexed (map-style) or streamed shard by shard."""
+folder written by `save_to_disk`; indexed (map-style) or streamed shard by shard.
+
+Dataset loading scripts are never run: a local folder with one is refused before `datasets` sees
+it, and `trust_remote_code=False` is passed to the `datasets` versions (2.20 to 3.x) that would
+otherwise ask or run it (4.0 dropped scripts). Image path cells resolve inside the dataset's
+folder (a hub dataset's: the Hugging Face caches) unless outside paths are allowed.
+"""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -25,6 +32,10 @@ def load_hf(source: str, split: str, streaming: bool) -> datasets.Dataset | data
     import datasets  # imported on use: it is slow to import and only this path needs it
 
     path = Path(source)
+    script = path / f"{path.name}.py"
+    if path.is_dir() and script.is_file():  # how `datasets` finds a local loading script
+        raise DataError(f"{source}: holds a dataset loading script ({script.name}); PrefAlign never runs dataset "
+                        "code. Convert the dataset to parquet files (or save_to_disk) and train on those")
     if path.is_dir() and any((path / m).exists() for m in SAVED_MARKERS):
         loaded = datasets.load_from_disk(source)
         if isinstance(loaded, datasets.DatasetDict):
@@ -33,11 +44,23 @@ def load_hf(source: str, split: str, streaming: bool) -> datasets.Dataset | data
             loaded = loaded[split]
         ds: Any = loaded.to_iterable_dataset(num_shards=max(1, min(64, len(loaded) // 1000))) if streaming else loaded
     else:
-        ds = datasets.load_dataset(source, split=split, streaming=streaming)
+        asks = "trust_remote_code" in inspect.signature(datasets.load_dataset).parameters
+        no_code = {"trust_remote_code": False} if asks else {}
+        ds = datasets.load_dataset(source, split=split, streaming=streaming, **no_code)
     for column, feature in (ds.features or {}).items():
         if isinstance(feature, datasets.Image) and feature.decode:
             ds = ds.cast_column(column, datasets.Image(decode=False))
     return ds
+
+
+def image_roots(source: str) -> tuple[Path, ...]:
+    """Where the image paths of a dataset may point: its folder, or for a hub id the Hugging Face caches."""
+    if Path(source).is_dir():
+        return (Path(source),)
+    import datasets
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE), Path(datasets.config.HF_DATASETS_CACHE)
 
 
 def _columns(ds: datasets.Dataset | datasets.IterableDataset, name: str) -> list[str]:
@@ -52,9 +75,12 @@ def _columns(ds: datasets.Dataset | datasets.IterableDataset, name: str) -> list
 class HFSource(MapSource):
     """A downloaded (arrow-backed) dataset; the label columns are indexed at open."""
 
-    def __init__(self, source: str, split: str = "train", keep_ties: bool = False, limit: int | None = None):
+    def __init__(self, source: str, split: str = "train", keep_ties: bool = False, limit: int | None = None,
+                 allow_outside_paths: bool = False):
         self.name = f"{source} [{split}]"
         self.stats = DataStats()
+        self.folder = Path(source) if Path(source).is_dir() else None
+        self.roots = None if allow_outside_paths else image_roots(source)
         ds = load_hf(source, split, streaming=False)
         self.schema: Schema = detect_schema(_columns(ds, self.name), self.name)
         self.ds = ds.select_columns(list(self.schema.columns))
@@ -78,7 +104,7 @@ class HFSource(MapSource):
 
     def __getitem__(self, index: int) -> PreferenceExample:
         row = int(self.rows[index])
-        example = row_to_example(self.ds[row], self.schema, self._where(row), keep_ties=True)
+        example = row_to_example(self.ds[row], self.schema, self._where(row), True, self.folder, self.roots)
         assert example is not None
         return example
 
@@ -91,10 +117,13 @@ class HFStreamSource(StreamSource):
     """A streamed dataset (`streaming=True`): nothing is downloaded up front; shards are the
     dataset's own shards (files), read in order; a resume inside a shard skips rows of that shard."""
 
-    def __init__(self, source: str, split: str = "train", keep_ties: bool = False, limit: int | None = None):
+    def __init__(self, source: str, split: str = "train", keep_ties: bool = False, limit: int | None = None,
+                 allow_outside_paths: bool = False):
         self.name = f"{source} [{split}]"
         self.stats = DataStats()
         self.keep_ties = keep_ties
+        self.folder = Path(source) if Path(source).is_dir() else None
+        self.roots = None if allow_outside_paths else image_roots(source)
         ds = load_hf(source, split, streaming=True)
         self.schema: Schema = detect_schema(_columns(ds, self.name), self.name)
         self.paired = self.schema.paired
@@ -111,5 +140,6 @@ class HFStreamSource(StreamSource):
         row = start
         for batch in (part.skip(start) if start else part).iter(batch_size=_STREAM_BATCH):
             for values in zip(*batch.values()):
-                yield row_to_example(dict(zip(batch, values)), self.schema, f"{self.name} shard {shard} row {row}", self.keep_ties)
+                yield row_to_example(dict(zip(batch, values)), self.schema, f"{self.name} shard {shard} row {row}",
+                                     self.keep_ties, self.folder, self.roots)
                 row += 1

@@ -29,6 +29,10 @@ class PreferenceExample:
     def is_pair(self) -> bool:
         return len(self.images) == 2
 
+    def image_where(self, k: int) -> str:
+        """Where image k is, for messages: "data/pairs.jsonl line 3 (rejected image)"."""
+        return f"{self.source} ({('chosen', 'rejected')[k] if self.is_pair else 'image'} image)"
+
 
 @dataclass
 class ProcessedExample:

@@ -6,7 +6,8 @@ Two table schemas are understood, by parquet files and Hugging Face datasets ali
 - unpaired feedback (KTO-style): ``caption``, ``jpg``, ``label``.
 
 Other columns are ignored. Images are encoded bytes, an ``{"bytes", "path"}`` struct (the
-``datasets.Image`` storage) or a path string (relative to the table's folder).
+``datasets.Image`` storage) or a path string (relative to the table's folder), which must resolve,
+symlinks followed, inside the dataset's folder unless outside paths are allowed.
 """
 from __future__ import annotations
 
@@ -78,32 +79,49 @@ def unpaired_label(value: Any, where: str) -> float:
     raise DataError(f"{where}: label={value!r}; expected 1/0, true/false or like/dislike")
 
 
-def image_source(value: Any, folder: Path | None, where: str, column: str) -> ImageSource:
-    """Encoded bytes or a path from a cell of an image column."""
+def image_path(value: str, folder: Path | None, roots: tuple[Path, ...] | None, where: str, field: str) -> Path:
+    """A path from a table cell or a jsonl field, relative to `folder`. With `roots`, it must resolve
+    (symlinks followed) inside one of them; the refusal reads the same whether the file exists or not."""
+    path = Path(value) if folder is None else folder / value
+    if roots is not None:
+        try:
+            resolved = path.resolve()
+            inside = any(resolved.is_relative_to(root.resolve()) for root in roots)
+        except (OSError, RuntimeError):  # a symlink loop
+            inside = False
+        if not inside:
+            raise DataError(f"{where}: {field} {value!r} is outside the dataset folder {', '.join(map(str, roots))}; "
+                            "set allow_outside_paths = true (--allow-outside-paths) to read images from anywhere")
+    return path
+
+
+def image_source(value: Any, folder: Path | None, roots: tuple[Path, ...] | None, where: str, column: str) -> ImageSource:
+    """Encoded bytes or a path (see `image_path`) from a cell of an image column."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray, memoryview)) and len(value):
         return bytes(value)
     if isinstance(value, str) and value:
-        path = Path(value)
-        return path if path.is_absolute() or folder is None else folder / path
+        return image_path(value, folder, roots, where, f"column {column!r}")
     raise DataError(f"{where}: column {column!r} holds no image (got {type(value).__name__})")
 
 
 def row_to_example(
-    row: dict[str, Any], schema: Schema, where: str, keep_ties: bool, folder: Path | None = None
+    row: dict[str, Any], schema: Schema, where: str, keep_ties: bool, folder: Path | None = None,
+    roots: tuple[Path, ...] | None = None,
 ) -> PreferenceExample | None:
-    """The example for one row, winner first; None for a tie that is dropped."""
+    """The example for one row, winner first; None for a tie that is dropped. Image paths are
+    relative to `folder` and confined to `roots` (None: anywhere)."""
     caption = row["caption"]
     prompt = "" if caption is None else str(caption)
     if not schema.paired:
-        image = image_source(row["jpg"], folder, where, "jpg")
+        image = image_source(row["jpg"], folder, roots, where, "jpg")
         return PreferenceExample(prompt, (image,), (unpaired_label(row["label"], where),), where)
     order = pair_order(row["label_0"], row["label_1"], where)
     if order == "tie" and not keep_ties:
         return None
-    first = image_source(row["jpg_0"], folder, where, "jpg_0")
-    second = image_source(row["jpg_1"], folder, where, "jpg_1")
+    first = image_source(row["jpg_0"], folder, roots, where, "jpg_0")
+    second = image_source(row["jpg_1"], folder, roots, where, "jpg_1")
     images = (second, first) if order == "swap" else (first, second)
     return PreferenceExample(prompt, images, (1.0, 0.0), where)
 

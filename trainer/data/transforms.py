@@ -1,35 +1,30 @@
 """Image decoding and the shared resize / crop / flip of a pair."""
 from __future__ import annotations
 
-import io
 import math
 import random
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..limits import MAX_IMAGE_BYTES, MAX_PIXELS
 from .errors import BadImageError
+from .images import IMAGE_FORMATS, check_image_size, open_image
 from .records import ImageSource, PreferenceExample, ProcessedExample
 
-#: Default refusal threshold: 64 megapixels (8192 x 8192), below Pillow's own bomb warning.
-MAX_PIXELS = 8192 * 8192
+#: Pixels converted at a time: a huge image costs its decoded size plus the 8-bit RGB result, not
+#: a float or 64-bit copy of it.
+_STRIP_PIXELS = 2**20
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def _open(image: ImageSource) -> Image.Image:
-    return Image.open(io.BytesIO(image) if isinstance(image, bytes) else Path(image))
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _strip_to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB: alpha composited on white, 16-bit scaled down, palette / CMYK / grey converted."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        wide = np.asarray(img, dtype=np.int64)
-        scale = 257.0 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 1.0
-        img = Image.fromarray(np.clip(wide / scale + 0.5, 0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    if img.mode in _SIXTEEN_BIT:  # a 16-bit grey PNG (older Pillow opens it as "I")
+        wide = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)  # one strip: small
+        img = Image.fromarray(((wide + 128) // 257).astype(np.uint8), "L")  # round(x / 257): 65535 -> 255
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -39,33 +34,47 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """`_strip_to_rgb` a band of rows at a time into one RGB image (the image itself when already RGB)."""
+    if img.mode == "RGB":
+        return img
+    w, h = img.size
+    rows = max(1, _STRIP_PIXELS // w)
+    if rows >= h:
+        return _strip_to_rgb(img)
+    out = Image.new("RGB", (w, h))
+    for top in range(0, h, rows):
+        out.paste(_strip_to_rgb(img.crop((0, top, w, min(h, top + rows)))), (0, top))
+    return out
+
+
 def decode_image(
-    image: ImageSource, where: str, max_pixels: int = MAX_PIXELS, draft_size: int | None = None
+    image: ImageSource, where: str, max_pixels: int = MAX_PIXELS, draft_size: int | None = None,
+    max_bytes: int = MAX_IMAGE_BYTES,
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode to 8-bit RGB with EXIF orientation applied; also return the original (h, w).
 
-    Anything that fails raises BadImageError naming `where`; an image above `max_pixels` is
-    refused before its pixels are decoded. `draft_size` lets a JPEG decode at a reduced scale
-    whose shorter side stays at least `draft_size` (much faster for large images)."""
+    Anything that fails raises BadImageError naming `where`; a format outside IMAGE_FORMATS, or an
+    image above `max_pixels` or `max_bytes` of decoded samples, is refused before its pixels are
+    decoded. `draft_size` lets a JPEG decode at a reduced scale whose shorter side stays at least
+    `draft_size` (much faster for large images). Peak memory is about the decoded image plus its
+    RGB copy (4 bytes a pixel)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = _open(image)
+            img = open_image(image)
+            check_image_size(img, where, max_pixels, max_bytes)
             w, h = img.size
-            if w * h > max_pixels:
-                raise BadImageError(
-                    f"{where}: image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} "
-                    "(decompression bomb?); raise max_pixels to accept it"
-                )
             original = (w, h) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)
             if draft_size is not None and img.format == "JPEG":
                 scale = draft_size / min(w, h)
                 img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-            img = ImageOps.exif_transpose(img)
-            img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # decodes; copies only an image it turns
             return _to_rgb(img), original
     except BadImageError:
         raise
+    except UnidentifiedImageError:
+        raise BadImageError(f"{where}: image does not decode as any accepted format ({', '.join(IMAGE_FORMATS)})") from None
     except Exception as e:  # malformed files raise many kinds of errors inside Pillow's plugins
         raise BadImageError(f"{where}: image does not decode: {type(e).__name__}: {e}") from None
 
@@ -80,12 +89,14 @@ class ImageTransform:
     offsets are in the resized image and, after a flip, measured in the flipped image.
     """
 
-    def __init__(self, resolution: int, center_crop: bool = True, max_pixels: int = MAX_PIXELS):
+    def __init__(self, resolution: int, center_crop: bool = True, max_pixels: int = MAX_PIXELS,
+                 max_bytes: int = MAX_IMAGE_BYTES):
         if resolution < 1:
             raise ValueError(f"resolution must be positive, got {resolution}")
         self.resolution = resolution
         self.center_crop = center_crop
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
 
     def __call__(self, example: PreferenceExample, flip: bool, crop_rng: random.Random | None) -> ProcessedExample:
         if self.center_crop or crop_rng is None:
@@ -96,7 +107,7 @@ class ImageTransform:
         for k, image in enumerate(example.images):
             role = ("chosen", "rejected")[k] if example.is_pair else "image"
             where = f"{example.source} ({role} image)"
-            img, original = decode_image(image, where, self.max_pixels, draft_size=self.resolution)
+            img, original = decode_image(image, where, self.max_pixels, self.resolution, self.max_bytes)
             tensor, ids = self._resize_crop(img, original, fy, fx, flip, where)
             pixels.append(tensor)
             time_ids.append(ids)

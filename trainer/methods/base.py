@@ -109,6 +109,12 @@ class MethodConfig:
             else:
                 setattr(self, f.name, float(value))
 
+    def recorded(self) -> dict[str, Any]:
+        """The options as a config file records them: unset `by_prediction` fields as None (chosen per model)."""
+        values = dataclasses.asdict(self)
+        values.update(dict.fromkeys(self._unset_by_prediction))
+        return values
+
     def for_prediction(self, prediction_type: str) -> "MethodConfig":
         """These options on a model of `prediction_type`: unset `by_prediction` fields take its default."""
         key = "flow" if prediction_type == "flow" else "ddpm"

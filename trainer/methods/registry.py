@@ -1,7 +1,6 @@
 """Methods registered by name."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from .base import Method
@@ -29,21 +28,8 @@ def method_class(name: str) -> type[Method]:
 
 
 def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
-    """Instantiate a method with hyper-parameters; an unknown option names the key.
+    """Instantiate a method with hyper-parameters; an unknown option or a wrong type names the key."""
+    from .args import check_method_args
 
-    A field whose default is None ("chosen from the other options") is not type-checked here.
-    """
     cls = method_class(name)
-    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
-    options = dict(options or {})
-    for key, value in options.items():
-        if key not in fields:
-            raise ValueError(
-                f"method_args.{key}: not an option of method {name!r} (options: {', '.join(fields) or 'none'})"
-            )
-        default = fields[key].default
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            options[key] = float(value)
-        elif default not in (dataclasses.MISSING, None) and not isinstance(value, type(default)):
-            raise ValueError(f"method_args.{key}: expected {type(default).__name__}, got {value!r}")
-    return cls(cls.Config(**options))
+    return cls(cls.Config(**check_method_args(name, options)))

@@ -7,6 +7,10 @@ from .base import default_note
 from .registry import method_class, method_names
 
 COLUMNS = ("method", "paper", "reference", "hyper-parameters (defaults)")
+LEGEND = ("reference: yes = the loss compares the LoRA with the frozen base model (one more UNet forward per "
+          "step, no extra memory for weights); no = reference-free. (auto) = chosen from the other options. "
+          "space=ncp measures the errors in the frozen U-Net encoder's features (NCP) instead of the latent. "
+          "Set options with --method-args KEY=VALUE.")
 
 
 def _format(value: object) -> str:
@@ -37,6 +41,5 @@ def methods_table_markdown() -> str:
 def methods_table_text() -> str:
     rows = [COLUMNS, *methods_table_rows()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows
-    )
+    table = "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows)
+    return f"{table}\n\n{LEGEND}"

@@ -9,7 +9,7 @@ from .diffusers_backend import DiffusersBackend
 from .flow_loading import check_family_options, load_flow_components, model_family
 from .flux_backend import FluxBackend
 from .loading import load_components
-from .lora import DEFAULT_TARGETS, LoraSpec
+from .lora import LoraSpec
 from .sd3_backend import SD3Backend
 from .unet_backend import UNetBackend
 
@@ -28,7 +28,7 @@ def make_backend(config: TrainConfig, device: torch.device) -> DiffusersBackend:
         parts = load_flow_components(config.model, family, config.vae, config.model_config, config.drop_t5,
                                      config.quantize, weight_dtype)
     cls = BACKENDS[family]
-    lora = LoraSpec(config.rank, config.alpha, tuple(config.target_modules or DEFAULT_TARGETS[parts.architecture]))
+    lora = LoraSpec.from_config(config, parts.architecture)
     sampling = TimestepSampling(int(parts.scheduler.config.num_train_timesteps),
                                 config.timestep_sampling or cls.default_timestep_sampling,
                                 config.logit_mean, config.logit_std, config.mode_scale)

@@ -39,6 +39,13 @@ class LoraSpec:
     alpha: float
     target_modules: tuple[str, ...]
 
+    @classmethod
+    def from_config(cls, config, architecture: str = "sd15") -> "LoraSpec":
+        """The LoRA a run's `TrainConfig` asks for (the CLI and the ComfyUI node both build it here); without
+        `target_modules`, the family's defaults (the UNet's for families this file does not know)."""
+        targets = config.target_modules or DEFAULT_TARGETS.get(architecture, UNET_TARGETS)
+        return cls(config.rank, config.alpha, tuple(targets))
+
 
 def attach_lora(denoiser: nn.Module, spec: LoraSpec, seed: int = 0) -> None:
     """Freeze the denoiser and add a LoRA adapter with B = 0 (policy == base at step 0) and A drawn from `seed`."""
