@@ -115,3 +115,18 @@ def test_target_modules_default_per_family_and_override(tmp_path):
     assert sd.lora.target_modules == ("to_q", "to_k", "to_v", "to_out.0")
     only_q = make_backend(tiny_config(tmp_path, model="tiny-sd3", target_modules=["to_q"]), torch.device("cpu"))
     assert {k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in only_q.export_lora()} == {"to_q"}
+
+
+def test_cli_records_the_flow_beta_and_resumes_with_it(tmp_path, capsys):
+    """config.toml holds the beta the run used (1000 on Flux); `--resume latest` with the beta left unset
+    is the same run (the folder check does not read the unset beta as a change)."""
+    import tomllib
+
+    common = ("--model", "tiny-flux", "--batch-size", "1", "--rank", "2", "--cache-dir", str(tmp_path / "cache"))
+    code, err = run_cli(tmp_path, capsys, *common)
+    assert code == 0, err
+    assert tomllib.loads((tmp_path / "out" / "config.toml").read_text())["method_args"]["beta"] == 1000.0
+    code, err = run_cli(tmp_path, capsys, *common, "--resume", "latest", "--max-steps", "2")
+    assert code == 0, err
+    code, err = run_cli(tmp_path, capsys, *common, "--resume", "latest", "--max-steps", "3", "--method-args", "beta=50")
+    assert code == 2 and "method_args.beta: 1000.0 -> 50.0" in err

@@ -246,8 +246,8 @@ def config_differences(recorded: dict[str, Any], config: TrainConfig, ignore: tu
         if key == "method_args" and before.get("method", config.method) != config.method:
             continue  # another method: its options differ as a whole, and `method` already says so
         if isinstance(old, dict) and isinstance(new, dict):
-            changes += [f"{key}.{k}: {_shown(old.get(k))} -> {_shown(new.get(k))}"
-                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            changes += [f"{key}.{k}: {_shown(old.get(k))} -> {_shown(new.get(k))}"  # a hyper-parameter left to the
+                        for k in sorted(set(old) | set(new)) if k in new and old.get(k) != new.get(k)]  # model: absent
         elif old != new:
             changes.append(f"{key}: {_shown(old)} -> {_shown(new)}")
     return changes

@@ -84,6 +84,7 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
     method = build_method(config.method, config.method_args)
     check_compatible(method, examples, backend)
     method = method.for_model(backend.prediction_type, backend.model_info().get("architecture", ""))
+    config = dataclasses.replace(config, method_args=method.options())  # model-dependent defaults as used (flow betas)
     plan = plan_output_dir(config)  # refuses a folder that another run owns, before any work
     if EMBEDDINGS in method.needs and config.embedder:
         from .models.embedder import EmbeddingBackend
@@ -182,8 +183,7 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
         if step > 0 and (last_good is None or not last_good.name.endswith(f"-{step}")):
             last_good = checkpoint()
         result.checkpoint = last_good
-        resolved = dataclasses.replace(config, method_args=method.options())  # defaults as used (flow betas)
-        meta = lora_metadata(resolved, backend.model_info(), step, metrics)
+        meta = lora_metadata(config, backend.model_info(), step, metrics)
         result.lora_path = write_lora(out / "lora.safetensors", backend.export_lora(), meta)
         write_text(out / "summary.json", json.dumps({"steps": step, "stopped": stopped, "metrics": metrics,
                                                      "data": result.data, "lora": str(result.lora_path)}, indent=2))

@@ -72,7 +72,10 @@ def check_method_args(method: str, args: dict[str, Any] | None) -> dict[str, Any
         if key not in fields:
             raise ValueError(f"method_args.{key}: {method} has no hyper-parameter {key}; "
                              f"it takes: {', '.join(fields) or 'none'}")
-        default = fields[key].metadata.get("by_prediction", {}).get("ddpm", fields[key].default)  # type of a per-model default
+        per_model = fields[key].metadata.get("by_prediction")
+        if per_model is not None and value is None:  # left to the model (resolve_method_args records it so)
+            continue
+        default = per_model["ddpm"] if per_model is not None else fields[key].default
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             checked[key] = float(value)
         elif default not in (dataclasses.MISSING, None) and not isinstance(value, type(default)):
