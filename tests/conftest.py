@@ -73,7 +73,7 @@ def fixed_batch_losses(backend, method_name: str, examples, steps: int = 20, lr:
     method = build_method(method_name, options)
     transform = ImageTransform(resolution)
     batch = encode_collated(backend, collate([transform(e, False, None) for e in examples]))
-    noise = draw_noise(method, batch.latents.shape, batch.paired, backend.num_train_timesteps,
+    noise = draw_noise(method, batch.latents.shape, batch.paired, backend.timestep_sampling,
                        torch.Generator().manual_seed(1234))
     params = backend.trainable_parameters()
     optimizer = torch.optim.Adam(params, lr=lr)
