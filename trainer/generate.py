@@ -43,13 +43,31 @@ def _ddim(config: dict) -> Any:
 
 
 def _sd15_arguments(parts: Components) -> dict:
-    return dict(vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], unet=parts.unet,
+    return dict(vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], unet=parts.denoiser,
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def _sdxl_arguments(parts: Components) -> dict:
     return dict(vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
-                tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1], unet=parts.unet, add_watermarker=False)
+                tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1], unet=parts.denoiser, add_watermarker=False)
+
+
+def _sd3_arguments(parts: Components) -> dict:
+    encoders = [*parts.text_encoders, None][:3]  # T5 may be dropped (`drop_t5`): the pipeline takes None
+    return dict(transformer=parts.denoiser, vae=parts.vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                text_encoder_3=encoders[2], tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1],
+                tokenizer_3=parts.tokenizers[2] if encoders[2] is not None else None)
+
+
+def _flux_arguments(parts: Components) -> dict:
+    return dict(transformer=parts.denoiser, vae=parts.vae, text_encoder=parts.text_encoders[0],
+                text_encoder_2=parts.text_encoders[1], tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1])
+
+
+def _flow_euler(config: dict) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(config)  # deterministic: the seed fixes the image
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,8 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "sd15": Family("StableDiffusionPipeline", _sd15_arguments, _ddim, {"eta": 0.0}),
     "sdxl": Family("StableDiffusionXLPipeline", _sdxl_arguments, _ddim, {"eta": 0.0}),
+    "sd3": Family("StableDiffusion3Pipeline", _sd3_arguments, _flow_euler),
+    "flux": Family("FluxPipeline", _flux_arguments, _flow_euler),
 }
 
 
@@ -94,14 +114,15 @@ def pipeline_from_components(parts: Components, device: torch.device | str = "cp
 
 def load_pipeline(model: str, vae: str | None = None, model_config: str | None = None,
                   device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-    """Any model `train --model` takes (folder, hub id, single file, toy, tiny-sd/-sdxl) as a sampling pipeline."""
-    from .models.loading import check_model_source, load_components
+    """Any model `train --model` takes (folder, hub id, single file, toy, tiny-*) as a sampling pipeline."""
+    from .models.factory import load_model_components
+    from .models.loading import check_model_source
 
     for option, location in (("--model", model), ("--vae", vae), ("--model-config", model_config)):
         if location is not None:
             check_model_source(location, option)  # a typo or an offline hub id: said before anything loads
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return pipeline_from_components(load_components(model, vae, model_config), device, dtype)
+    return pipeline_from_components(load_model_components(model, vae, model_config), device, dtype)
 
 
 @contextmanager
