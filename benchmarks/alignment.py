@@ -90,7 +90,7 @@ class HeldOutPairs:
                 total = torch.zeros(n)
                 for d in range(self.draws):
                     noise = draw_noise(self.method, batch.latents.shape, batch.paired,
-                                       self.backend.num_train_timesteps, torch.Generator().manual_seed(self.seed + d))
+                                       self.backend.timestep_sampling, torch.Generator().manual_seed(self.seed + d))
                     out = compute_outputs(self.backend, self.method, batch, noise)
                     total += ((out.ref_err[:n] - out.err[:n]) - (out.ref_err[n:] - out.err[n:])).float().cpu()
                 out_margins.append(total / self.draws)

@@ -108,7 +108,7 @@ def make_floor(backend, case: MethodCase, batch, mixed_precision: str = "no") ->
 
     method = build_method(case.name, case.args)
     device = backend.device
-    noise = draw_noise(method, batch.latents.shape, batch.paired, backend.num_train_timesteps,
+    noise = draw_noise(method, batch.latents.shape, batch.paired, backend.timestep_sampling,
                        torch.Generator().manual_seed(99))
     if batch.paired and not method.uses_rejected:
         batch, noise = chosen_half(batch, noise)

@@ -4,10 +4,11 @@
   (ComfyUI's weight-wrapper hook, the one its native LoRA trainer uses), so any model family ComfyUI
   samples works. The reference is the same patcher with every wrapper switched off: one UNet in memory.
 - Timesteps are integers in [0, num_train_timesteps) as in the trainer; ComfyUI works in sigmas
-  (k-diffusion space x = x0 + sigma * eps). `add_noise` gives the DDPM x_t the trainer expects and
-  `predict` maps it to ComfyUI's space, runs `apply_model`, and returns eps (or v) so the trainer's
-  losses are the standard ones. Flow models (CONST sampling) use x_t = (1-s) x0 + s eps and the
-  flow target eps - x0 (`prediction_type = "flow"`), with s from the model's (shifted) sigma table.
+  (k-diffusion space x = x0 + sigma * eps). The forward process is the trainer's (`trainer.forward_process`),
+  on the model's own schedule: DDPM alphas_cumprod = 1 / (1 + sigma^2) from ComfyUI's sigma table, or for
+  flow models (CONST sampling) the model's (shifted) sigma table itself. `predict` maps x_t to ComfyUI's
+  space, runs `apply_model`, and turns its x0 into the output the trainer's losses expect (eps, v or the
+  flow velocity eps - x0).
 - Latents: `encode_images` runs the VAE and `process_latent_in` (ComfyUI's VAE output is unscaled).
 - Export: kohya names `lora_unet_<ComfyUI diffusion_model path with _>` that ComfyUI's LoraLoader
   maps for every model family, with `.alpha`.
@@ -23,6 +24,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..trainer.forward_process import Schedule, TimestepSampling
 from ..trainer.models.lora import LoraSpec
 from .comfy_checkpointing import checkpointed, outermost_blocks
 from .comfy_lora import PREFIX, LoraWeight, identity_wrapper, kohya_name, matches_target
@@ -79,6 +81,12 @@ class ComfyBackend:
         self.num_train_timesteps = int(self._sigmas.shape[0]) if self._sigmas is not None else 1000
         self.discrete = self._sigmas is not None and self.prediction_type != "flow"
         self.alphas_cumprod = 1.0 / (1.0 + self._sigmas ** 2) if self.discrete else None
+        if self.discrete:
+            self.schedule = Schedule(alphas_cumprod=self.alphas_cumprod)
+        else:  # flow: sigma in (0, 1], the model's table when it has one
+            steps = torch.arange(1, self.num_train_timesteps + 1, dtype=torch.float32) / self.num_train_timesteps
+            self.schedule = Schedule(sigmas=self._sigmas if self._sigmas is not None else steps)
+        self.timestep_sampling = TimestepSampling(self.num_train_timesteps)
 
         generator = torch.Generator().manual_seed(int(seed))
         self.adapters: dict[str, LoraWeight] = {}
@@ -128,9 +136,10 @@ class ComfyBackend:
         self.mm.load_models_gpu([self.patcher], force_full_load=True)
 
     def _sigma(self, timesteps: Tensor) -> Tensor:
-        if self._sigmas is not None:
+        """ComfyUI's sigma of a trainer timestep (k-diffusion sigma, or the flow model's s)."""
+        if self.discrete:
             return self._sigmas.to(timesteps.device)[timesteps.long()]
-        return (timesteps.float() + 1) / self.num_train_timesteps  # flow: sigma in (0, 1]
+        return self.schedule.sigma(timesteps)
 
     @staticmethod
     def _view(x: Tensor, like: Tensor) -> Tensor:
@@ -180,19 +189,10 @@ class ComfyBackend:
 
     # -- forward process ---------------------------------------------------------------------------
     def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        if self.discrete:
-            a = self._view(self.alphas_cumprod.to(latents.device)[timesteps.long()], latents)
-            return a.sqrt() * latents + (1 - a).sqrt() * noise
-        s = self._view(self._sigma(timesteps), latents)
-        return (1 - s) * latents + s * noise
+        return self.schedule.add_noise(latents, noise, timesteps)
 
     def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        if self.prediction_type == "epsilon":
-            return noise
-        if self.prediction_type == "flow":
-            return noise - latents
-        a = self._view(self.alphas_cumprod.to(latents.device)[timesteps.long()], latents)
-        return a.sqrt() * noise - (1 - a).sqrt() * latents
+        return self.schedule.target(latents, noise, timesteps, self.prediction_type)
 
     # -- model calls --------------------------------------------------------------------------------
     def _conds(self, cond: dict[str, Tensor], x: Tensor) -> dict:
@@ -217,8 +217,8 @@ class ComfyBackend:
             out[key] = torch.cat(parts) if isinstance(parts[0], Tensor) else parts[0]
         return out
 
-    def _x0(self, noisy: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Run ComfyUI's model on a DDPM/flow x_t: returns (k-space x, sigma, denoised x0)."""
+    def _x0(self, noisy: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """Run ComfyUI's model on a DDPM/flow x_t: returns its denoised x0."""
         self._ensure_loaded()
         sigma = self._sigma(timesteps.to(noisy.device)).to(noisy.device)
         s = self._view(sigma, noisy).float()
@@ -229,17 +229,11 @@ class ComfyBackend:
             and torch.cuda.is_bf16_supported()) else _null()
         with autocast:
             denoised = self.base.apply_model(x, sigma.float(), **kwargs)
-        return x, s, denoised.float()
+        return denoised.float()
 
     def predict(self, noisy: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        x, s, x0 = self._x0(noisy, timesteps, cond)
-        if self.prediction_type == "flow":
-            return (x - x0) / s  # v = eps - x0, since x = x0 + s (eps - x0)
-        eps = (x - x0) / s
-        if self.prediction_type == "epsilon":
-            return eps
-        a = 1.0 / (1.0 + s ** 2)
-        return a.sqrt() * eps - (1 - a).sqrt() * x0
+        x0 = self._x0(noisy, timesteps, cond)
+        return self.schedule.output_from_x0(noisy.float(), x0, timesteps.to(noisy.device), self.prediction_type)
 
     @contextmanager
     def reference(self) -> Iterator[None]:

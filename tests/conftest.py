@@ -73,7 +73,7 @@ def fixed_batch_losses(backend, method_name: str, examples, steps: int = 20, lr:
     method = build_method(method_name, options)
     transform = ImageTransform(resolution)
     batch = encode_collated(backend, collate([transform(e, False, None) for e in examples]))
-    noise = draw_noise(method, batch.latents.shape, batch.paired, backend.num_train_timesteps,
+    noise = draw_noise(method, batch.latents.shape, batch.paired, backend.timestep_sampling,
                        torch.Generator().manual_seed(1234))
     params = backend.trainable_parameters()
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -85,3 +85,33 @@ def fixed_batch_losses(backend, method_name: str, examples, steps: int = 20, lr:
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def build_tiny_clip(folder: Path) -> Path:
+    """A random CLIP (32-wide towers, 32-pixel images) with the char-level tokenizer, saved like a hub model:
+    it stands in for PickScore / CLIP judges."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from trainer.models.tiny import write_char_tokenizer
+
+    vocab = write_char_tokenizer(folder / "tok")
+    tok = CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"), model_max_length=32)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=32, bos_token_id=vocab - 2,
+                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CLIPModel(config).eval().save_pretrained(folder / "clip")
+    tok.save_pretrained(folder / "clip")
+    return folder / "clip"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    return str(build_tiny_clip(tmp_path_factory.mktemp("clip")))

@@ -141,13 +141,15 @@ def test_resume_command_repeats_the_options_with_resume_latest():
 
 
 def test_eval_summary_counts_in_words_and_says_where_it_wrote():
-    from trainer.evaluate import summary
+    from trainer.evaluate import summary, win_rate
+    from dataclasses import asdict
 
-    report = {"scorer": "clip", "samples": 3, "lora": "l.safetensors", "mean_base": 1.0, "mean_lora": 2.0,
-              "win_rate": {"rate": 1 / 3, "low": 0.06, "high": 0.79, "wins": 1, "ties": 1, "losses": 1},
+    result = {"name": "clip:x", "labelled": None, "binary": False, "mean_base": 1.0, "mean_lora": 2.0,
+              "win_rate": asdict(win_rate([2.0, 1.0, 0.0], [1.0, 1.0, 1.0]))}
+    report = {"samples": 3, "lora": "l.safetensors", "model": "toy", "results": [result],
               "files": ["runs/eval/eval.json", "runs/eval/grid.png"]}
     text = summary(report)
-    assert "(1 win, 1 tie, 1 loss)" in text
+    assert "1 win, 1 tie, 1 loss" in text
     assert "wrote runs/eval/eval.json and runs/eval/grid.png" in text
-    report["win_rate"].update(wins=0, ties=2, losses=1)
-    assert "(0 wins, 2 ties, 1 loss)" in summary(report)
+    result["win_rate"] = asdict(win_rate([1.0, 0.0, 0.0], [1.0, 0.0, 1.0]))
+    assert "0 wins, 2 ties, 1 loss" in summary(report)

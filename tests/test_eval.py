@@ -1,92 +1,39 @@
-"""`python -m trainer eval`: win-rate arithmetic, the attribute, CLIP and style scorers, the CLI end to end."""
+"""`python -m trainer eval`: ties reported as ties, several judges, which judge labelled the pairs, the CLI."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
-import torch
 
 from trainer.cli import main
-from trainer.evaluate import AttributeScorer, ClipScorer, StyleScorer, pixels, rate, win_rate
+from trainer.evaluate import rate, win_rate
 from trainer.toy import has_attribute, sample_images, write_preference_dataset
 
 
-def test_win_rate_counts_strict_wins_with_a_wilson_interval():
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval written out independently (Wilson 1927, eq. for p +- z)."""
+    p = k / n
+    centre = p + z * z / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def test_win_rate_is_over_decided_pairs_and_ties_are_their_own_share():
     w = win_rate([3.0, 1.0, 2.0, 2.5], [1.0, 2.0, 2.0, 0.0])
-    assert (w.wins, w.ties, w.losses, w.n) == (2, 1, 1, 4)
-    assert w.rate == 0.5
-    # Wilson 95% interval for 2/4, from the closed form: (0.1500, 0.8500)
-    assert w.low == pytest.approx(0.15003, abs=1e-4) and w.high == pytest.approx(0.84997, abs=1e-4)
-    w = win_rate([1.0] * 10, [0.0] * 10)
-    assert w.rate == 1.0 and w.low == pytest.approx(0.72247, abs=1e-4) and w.high == 1.0  # Wilson 10/10
+    assert (w.wins, w.ties, w.losses, w.n, w.decided) == (2, 1, 1, 4, 3)
+    assert w.rate == pytest.approx(2 / 3) and (w.low, w.high) == pytest.approx(wilson(2, 3))
+    assert (w.tie_share.rate, w.tie_share.low, w.tie_share.high) == pytest.approx((0.25, *wilson(1, 4)))
+    # the issue's example: 36 wins, 59 ties, 1 loss is a win, not a 37.5% "win rate"
+    w = win_rate([1.0] * 36 + [0.0] * 59 + [0.0], [0.0] * 36 + [0.0] * 59 + [1.0])
+    assert w.rate == pytest.approx(36 / 37) and w.low > 0.5
+    assert (w.win_share.rate, w.tie_share.rate, w.loss_share.rate) == pytest.approx((36 / 96, 59 / 96, 1 / 96))
+    w = win_rate([1.0, 2.0], [1.0, 2.0])
+    assert w.rate is None and (w.low, w.high) == (0.0, 1.0) and w.ties == 2
     r = rate([1, 0, 0, 0, 1, 0, 0, 0, 0, 0])
-    assert (r.hits, r.n, r.rate) == (2, 10, 0.2)
-    assert r.low == pytest.approx(0.05668, abs=1e-4) and r.high == pytest.approx(0.50983, abs=1e-4)  # Wilson 2/10
+    assert (r.hits, r.n, r.rate) == (2, 10, 0.2) and (r.low, r.high) == pytest.approx(wilson(2, 10))
     with pytest.raises(ValueError):
         win_rate([1.0], [1.0, 2.0])
-
-
-def build_tiny_clip(folder):
-    """A random CLIP (32-wide towers, 32-pixel images) with the char-level tokenizer, saved like a hub model."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from trainer.models.tiny import write_char_tokenizer
-
-    vocab = write_char_tokenizer(folder / "tok")
-    tok = CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"), model_max_length=32)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=32, bos_token_id=vocab - 2,
-                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).eval().save_pretrained(folder / "clip")
-    tok.save_pretrained(folder / "clip")
-    return folder / "clip"
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    return str(build_tiny_clip(tmp_path_factory.mktemp("clip")))
-
-
-@pytest.fixture(scope="module")
-def toy_images():
-    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
-    return prompts, sample_images(None, prompts, [1, 2, 3, 4], steps=4)
-
-
-def clip_logits(location, images, texts):
-    """logits_per_image of CLIPModel.forward: logit_scale * cos(image, text), computed by transformers."""
-    from transformers import AutoTokenizer, CLIPModel
-
-    model, tok = CLIPModel.from_pretrained(location).eval(), AutoTokenizer.from_pretrained(location)
-    ids = tok(texts, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-    x = ((pixels(images) + 1) / 2 - mean) / std  # 32-pixel images already match the vision tower's size
-    with torch.no_grad():
-        return model(input_ids=ids.input_ids, attention_mask=ids.attention_mask, pixel_values=x).logits_per_image
-
-
-def test_clip_scorer_is_logit_scale_times_cosine(tiny_clip, toy_images):
-    prompts, images = toy_images
-    scores = ClipScorer(tiny_clip).score(images, prompts)
-    expected = clip_logits(tiny_clip, images, prompts).diagonal()
-    assert scores == pytest.approx(expected.tolist(), abs=1e-4)
-    assert len(set(round(s, 5) for s in scores)) > 1
-
-
-def test_style_scorer_zero_shot_and_toy_classifier(tiny_clip, toy_images):
-    prompts, images = toy_images
-    flags = StyleScorer("shaded", ClipScorer(tiny_clip)).score(images, prompts)
-    expected = clip_logits(tiny_clip, images, ["a shaded image", "a flat image"]).argmax(-1) == 0
-    assert flags == [float(x) for x in expected.tolist()]
-    assert StyleScorer("shaded").score(images, prompts) == [float(has_attribute(im, "shaded")) for im in images]
-    assert AttributeScorer("red").score(images, prompts) == [float(has_attribute(im, "red")) for im in images]
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +56,20 @@ def test_eval_cli_attribute_scorer_matches_independent_sampling(tmp_path, toy_lo
                  "--output-dir", str(out)]) == 0
     report = json.loads((out / "eval.json").read_text())
     assert (out / "grid.png").stat().st_size > 0
-    assert "win rate" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "win rate" in printed and f"wrote {out / 'eval.json'}" in printed
     assert report["seeds"] == list(range(50, 56)) and report["samples"] == 6
     base = sample_images(None, report["prompts"], report["seeds"], steps=4)
     tuned = sample_images(None, report["prompts"], report["seeds"], steps=4, lora=toy_lora)
     b = [has_attribute(im, "shaded") for im in base]
     a = [has_attribute(im, "shaded") for im in tuned]
-    assert report["scores"] == {"base": [float(x) for x in b], "lora": [float(x) for x in a]}
-    assert report["win_rate"]["wins"] == sum(x and not y for x, y in zip(a, b))
-    assert report["before"]["hits"] == sum(b) and report["after"]["hits"] == sum(a)
+    (result,) = report["results"]
+    assert result["name"] == "attribute:shaded"
+    assert result["labelled"] is None  # trained on a pairs.jsonl folder: nobody recorded a judge
+    assert result["scores"] == {"base": [float(x) for x in b], "lora": [float(x) for x in a]}
+    assert result["win_rate"]["wins"] == sum(x and not y for x, y in zip(a, b))
+    assert result["win_rate"]["ties"] == sum(x == y for x, y in zip(a, b))
+    assert result["before"]["hits"] == sum(b) and result["after"]["hits"] == sum(a)
 
 
 def test_eval_cli_clip_and_style_scorers(tmp_path, toy_lora, tiny_clip):
@@ -129,15 +81,49 @@ def test_eval_cli_clip_and_style_scorers(tmp_path, toy_lora, tiny_clip):
                      str(prompts), "--samples", "3", "--steps", "3", "--output-dir", str(out)]) == 0
         report = json.loads((out / "eval.json").read_text())
         assert report["prompts"] == ["a red circle", "a blue square", "a red circle"]
-        w = report["win_rate"]
-        lora, base = report["scores"]["lora"], report["scores"]["base"]
+        (result,) = report["results"]
+        w = result["win_rate"]
+        lora, base = result["scores"]["lora"], result["scores"]["base"]
         assert w["wins"] == sum(x > y for x, y in zip(lora, base))
+        assert w["losses"] == sum(x < y for x, y in zip(lora, base))
         assert w["wins"] + w["ties"] + w["losses"] == 3
-        assert ("mean_lora" in report) == (scorer == "clip") and ("after" in report) == (scorer == "style")
+        assert ("after" in result) == (scorer == "style")
 
 
-def test_eval_cli_errors(tmp_path, toy_lora):
+@pytest.fixture(scope="module")
+def pairs_lora(tmp_path_factory):
+    """A toy LoRA trained for two steps on pairs `trainer pairs` labelled with the toy classifier."""
+    tmp = tmp_path_factory.mktemp("pairs_lora")
+    (tmp / "prompts.txt").write_text("a red circle\na blue square\na green triangle\n")
+    assert main(["pairs", "--model", "toy", "--prompts", str(tmp / "prompts.txt"), "--scorer", "attribute:shaded",
+                 "--images-per-prompt", "6", "--policy", "all-pairs", "--sample-steps", "4",
+                 "--output-dir", str(tmp / "pairs")]) == 0
+    assert main(["train", "--model", "toy", "--data", str(tmp / "pairs"), "--resolution", "32", "--batch-size", "2",
+                 "--max-steps", "2", "--checkpoint-every", "0", "--output-dir", str(tmp / "run"),
+                 "--cache-dir", str(tmp / "cache")]) == 0
+    return str(tmp / "run" / "lora.safetensors")
+
+
+def test_eval_marks_the_judge_that_labelled_the_training_pairs(tmp_path, pairs_lora, tiny_clip, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "--lora", pairs_lora, "--scorer", "attribute:shaded", "--scorer", f"clip:{tiny_clip}",
+                 "--samples", "4", "--steps", "3", "--output-dir", str(out)]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert [(r["name"], r["labelled"]) for r in report["results"]] == [
+        ("attribute:shaded", True), (f"clip:{tiny_clip}", False)]
+    assert report["labellers"][0]["name"] == "attribute:shaded"
+    printed = capsys.readouterr().out
+    assert "attribute:shaded (labelled the training pairs)" in printed
+    assert f"clip:{tiny_clip} (did not label the training pairs)" in printed
+    assert main(["eval", "--lora", pairs_lora, "--samples", "2", "--steps", "2", "--output-dir", str(out)]) == 0
+    assert "also judge with a scorer that did not label them" in capsys.readouterr().out
+
+
+def test_eval_cli_errors(tmp_path, toy_lora, capsys):
     assert main(["eval", "--lora", str(tmp_path / "missing.safetensors")]) == 2
     assert main(["eval", "--lora", toy_lora, "--scorer", "clip"]) == 2
+    assert main(["eval", "--lora", toy_lora, "--scorer", "pickscore"]) == 2
     assert main(["eval", "--lora", toy_lora, "--attribute", "purple"]) == 2
     assert main(["eval", "--lora", toy_lora, "--prompts", str(tmp_path / "missing.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown kind 'pickscore'" in err and "Traceback" not in err

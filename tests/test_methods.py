@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from trainer.forward_process import TimestepSampling
 from trainer.methods import StepOutputs, build_method, method_class, method_names
 from trainer.methods.table import methods_table_markdown, methods_table_rows, methods_table_text
 
@@ -338,7 +339,7 @@ def test_dense_step_probabilities():
 
 def test_dense_timestep_distribution_matches_gamma():
     method, total, steps = build_method("dense"), 1000, 50
-    t = method.sample_timesteps(200_000, total, torch.Generator().manual_seed(0)).numpy()
+    t = method.sample_timesteps(200_000, TimestepSampling(total), torch.Generator().manual_seed(0)).numpy()
     assert t.min() >= 0 and t.max() < total
     k = steps - 1 - (t * steps) // total  # step k covers [T(N-1-k)/N, T(N-k)/N); k = 0 the noisiest
     freq = np.bincount(k, minlength=steps) / len(t)
@@ -358,7 +359,7 @@ def test_dense_clip_and_dpo_equivalence():
 
 def test_dense_rejects_more_steps_than_timesteps():
     with pytest.raises(ValueError, match="num_steps"):
-        build_method("dense", {"num_steps": 20}).sample_timesteps(4, 10, torch.Generator())
+        build_method("dense", {"num_steps": 20}).sample_timesteps(4, TimestepSampling(10), torch.Generator())
 
 
 # ---------------------------------------------------------------- invariants over all methods

@@ -59,7 +59,7 @@ def test_reference_forward_only_when_needed_and_grads_only_on_lora(sd_backend, m
     calls = []
     handle = backend.model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
     try:
-        noise = draw_noise(m, batch.latents.shape, True, backend.num_train_timesteps, torch.Generator().manual_seed(0))
+        noise = draw_noise(m, batch.latents.shape, True, backend.timestep_sampling, torch.Generator().manual_seed(0))
         loss, _ = m.loss(compute_outputs(backend, m, batch, noise))
         loss.backward()
     finally:
@@ -82,7 +82,7 @@ def test_ncp_space_with_identity_features_is_the_scaled_latent_error(sd_backend,
     monkeypatch.setattr(backend, "encoder_features", lambda x, t, cond: x.flatten(1))
     latent, ncp = build_method("dpo"), build_method("dpo", {"space": "ncp"})
     batch = one_batch(backend, make_pairs(2))
-    noise = draw_noise(latent, batch.latents.shape, True, backend.num_train_timesteps, torch.Generator().manual_seed(3))
+    noise = draw_noise(latent, batch.latents.shape, True, backend.timestep_sampling, torch.Generator().manual_seed(3))
     noise.timesteps[:] = torch.tensor([10, 700, 10, 700])
     with torch.no_grad():
         a = compute_outputs(backend, latent, batch, noise)

@@ -86,14 +86,14 @@ def test_single_file_loads_offline_with_the_pipeline_weights(single_files, kind)
     parts = load_components(str(single_files[kind]), model_config=str(tiny_model_path(kind)))
     ref = reference_modules(kind)
     assert parts.architecture == ARCH[kind]
-    assert_same_weights(parts.unet, ref["unet"], "unet")
+    assert_same_weights(parts.denoiser, ref["unet"], "unet")
     assert_same_weights(parts.vae, ref["vae"], "vae")
     assert len(parts.text_encoders) == len(ref["text_encoders"]) == len(parts.tokenizers)
     for i, (got, want) in enumerate(zip(parts.text_encoders, ref["text_encoders"])):
         assert type(got) is type(want)
         assert_same_weights(got, want, f"text encoder {i}")
     # equal weights; outputs agree to float rounding (kernels may differ with the tensors' memory alignment)
-    close(unet_prediction(parts.unet, kind == "tiny-sdxl"), unet_prediction(ref["unet"], kind == "tiny-sdxl"))
+    close(unet_prediction(parts.denoiser, kind == "tiny-sdxl"), unet_prediction(ref["unet"], kind == "tiny-sdxl"))
     for key in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "prediction_type"):
         assert parts.scheduler.config[key] == ref["scheduler"].config[key], key
     assert parts.vae.config.scaling_factor == ref["vae"].config.scaling_factor
@@ -126,7 +126,7 @@ def test_half_precision_file_loads_as_fp32(tmp_path):
         assert f.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16
     parts = load_components(str(path), model_config=str(tiny_model_path("tiny-sd")))
     want = reference_modules("tiny-sd")["unet"].state_dict()
-    for key, value in parts.unet.state_dict().items():
+    for key, value in parts.denoiser.state_dict().items():
         assert value.dtype == torch.float32 and torch.equal(value, want[key].half().float()), key
 
 

@@ -59,9 +59,9 @@ def test_v_prediction_target_is_the_velocity(tmp_path):
     backend = make_backend(tiny_config(tmp_path), torch.device("cpu"))
     backend.prediction_type = "v_prediction"
     x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
-    want = backend.scheduler.get_velocity(x0, noise, t)
+    want = backend.parts.scheduler.get_velocity(x0, noise, t)
     torch.testing.assert_close(backend.target(x0, noise, t), want)
-    torch.testing.assert_close(backend.add_noise(x0, noise, t), backend.scheduler.add_noise(x0, noise, t))
+    torch.testing.assert_close(backend.add_noise(x0, noise, t), backend.parts.scheduler.add_noise(x0, noise, t))
 
 
 def test_tensorboard_logs_when_asked(tmp_path):

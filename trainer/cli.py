@@ -1,4 +1,4 @@
-"""`python -m trainer`: train, list methods, demo, eval.
+"""`python -m trainer`: train, list methods, demo, eval, pairs, iterate.
 
 Exit codes: 0 done; 1 the demo's intervals overlap or its prompt fidelity fell more than 5 points, or
 training stopped on a non-finite loss or a full disk; 2 a bad option, path or data row (one line on stderr
@@ -78,28 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, default=192, help="samples per model for the rates (default: 192)")
     demo.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     _option(demo, "output_dir", default="runs/demo", help="where everything goes (default: runs/demo)")
-    add_eval_parser(sub)
+    from .sampling_commands import add_sampling_parsers
+
+    add_sampling_parsers(sub)
     return parser
-
-
-def add_eval_parser(sub) -> None:
-    ev = sub.add_parser("eval", help="win rate / attribute rate of a LoRA against its base model",
-                        description="Sample base and base+LoRA on the same prompts and seeds and score both: "
-                                    "the toy attribute classifier, a CLIP preference model (PickScore-style), or "
-                                    "Diffusion-RPO-style style alignment. Writes eval.json and a grid PNG.")
-    ev.add_argument("--lora", required=True, help="the LoRA file to evaluate")
-    ev.add_argument("--model", default="toy", help="base model folder (default: toy, the built-in toy model)")
-    ev.add_argument("--scorer", default="attribute", choices=("attribute", "clip", "style"),
-                    help="attribute: toy classifier; clip: logit_scale*cos(text, image); style: fraction in style")
-    _option(ev, "scorer_model", default=None, help="CLIP folder or hub id for --scorer clip (and optional for style)")
-    ev.add_argument("--attribute", default="shaded", help="attribute / style to measure (default: shaded)")
-    ev.add_argument("--alternatives", nargs="+", default=[], help="other styles for CLIP zero-shot style judging")
-    ev.add_argument("--prompts", default=None, help="prompt file, one a line (default: toy captions leaving "
-                                                   "the attribute open)")
-    ev.add_argument("--samples", type=int, default=96, help="(prompt, seed) pairs (default: 96)")
-    ev.add_argument("--seed", type=int, default=10_000, help="first seed (default: 10000)")
-    ev.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
-    _option(ev, "output_dir", default="runs/eval", help="where eval.json and grid.png go (default: runs/eval)")
 
 
 class CtrlC:
@@ -184,12 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               args.samples, args.seed, read_method_args(args.method_args))
             print((Path(args.output_dir) / "report.md").read_text())
             return 0 if report["passed"] else 1
-        if args.command == "eval":
-            from .evaluate import evaluate, summary
-
-            print(summary(evaluate(args.lora, args.model, args.scorer, args.attribute, args.scorer_model, args.prompts,
-                                   args.samples, args.seed, args.steps, args.output_dir, args.alternatives)))
-            return 0
+        if hasattr(args, "handler"):  # eval, pairs, iterate
+            return args.handler(args)
         if args.command == "train":
             return _train(args, argv)
     except (ConfigError, ValueError) as e:
@@ -198,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NonFiniteLossError, DiskFullError) as e:  # the message says what was kept and what to do
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # demo, eval: nothing to continue; their files are written atomically
+    except KeyboardInterrupt:  # demo, eval: nothing to continue; pairs, iterate: --resume; all write atomically
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 1

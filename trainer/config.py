@@ -17,6 +17,8 @@ else:  # pragma: no cover
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")  # trainer/forward_process.py
+QUANTIZE = ("no", "nf4", "int8")  # trainer/models/flow_loading.py
 
 
 @dataclass(kw_only=True)
@@ -28,7 +30,10 @@ class TrainConfig:
     # model
     model: str = field(metadata={"help": "diffusers folder, hub id (owner/name), single-file .safetensors, or toy (the built-in toy model; tiny-sd / tiny-sdxl: untrained test models)"})
     vae: str | None = field(default=None, metadata={"help": "optional VAE folder or hub id (e.g. an fp16-fixed SDXL VAE)"})
-    model_config: str | None = field(default=None, metadata={"help": "diffusers folder or hub id describing a single-file checkpoint's architecture (default: inferred; the standard SD1.5/SDXL configs need the hub once)"})
+    model_config: str | None = field(default=None, metadata={"help": "diffusers folder or hub id describing a single-file checkpoint's architecture (default: inferred; the standard SD1.5/SDXL configs need the hub once); required for a single-file SD3/Flux transformer, whose VAE, text encoders and scheduler it provides"})
+    drop_t5: bool = field(default=False, metadata={"help": "SD3/SD3.5: train without the T5 text encoder (zeros in its place, as the pipeline without text_encoder_3): ~9.5 GB less to load, shorter prompts understood"})
+    guidance: float = field(default=3.5, metadata={"help": "Flux.1-dev: the guidance-embedding value during training (diffusers' flux training default; use the value you sample with); ignored by models without one (schnell, SD3)"})
+    quantize: str = field(default="no", metadata={"help": f"SD3/Flux: load the frozen transformer quantised ({', '.join(QUANTIZE)}; bitsandbytes, CUDA, extra 'prefalign[bnb]'); NF4 stores Flux.1's 12B weights in about 6 GB"})
     # data
     data: str = field(metadata={"help": "parquet file or folder, images folder with pairs.jsonl, Hugging Face dataset id (owner/name, or hf:NAME), or tiny (8 built-in test pairs)"})
     split: str = field(default="train", metadata={"help": "dataset split (HF datasets)"})
@@ -50,7 +55,7 @@ class TrainConfig:
     # LoRA
     rank: int = field(default=8, metadata={"help": "LoRA rank"})
     alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={"help": "UNet modules that get a LoRA"})
+    target_modules: list[str] | None = field(default=None, metadata={"help": "denoiser modules that get a LoRA (name suffixes); default per family: SD1.5/SDXL to_q to_k to_v to_out.0; SD3 and Flux attention q/k/v/out of image and text streams (to_* and add_*_proj, to_add_out) and both MLPs (ff.net.0.proj ff.net.2 ff_context.net.0.proj ff_context.net.2); Flux also proj_mlp proj_out (single blocks)"})
     # optimisation
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (LoRA DPO: 1e-5..1e-4)"})
     lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": f"one of {', '.join(LR_SCHEDULERS)}"})
@@ -65,7 +70,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimiser step"})
     max_steps: int = field(default=1000, metadata={"help": "optimiser steps"})
     mixed_precision: str = field(default="no", metadata={"help": f"one of {', '.join(MIXED_PRECISION)}"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations to save memory"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations to save memory (UNet blocks / transformer blocks)"})
+    timestep_sampling: str | None = field(default=None, metadata={"help": f"how training timesteps are drawn: {', '.join(TIMESTEP_SAMPLINGS)}; default per family: uniform (SD1.5, SDXL, Flux), logit_normal (SD3), as diffusers' training scripts"})
+    logit_mean: float = field(default=0.0, metadata={"help": "timestep_sampling logit_normal: mean of the normal (SD3 paper: 0)"})
+    logit_std: float = field(default=1.0, metadata={"help": "timestep_sampling logit_normal: standard deviation (SD3 paper: 1)"})
+    mode_scale: float = field(default=1.29, metadata={"help": "timestep_sampling mode: scale (SD3 paper: 1.29)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet (faster steps after a warm-up)"})
     seed: int = field(default=0, metadata={"help": "seed for data order, noise and timesteps"})
     # output
@@ -82,9 +91,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Every value is checked here, before anything loads or is written; errors name the key."""
-        choices = {"mixed_precision": MIXED_PRECISION, "lr_scheduler": LR_SCHEDULERS}
+        choices = {"mixed_precision": MIXED_PRECISION, "lr_scheduler": LR_SCHEDULERS, "quantize": QUANTIZE,
+                   "timestep_sampling": TIMESTEP_SAMPLINGS}
         for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
+            if getattr(self, key) not in allowed and not (key == "timestep_sampling" and self.timestep_sampling is None):
                 raise ConfigError(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}")
         for key in ("rank", "batch_size", "gradient_accumulation_steps", "max_steps", "resolution", "log_every",
                     "max_pixels", "max_image_bytes", "max_cell_bytes"):
@@ -101,8 +111,10 @@ class TrainConfig:
         _check("seed", self.seed < 2**63, "must be below 2**63", self.seed)
         if self.max_examples is not None:
             _check("max_examples", self.max_examples >= 1, "must be at least 1", self.max_examples)
-        _check("target_modules", bool(self.target_modules) and all(t.strip() for t in self.target_modules),
-               "needs at least one module name, none empty", self.target_modules)
+        _check("target_modules", self.target_modules is None or (bool(self.target_modules) and all(
+            t.strip() for t in self.target_modules)), "needs at least one module name, none empty", self.target_modules)
+        _check("logit_std", math.isfinite(self.logit_std) and self.logit_std > 0, "must be a finite number above 0",
+               self.logit_std)
         for key in ("model", "data", "split", "output_dir", "method"):
             _check(key, bool(getattr(self, key).strip()), "may not be empty", getattr(self, key))
         for key in ("vae", "model_config", "embedder", "cache_dir", "resume"):
@@ -234,8 +246,8 @@ def config_differences(recorded: dict[str, Any], config: TrainConfig, ignore: tu
         if key == "method_args" and before.get("method", config.method) != config.method:
             continue  # another method: its options differ as a whole, and `method` already says so
         if isinstance(old, dict) and isinstance(new, dict):
-            changes += [f"{key}.{k}: {_shown(old.get(k))} -> {_shown(new.get(k))}"
-                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            changes += [f"{key}.{k}: {_shown(old.get(k))} -> {_shown(new.get(k))}"  # a hyper-parameter left to the
+                        for k in sorted(set(old) | set(new)) if k in new and old.get(k) != new.get(k)]  # model: absent
         elif old != new:
             changes.append(f"{key}: {_shown(old)} -> {_shown(new)}")
     return changes

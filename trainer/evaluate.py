@@ -1,54 +1,37 @@
-"""`python -m trainer eval`: does a LoRA beat its base model? Same prompts and seeds, three scorers.
+"""`python -m trainer eval`: does a LoRA beat its base model? Same prompts and seeds, one or more judges.
 
 Every (prompt, seed) is sampled twice, once from the base model and once with the LoRA (DDIM, eta 0,
-so the pair differs only by the LoRA). A scorer gives each image a number; the **win rate** is the
-fraction of pairs whose LoRA image scores strictly higher than its base image (ties count as
-non-wins), with a 95% Wilson interval. Scorers:
+so the pair differs only by the LoRA). Each judge (`trainer.scorers`: ``attribute``, ``clip``,
+``aesthetic``, ``style``) scores every image, and a pair is a **win** (LoRA image scores strictly higher),
+a **tie** or a **loss**. Ties are reported as ties: the **win rate** is wins / (wins + losses), over the
+decided pairs only, with a 95% Wilson score interval on that proportion; the shares of wins, ties and
+losses among all pairs are shown too, each with its own 95% Wilson interval. (Counting ties as
+non-wins would turn "36 wins, 59 ties, 1 loss" into a 37.5% "win rate" that reads as a loss.)
 
-- ``attribute``: the toy world's exact classifier; score 1 when the image has ``--attribute``, else 0.
-  Also reports the attribute rate of each model with its Wilson interval.
-- ``clip``: a CLIP preference model (PickScore / HPS-style) from a folder or hub id
-  (``--scorer-model``): score = logit_scale * cos(text_emb(prompt), image_emb(image)), exactly how
-  PickScore scores an image (its `logit_scale.exp()` times the dot product of unit embeddings).
-- ``style``: the style-alignment metric of Diffusion-RPO (Gu et al. 2024, arXiv 2406.06382), which
-  judges whether generations are in the target style. We report the *fraction of generations judged
-  in the target style* (``--attribute``) for base and LoRA, with Wilson intervals. The judge is the toy
-  classifier when no ``--scorer-model`` is given (exact on toy images), otherwise CLIP zero-shot
-  classification: an image is in the target style when "a {style} image" has the highest cosine
-  among the target and its alternatives (the other values of the attribute's kind in the toy world,
-  or ``--alternatives``). This is a reproducible stand-in for the paper's judging, not its exact
-  protocol: the judge is fixed and cheap so the number can be compared across runs.
+Binary judges (the toy ``attribute`` classifier, ``style``) also report the rate of each model with its
+Wilson interval. ``style`` is Diffusion-RPO's style-alignment metric (Gu et al. 2024, arXiv 2406.06382):
+the fraction of generations judged in the target style, by the toy classifier without ``--scorer-model``,
+else by CLIP zero-shot ("a {style} image" beats the alternatives); a fixed, cheap stand-in for the paper's
+judging, not its exact protocol.
+
+A judge that labelled the LoRA's training pairs (`trainer pairs` records its name and weights fingerprint in
+the parquet; the LoRA's metadata names the dataset) is marked: a LoRA can learn a judge's quirks, so judge
+with one that did not label too.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .atomic import atomic_path, write_text
-
-SCORERS = ("attribute", "clip", "style")
-STYLE_TEMPLATE = "a {} image"
-
-
-@dataclass
-class WinRate:
-    wins: int
-    ties: int
-    losses: int
-    rate: float
-    low: float
-    high: float
-
-    @property
-    def n(self) -> int:
-        return self.wins + self.ties + self.losses
+from .scorers import Scorer
 
 
 @dataclass
@@ -60,19 +43,31 @@ class Rate:
     high: float
 
 
-def win_rate(lora_scores: Sequence[float], base_scores: Sequence[float]) -> WinRate:
-    """Fraction of pairs where the LoRA image scores strictly higher, with its 95% Wilson interval."""
-    from .toy.scoring import wilson_interval
+@dataclass
+class WinRate:
+    """LoRA vs base over paired samples. `rate`/`low`/`high`: wins among decided pairs (None when all tied)."""
 
-    if len(lora_scores) != len(base_scores) or not lora_scores:
-        raise ValueError(f"need equally many scores, at least one: got {len(lora_scores)} and {len(base_scores)}")
-    wins = sum(a > b for a, b in zip(lora_scores, base_scores))
-    ties = sum(a == b for a, b in zip(lora_scores, base_scores))
-    low, high = wilson_interval(wins, len(lora_scores))
-    return WinRate(wins, ties, len(lora_scores) - wins - ties, wins / len(lora_scores), low, high)
+    wins: int
+    ties: int
+    losses: int
+    rate: float | None
+    low: float
+    high: float
+    win_share: Rate
+    tie_share: Rate
+    loss_share: Rate
+
+    @property
+    def n(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    @property
+    def decided(self) -> int:
+        return self.wins + self.losses
 
 
 def rate(flags: Sequence[bool | float]) -> Rate:
+    """Share of true flags with its 95% Wilson interval."""
     from .toy.scoring import wilson_interval
 
     hits = int(sum(bool(f) for f in flags))
@@ -80,184 +75,175 @@ def rate(flags: Sequence[bool | float]) -> Rate:
     return Rate(hits, len(flags), hits / len(flags), low, high)
 
 
-class Scorer(Protocol):
-    binary: bool
+def win_rate(lora_scores: Sequence[float], base_scores: Sequence[float]) -> WinRate:
+    """Wins over decided pairs (95% Wilson interval), and the win / tie / loss shares of all pairs."""
+    from .toy.scoring import wilson_interval
 
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]: ...
-
-
-def pixels(images: Sequence[Image.Image]) -> torch.Tensor:
-    """PIL images -> float [N, 3, H, W] in [-1, 1] (what `ClipEmbedder.images` takes)."""
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2)
-
-
-class AttributeScorer:
-    """1.0 when the toy classifier finds `attribute` in the image, else 0.0 (the prompt is not used)."""
-
-    binary = True
-
-    def __init__(self, attribute: str) -> None:
-        from .toy import attribute_kind
-
-        attribute_kind(attribute)  # unknown values fail here, before any sampling
-        self.attribute = attribute
-
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        from .toy import has_attribute
-
-        return [float(has_attribute(im, self.attribute)) for im in images]
+    if len(lora_scores) != len(base_scores) or not lora_scores:
+        raise ValueError(f"need equally many scores, at least one: got {len(lora_scores)} and {len(base_scores)}")
+    wins = [a > b for a, b in zip(lora_scores, base_scores)]
+    ties = [a == b for a, b in zip(lora_scores, base_scores)]
+    losses = [a < b for a, b in zip(lora_scores, base_scores)]
+    w, t, l = sum(wins), sum(ties), sum(losses)
+    low, high = wilson_interval(w, w + l) if w + l else (0.0, 1.0)
+    return WinRate(w, t, l, w / (w + l) if w + l else None, low, high, rate(wins), rate(ties), rate(losses))
 
 
-class ClipScorer:
-    """PickScore / HPS-style preference: logit_scale * cos(text embedding, image embedding)."""
-
-    binary = False
-
-    def __init__(self, location: str, batch_size: int = 64) -> None:
-        from .models.embedder import ClipEmbedder
-        from .models.loading import check_model_source
-
-        check_model_source(location, "--scorer-model")  # a typo or an offline hub id: said before any download
-        try:
-            self.embedder = ClipEmbedder(location)
-        except ValueError as e:  # the embedder names its training option ("config key 'embedder'"): name ours
-            reason = str(e).split(": ", 1)[-1].splitlines()[0]
-            raise ValueError(f"--scorer-model {location}: {reason}") from None
-        self.logit_scale = float(self.embedder.model.logit_scale.exp())
-        self.batch_size = batch_size
-
-    def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.cat([self.embedder.images(pixels(images[i:i + self.batch_size]))
-                          for i in range(0, len(images), self.batch_size)])
-
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        step = self.batch_size
-        text = torch.cat([self.embedder.text(prompts[i:i + step]) for i in range(0, len(prompts), step)])
-        return (self.logit_scale * (text * self.embed(images)).sum(-1)).tolist()
-
-
-class StyleScorer:
-    """1.0 when the image is judged in the target style: toy classifier, or CLIP zero-shot over styles."""
-
-    binary = True
-
-    def __init__(self, style: str, clip: ClipScorer | None = None, alternatives: Sequence[str] = ()) -> None:
-        self.style, self.clip = style, clip
-        if clip is None:
-            self.toy = AttributeScorer(style)
-            return
-        if not alternatives:
-            from .toy import ATTRIBUTES, attribute_kind
-
-            alternatives = [v for v in ATTRIBUTES[attribute_kind(style)] if v != style]
-        self.labels = [style, *[a for a in alternatives if a != style]]
-        if len(self.labels) < 2:
-            raise ValueError("style scoring with CLIP needs at least one alternative style")
-
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        if self.clip is None:
-            return self.toy.score(images, prompts)
-        text = self.clip.embedder.text([STYLE_TEMPLATE.format(s) for s in self.labels])
-        best = (self.clip.embed(images) @ text.T).argmax(-1)
-        return [float(i == 0) for i in best.tolist()]
-
-
-def make_scorer(kind: str, attribute: str, scorer_model: str | None = None,
-                alternatives: Sequence[str] = ()) -> Scorer:
-    if kind == "attribute":
-        return AttributeScorer(attribute)
-    if kind == "clip":
-        if not scorer_model:
-            raise ValueError("--scorer clip needs --scorer-model (a CLIP folder or hub id, e.g. PickScore)")
-        return ClipScorer(scorer_model)
-    if kind == "style":
-        return StyleScorer(attribute, ClipScorer(scorer_model) if scorer_model else None, alternatives)
-    raise ValueError(f"unknown scorer {kind!r}; choose one of {', '.join(SCORERS)}")
-
-
-def read_prompts(source: str | os.PathLike | None, attribute: str) -> list[str]:
-    """Prompts from a file (one a line, blank lines skipped), or the toy captions leaving `attribute` open."""
-    if source is None:
-        from .toy import open_prompts
-
-        return open_prompts(attribute)
-    if not Path(source).is_file():
-        raise ValueError(f"--prompts {source}: no such file")
-    prompts = [line.strip() for line in Path(source).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{source}: no prompts")
-    return prompts
-
-
-def score_pairs(scorer: Scorer, base: Sequence[Image.Image], lora: Sequence[Image.Image],
-                prompts: Sequence[str]) -> dict:
-    """The report for images already sampled: win rate, plus rates (binary scorers) or mean scores."""
-    base_scores, lora_scores = scorer.score(base, prompts), scorer.score(lora, prompts)
-    out: dict = {"win_rate": asdict(win_rate(lora_scores, base_scores))}
+def judge_report(scorer: Scorer, base_scores: Sequence[float], lora_scores: Sequence[float],
+                 labelled: bool | None = None) -> dict:
+    """One judge's verdict on paired samples: win rate, plus rates (binary judges) or mean scores."""
+    wr = win_rate(lora_scores, base_scores)
+    out: dict = {"name": scorer.name, "fingerprint": scorer.fingerprint, "labelled": labelled,
+                 "binary": scorer.binary, "win_rate": asdict(wr)}
     if scorer.binary:
         before, after = rate(base_scores), rate(lora_scores)
         out.update(before=asdict(before), after=asdict(after), moved=after.low > before.high)
     else:
-        out.update(mean_base=float(np.mean(base_scores)), mean_lora=float(np.mean(lora_scores)),
-                   moved=out["win_rate"]["low"] > 0.5)
-    out["scores"] = {"base": base_scores, "lora": lora_scores}
+        out.update(moved=wr.low > 0.5)
+    out.update(mean_base=float(np.mean(base_scores)), mean_lora=float(np.mean(lora_scores)),
+               scores={"base": list(base_scores), "lora": list(lora_scores)})
     return out
 
 
-def evaluate(lora: str | os.PathLike, model: str = "toy", scorer: str = "attribute", attribute: str = "shaded",
-             scorer_model: str | None = None, prompts: str | os.PathLike | None = None, samples: int = 96,
-             seed: int = 10_000, steps: int = 20, output_dir: str | os.PathLike | None = None,
-             alternatives: Sequence[str] = ()) -> dict:
-    """Sample base and base+LoRA on the same (prompt, seed) pairs, score them, write eval.json + grid.png."""
+def score_pairs(scorer: Scorer, base: Sequence[Image.Image], lora: Sequence[Image.Image], prompts: Sequence[str],
+                labelled: bool | None = None) -> dict:
+    """`judge_report` for images already sampled (same prompts, same seeds)."""
+    return judge_report(scorer, scorer.score(base, prompts), scorer.score(lora, prompts), labelled)
+
+
+def labelled_by(scorer: Scorer, labellers: list[dict] | None) -> bool | None:
+    """Whether `scorer` (or a member) labelled the training pairs; None when the labellers are unknown."""
+    if labellers is None:
+        return None
+    used = {entry.get("fingerprint") for entry in labellers}
+    return any(identity["fingerprint"] in used for identity in scorer.identities())
+
+
+def training_labellers(lora: str | os.PathLike) -> list[dict] | None:
+    """The scorers that labelled the LoRA's training data, read from the dataset its metadata names."""
+    from .export import read_lora
+    from .pairs import read_labellers
+
+    _, meta = read_lora(lora)
+    dataset = meta.get("prefalign.dataset")
+    return read_labellers(dataset) if dataset else None
+
+
+def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequence[str] = ("attribute",),
+             attribute: str = "shaded", scorer_model: str | None = None, prompts: str | os.PathLike | None = None,
+             samples: int = 96, seed: int = 10_000, steps: int = 20, output_dir: str | os.PathLike | None = None,
+             alternatives: Sequence[str] = (), guidance_scale: float | None = None) -> dict:
+    """Sample base and base+LoRA on the same (prompt, seed) pairs, judge them, write eval.json + grid.png."""
     from .demo import grid
-    from .toy import load_toy_pipeline, sample_images, toy_model_path
+    from .generate import cpu_threads, default_guidance, generate, load_pipeline
+    from .prompts import read_prompts
+    from .scorers import make_scorers
 
     if samples < 1:
         raise ValueError(f"--samples must be positive, got {samples}")
-    if not Path(lora).exists():
+    if not Path(lora).is_file():
         raise ValueError(f"--lora {lora}: no such file")
-    judge = make_scorer(scorer, attribute, scorer_model, alternatives)
-    base_prompts = read_prompts(prompts, attribute)
+    judges = make_scorers([scorers] if isinstance(scorers, str) else list(scorers), attribute=attribute,
+                          clip_model=scorer_model, alternatives=alternatives)
+    labellers = training_labellers(lora)
+    if prompts is None:
+        from .toy import open_prompts
+
+        base_prompts = open_prompts(attribute)
+    else:
+        base_prompts = read_prompts(prompts)
     prompt_list = [base_prompts[i % len(base_prompts)] for i in range(samples)]
     seeds = [seed + i for i in range(samples)]
-    if model != "toy":
-        from .models.loading import check_model_source
-
-        check_model_source(model, "--model")
-    pipe = load_toy_pipeline(toy_model_path() if model == "toy" else model)
-    base = sample_images(pipe, prompt_list, seeds, steps=steps)
-    tuned = sample_images(pipe, prompt_list, seeds, steps=steps, lora=str(lora))
-    report = {"lora": str(lora), "model": model, "scorer": scorer, "scorer_model": scorer_model,
-              "attribute": attribute, "samples": samples, "seed": seed, "steps": steps,
-              **score_pairs(judge, base, tuned, prompt_list), "prompts": prompt_list, "seeds": seeds}
+    guidance = default_guidance(model) if guidance_scale is None else guidance_scale
+    pipe = load_pipeline(model)
+    base = generate(pipe, prompt_list, seeds, steps, guidance, threads=cpu_threads(model))
+    tuned = generate(pipe, prompt_list, seeds, steps, guidance, lora=str(lora), threads=cpu_threads(model))
+    report = {"lora": str(lora), "model": model, "attribute": attribute, "samples": samples, "seed": seed,
+              "steps": steps, "guidance_scale": guidance, "labellers": labellers,
+              "results": [score_pairs(j, base, tuned, prompt_list, labelled_by(j, labellers)) for j in judges],
+              "prompts": prompt_list, "seeds": seeds}
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        report["files"] = [str(out / "eval.json"), str(out / "grid.png")]
         shown = min(12, samples)
         with atomic_path(out / "grid.png") as tmp:
             grid([base[:shown], tuned[:shown]]).save(tmp, format="PNG")
+        report["files"] = [str(out / "eval.json"), str(out / "grid.png")]
         write_text(out / "eval.json", json.dumps(report, indent=2))
     return report
 
 
-def summary(report: dict) -> str:
-    w = report["win_rate"]
-    lines = [f"{report['scorer']} scorer, {report['samples']} (prompt, seed) pairs, LoRA {report['lora']}",
-             f"win rate (LoRA scores higher): {w['rate']:.1%} [{w['low']:.1%}, {w['high']:.1%}] "
-             f"({_count(w['wins'], 'win')}, {_count(w['ties'], 'tie')}, {_count(w['losses'], 'loss', 'losses')})"]
-    if "before" in report:
-        b, a = report["before"], report["after"]
-        what = "in style" if report["scorer"] == "style" else "attribute rate"
-        lines.append(f"'{report['attribute']}' {what}: base {b['rate']:.1%} [{b['low']:.1%}, {b['high']:.1%}] -> "
-                     f"LoRA {a['rate']:.1%} [{a['low']:.1%}, {a['high']:.1%}]")
+def _interval(r: dict) -> str:
+    return f"[{r['low']:.1%}, {r['high']:.1%}]"
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def judge_lines(result: dict) -> list[str]:
+    """The lines a person reads for one judge."""
+    w = result["win_rate"]
+    mark = {True: " (labelled the training pairs)", False: " (did not label the training pairs)"}.get(result["labelled"], "")
+    lines = [f"{result['name']}{mark}",
+             f"  LoRA vs base: {_count(w['wins'], 'win')}, {_count(w['ties'], 'tie')}, {_count(w['losses'], 'loss', 'losses')}"]
+    if w["rate"] is None:
+        lines.append("  win rate: no decided pairs (every pair tied)")
     else:
-        lines.append(f"mean score: base {report['mean_base']:.3f} -> LoRA {report['mean_lora']:.3f}")
+        lines.append(f"  win rate over the {w['wins'] + w['losses']} decided pairs: {w['rate']:.1%} {_interval(w)}; "
+                     f"ties {w['tie_share']['rate']:.1%} {_interval(w['tie_share'])} of all pairs (95% Wilson intervals)")
+    if "before" in result:
+        b, a = result["before"], result["after"]
+        lines.append(f"  rate judged positive: base {b['rate']:.1%} {_interval(b)} -> LoRA {a['rate']:.1%} {_interval(a)}")
+    else:
+        lines.append(f"  mean score: base {result['mean_base']:.4g} -> LoRA {result['mean_lora']:.4g}")
+    return lines
+
+
+def summary(report: dict) -> str:
+    lines = [f"{report['samples']} (prompt, seed) pairs, LoRA {report['lora']} on {report['model']}"]
+    for result in report["results"]:
+        lines += judge_lines(result)
+    if report["results"] and all(r["labelled"] for r in report["results"]):
+        lines.append("Every judge here labelled the training pairs; a LoRA can learn a judge's quirks, so also judge "
+                     "with a scorer that did not label them.")
     if report.get("files"):
         lines.append(f"wrote {' and '.join(report['files'])}")
     return "\n".join(lines)
 
 
-def _count(n: int, one: str, many: str | None = None) -> str:
-    return f"{n} {one if n == 1 else many or one + 's'}"
+def add_eval_parser(sub) -> None:
+    from .cli import _option
+    from .scorers import KINDS
+
+    ev = sub.add_parser("eval", help="win rate / attribute rate of a LoRA against its base model",
+                        description="Sample base and base+LoRA on the same prompts and seeds and judge both with one "
+                                    "or more scorers. Ties are reported as ties; the win rate is over decided pairs. "
+                                    "Writes eval.json and a grid PNG.")
+    ev.add_argument("--lora", required=True, help="the LoRA file to evaluate")
+    ev.add_argument("--model", default="toy", help="base model: anything `train --model` takes (default: toy)")
+    ev.add_argument("--scorer", action="append", default=None, metavar="SPEC",
+                    help=f"a judge, repeat for several: {', '.join(KINDS)} with an optional :ARGUMENT, e.g. "
+                         "attribute:shaded, clip:yuvalkirstain/PickScore_v1, aesthetic:HEAD.safetensors,CLIP, style "
+                         "(default: attribute)")
+    _option(ev, "scorer_model", default=None,
+            help="default CLIP folder or hub id for clip/aesthetic/style judges given without one")
+    ev.add_argument("--attribute", default="shaded", help="attribute / style to measure (default: shaded)")
+    ev.add_argument("--alternatives", nargs="+", default=[], help="other styles for CLIP zero-shot style judging")
+    ev.add_argument("--prompts", default=None, help="prompt file, .txt (one a line) or .jsonl ({\"prompt\": ...}); "
+                                                   "default: toy captions leaving the attribute open")
+    ev.add_argument("--samples", type=int, default=96, help="(prompt, seed) pairs (default: 96)")
+    ev.add_argument("--seed", type=int, default=10_000, help="first seed (default: 10000)")
+    ev.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
+    _option(ev, "guidance_scale", type=float, default=None,
+            help="classifier-free guidance (default: 3 for the toy model, 7.5 otherwise)")
+    _option(ev, "output_dir", default="runs/eval", help="where eval.json and grid.png go")
+    ev.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    report = evaluate(args.lora, args.model, args.scorer or ["attribute"], args.attribute, args.scorer_model,
+                      args.prompts, args.samples, args.seed, args.steps, args.output_dir, args.alternatives,
+                      args.guidance_scale)
+    print(summary(report))
+    return 0

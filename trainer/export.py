@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 from .atomic import save_safetensors
 from .config import TrainConfig
 
-SS_BASE = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+# kohya sd-scripts' names (library/sai_model_spec.py, flux_train_network.py / sd3_train_network.py)
+SS_BASE = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
+MODELSPEC = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora",
+             "sd3": "stable-diffusion-3/lora", "flux": "flux-1/lora"}
 
 
 def lora_metadata(config: TrainConfig, model_info: dict[str, str], steps: int, metrics: dict[str, float]) -> dict[str, str]:

@@ -5,6 +5,7 @@ drive it; they pass hooks for progress and for a stop request.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class NonFiniteLossError(RuntimeError):
 
 def check_compatible(method: Method, examples: Sequence[PreferenceExample], backend: Backend) -> None:
     """Refuse, before any encoding, a method that cannot train on this data or model."""
+    method.for_model(backend.prediction_type, backend.model_info().get("architecture", "this"))  # refuses unsupported
     if method.error_space == "ncp" and backend.alphas_cumprod is None:
         raise ValueError("method_args.space = 'ncp' takes a DDPM posterior step, which needs a model with a discrete "
                          f"noise schedule (SD1.5/SDXL family); this one has none (prediction: {backend.prediction_type}). "
@@ -81,6 +83,8 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
     ranks = ranks or Ranks.single()
     method = build_method(config.method, config.method_args)
     check_compatible(method, examples, backend)
+    method = method.for_model(backend.prediction_type, backend.model_info().get("architecture", ""))
+    config = dataclasses.replace(config, method_args=method.options())  # model-dependent defaults as used (flow betas)
     plan = plan_output_dir(config)  # refuses a folder that another run owns, before any work
     if EMBEDDINGS in method.needs and config.embedder:
         from .models.embedder import EmbeddingBackend
@@ -149,7 +153,7 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
                 break
             for _ in range(accum):
                 batch = stream.next_batch()
-                noise = draw_noise(method, batch.global_shape, batch.local.paired, backend.num_train_timesteps, generator)
+                noise = draw_noise(method, batch.global_shape, batch.local.paired, backend.timestep_sampling, generator)
                 with autocast:
                     outputs = compute_outputs(backend, method, batch.local, noise.take(batch.rows))
                     loss, step_metrics = method.loss(outputs)

@@ -12,18 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .forward_process import Schedule
 from .models.backend import Backend, Cond
 
 
 def _expand(x: Tensor, like: Tensor) -> Tensor:
     return x.view(-1, *[1] * (like.dim() - 1)).to(like.dtype)
-
-
-def to_epsilon(output: Tensor, x_t: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
-    """Model output (eps or v) as predicted noise."""
-    if prediction_type == "epsilon":
-        return output
-    return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * x_t
 
 
 def posterior_step(alphas_cumprod: Tensor, x_t: Tensor, eps: Tensor, t: Tensor, variance_noise: Tensor) -> Tensor:
@@ -41,11 +35,11 @@ def ncp_errors(backend: Backend, x_t: Tensor, t: Tensor, cond: Cond, pred: Tenso
                target: Tensor, variance_noise: Tensor) -> tuple[Tensor, Tensor | None]:
     """Per-sample policy (and reference) errors in NCP feature space."""
     ac = backend.alphas_cumprod.to(x_t.device)
-    alpha_bar = _expand(ac[t], x_t)
+    schedule = Schedule(alphas_cumprod=ac)
     t_prev = (t - 1).clamp(min=0)
 
     def features(output: Tensor) -> Tensor:
-        eps = to_epsilon(output, x_t, alpha_bar, backend.prediction_type)
+        eps = schedule.to_epsilon(output, x_t, t, backend.prediction_type)
         return backend.encoder_features(posterior_step(ac, x_t, eps, t, variance_noise), t_prev, cond)
 
     with torch.no_grad():

@@ -12,13 +12,9 @@ from .data.errors import DataError
 from .data.records import PreferenceExample
 from .distributed import Ranks
 from .loop import TrainHooks, TrainResult, train
-from .models.diffusers_backend import DiffusersBackend
-from .models.lora import LoraSpec
+from .models.factory import make_backend
 from .models.tiny import cache_root
 from .run_folder import plan_output_dir
-
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def open_config_examples(config: TrainConfig):
     """The dataset the config names (`tiny` is built in)."""
@@ -37,13 +33,6 @@ def make_ranks() -> Ranks:
         cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
         return Ranks.from_environment(cpu=cpu or not torch.cuda.is_available())
     return Ranks.single("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def make_backend(config: TrainConfig, device: torch.device) -> DiffusersBackend:
-    return DiffusersBackend.load(config.model, LoraSpec.from_config(config), vae=config.vae, model_config=config.model_config, device=device,
-                                 weight_dtype=WEIGHT_DTYPES[config.mixed_precision] if device.type == "cuda" else torch.float32,
-                                 gradient_checkpointing=config.gradient_checkpointing, seed=config.seed,
-                                 compile=config.compile)
 
 
 def check_runtime(config: TrainConfig) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .data.records import TrainBatch
+from .forward_process import TimestepSampling
 from .methods.base import EMBEDDINGS, PREDICTIONS, RESIDUALS, Method, StepOutputs
 from .models.backend import Backend, Cond
 from .ncp import ncp_errors
@@ -26,13 +27,14 @@ class Noise:
         return Noise(self.timesteps[rows], self.noise[rows], self.variance_noise[rows])
 
 
-def draw_noise(method: Method, batch_shape: torch.Size, paired: bool, num_train_timesteps: int,
+def draw_noise(method: Method, batch_shape: torch.Size, paired: bool, sampling: TimestepSampling,
                generator: torch.Generator) -> Noise:
-    """Draw on the CPU generator (reproducible, identical on every rank), chosen-first layout."""
+    """Draw on the CPU generator (reproducible, identical on every rank), chosen-first layout; timesteps from
+    the backend's `sampling` (the family's) unless the method draws its own."""
     n = batch_shape[0]
     share = paired and method.shared_noise
     draws = n // 2 if share else n
-    t = method.sample_timesteps(draws, num_train_timesteps, generator)
+    t = method.sample_timesteps(draws, sampling, generator)
     noise = torch.randn((draws, *batch_shape[1:]), generator=generator)
     var = torch.randn((draws, *batch_shape[1:]), generator=generator)
     if share:

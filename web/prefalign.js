@@ -6,6 +6,7 @@ import {
   mergePoints, moveCursor, nextMark, nodeQueueError, progressText, queueTransition, sanitizeBatch, smooth, summary,
   textLines, textRows,
 } from "./prefalign_logic.js";
+import { attachScoring } from "./prefalign_compare.js";
 
 const PACK_PREFIX = "PrefAlign"; // every node of the pack: its result text shows on the node
 const GALLERY = "PrefAlignGalleryPicker";
@@ -131,7 +132,9 @@ class Gallery {
     const n = this.tiles ? this.tiles.length : 0;
     if (!n) return;
     const width = this.grid.clientWidth;
-    const height = this.el.clientHeight - this.promptEl.offsetHeight - this.status.offsetHeight - 8;
+    // every row but the grid (prompt, status, the scoring bar of prefalign_compare.js) and the 4 px gaps
+    const others = [...this.el.children].filter((c) => c !== this.grid && !c.hidden);
+    const height = this.el.clientHeight - others.reduce((h, c) => h + c.offsetHeight + 4, 0);
     const { columns, side } = gridLayout(n, width, height, 4);
     // 6 px: the tile's 3 px border on each side; never below the old fixed size
     const cell = Math.max(side - 6, 90);
@@ -219,6 +222,7 @@ class Gallery {
 function setupGallery(node) {
   injectStyle();
   const gallery = new Gallery(node);
+  attachScoring(gallery, { fetchJson: jsonFetch, imageSrc: (b, i) => (api.apiURL ? api.apiURL(imageUrl(b, i)) : imageUrl(b, i)) });
   node.prefalignGallery = gallery;
   node.addDOMWidget("prefalign_gallery", "prefalign_gallery", gallery.el, { serialize: false, hideOnZoom: false, getMinHeight: () => 220 });
   node.setSize([Math.max(node.size[0], 420), Math.max(node.size[1], 420)]);

@@ -90,6 +90,7 @@ def test_pack_loads(server, info):
     ours = {k for k in info if k.startswith("PrefAlign")}
     assert ours == {"PrefAlignPairsFromDataset", "PrefAlignAddPair", "PrefAlignLoadStore", "PrefAlignGalleryPicker",
                     "PrefAlignExportParquet", "PrefAlignImportParquet", "PrefAlignTrainLoRA", "PrefAlignLoadLoRA",
+                    "PrefAlignLoadScorer", "PrefAlignScoreImages", "PrefAlignPairsFromScores",
                     "PrefAlignNegativeBranchLoRA"}
     assert all(info[k]["category"].startswith("preference/") for k in ours)
     assert "dpo" in server.get("/prefalign/methods")
@@ -411,7 +412,7 @@ def test_browser_gallery_and_loss_chart(server, tmp_path):
     assert text["width"] > 100 and text["height"] > 10 and text["onTop"] and text["fits"]
     assert "lambda_d = 1.0" in seen["methodArgs"]["kto"] and "beta = 5000.0" in seen["methodArgs"]["dpo"]
     # an argument error, then a learning rate refused at queue time: the chart no longer says "done"
-    assert "(error: method_args: dpo has no hyper-parameter gamma" in seen["argumentError"] and "done" not in seen["argumentError"]
+    assert "(error: method_args.gamma: dpo has no hyper-parameter gamma" in seen["argumentError"] and "done" not in seen["argumentError"]
     assert "(error: " in seen["refused"] and "learning_rate '0' is outside" in seen["refused"] and "done" not in seen["refused"]
     assert seen["staleText"]  # the earlier run's "saved ..." text is dimmed, not shown as this run's result
     # Load Preference LoRA shows the file's metadata on the node

@@ -10,7 +10,8 @@ import torch
 
 import prefalign_pack
 
-KNOWN_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "STRING", "INT", "FLOAT", "BOOLEAN", "LORA_MODEL", "PREFERENCE_PAIRS"}
+KNOWN_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "STRING", "INT", "FLOAT", "BOOLEAN", "LORA_MODEL", "PREFERENCE_PAIRS",
+               "PREFALIGN_SCORER", "PREFALIGN_SCORES"}
 
 
 def test_pack_exports():

@@ -72,7 +72,10 @@ def check_method_args(method: str, args: dict[str, Any] | None) -> dict[str, Any
         if key not in fields:
             raise ValueError(f"method_args.{key}: {method} has no hyper-parameter {key}; "
                              f"it takes: {', '.join(fields) or 'none'}")
-        default = fields[key].default
+        per_model = fields[key].metadata.get("by_prediction")
+        if per_model is not None and value is None:  # left to the model (resolve_method_args records it so)
+            continue
+        default = per_model["ddpm"] if per_model is not None else fields[key].default
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             checked[key] = float(value)
         elif default not in (dataclasses.MISSING, None) and not isinstance(value, type(default)):
@@ -81,9 +84,10 @@ def check_method_args(method: str, args: dict[str, Any] | None) -> dict[str, Any
 
 
 def resolve_method_args(method: str, args: dict[str, Any] | None) -> dict[str, Any]:
-    """Every hyper-parameter of `method` with the value a run with `args` uses (defaults filled in)."""
-    config = method_class(method).Config(**check_method_args(method, args))
-    return dataclasses.asdict(config)
+    """Every hyper-parameter of `method` with the value a run with `args` uses (defaults filled in); one
+    whose default depends on the model (`by_prediction`) and was not given stays None until the method
+    meets its model (the LoRA metadata records the value used)."""
+    return method_class(method).Config(**check_method_args(method, args)).recorded()
 
 
 def parse_method_args(method: str, text: str | Sequence[str] | None) -> dict[str, Any]:

@@ -7,11 +7,13 @@ B..2B-1 the rejected ones, each pair sharing its timestep and noise (unless `sha
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from ..forward_process import PREDICTION_TYPES, TimestepSampling
 
 #: Extras a method may ask the loop for (see `Method.needs`).
 PREDICTIONS = "predictions"  # full policy/reference predictions and the target (DSPO)
@@ -73,9 +75,53 @@ def _required(x: Tensor | None, name: str) -> Tensor:
     return x
 
 
+def by_prediction(ddpm: float, flow: float) -> Any:
+    """A hyper-parameter whose default depends on the model: `ddpm` for epsilon/v-prediction models, `flow` for
+    rectified-flow ones (their velocity errors have another scale). Unset, it reads as the DDPM value until the
+    method meets its model (`Method.for_model`)."""
+    return field(default=None, metadata={"by_prediction": {"ddpm": ddpm, "flow": flow}})
+
+
+def default_note(f: dataclasses.Field) -> str:
+    """How the methods table marks a default that is not one fixed number."""
+    defaults = f.metadata.get("by_prediction")
+    if defaults is not None:
+        return f" (flow: {defaults['flow']:g})"
+    return " (auto)" if f.default is None else ""
+
+
 @dataclass
 class MethodConfig:
-    """Base of every method's hyper-parameters; subclasses add fields with the paper's defaults."""
+    """Base of every method's hyper-parameters; subclasses add fields with the paper's defaults.
+
+    Subclasses that define `__post_init__` call this one first (it fills `by_prediction` fields)."""
+
+    def __post_init__(self) -> None:
+        self._unset_by_prediction: list[str] = []
+        for f in dataclasses.fields(self):
+            defaults, value = f.metadata.get("by_prediction"), getattr(self, f.name)
+            if defaults is None:
+                continue
+            if value is None:
+                setattr(self, f.name, float(defaults["ddpm"]))
+                self._unset_by_prediction.append(f.name)
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"method_args.{f.name}: expected a number, got {value!r}")
+            else:
+                setattr(self, f.name, float(value))
+
+    def recorded(self) -> dict[str, Any]:
+        """The options as a config file records them: unset `by_prediction` fields as None (chosen per model)."""
+        values = dataclasses.asdict(self)
+        values.update(dict.fromkeys(self._unset_by_prediction))
+        return values
+
+    def for_prediction(self, prediction_type: str) -> "MethodConfig":
+        """These options on a model of `prediction_type`: unset `by_prediction` fields take its default."""
+        key = "flow" if prediction_type == "flow" else "ddpm"
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        values = {name: float(fields[name].metadata["by_prediction"][key]) for name in self._unset_by_prediction}
+        return dataclasses.replace(self, **values)
 
 
 def check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
@@ -94,6 +140,8 @@ class Method:
     - `needs`: extras from `KNOWN_NEEDS`.
     - `wants_related_prompts`: batches should mix semantically related prompts (RPO's cross-pair terms).
     - `negative_branch`: the LoRA is meant for the unconditional branch of classifier-free guidance (NPO).
+    - `prediction_types`: what the network may predict (`epsilon`, `v_prediction`, `flow`); on any other
+      model the method is refused with `flow_refusal` (why its maths does not carry over).
     """
 
     name: ClassVar[str]
@@ -106,6 +154,8 @@ class Method:
     needs: ClassVar[frozenset[str]] = frozenset()
     wants_related_prompts: ClassVar[bool] = False
     negative_branch: ClassVar[bool] = False
+    prediction_types: ClassVar[frozenset[str]] = frozenset(PREDICTION_TYPES)
+    flow_refusal: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -115,9 +165,17 @@ class Method:
         """`latent` (the denoising MSE) or `ncp` (MSE in the U-Net's noise-conditioned features)."""
         return getattr(self.config, "space", "latent")
 
-    def sample_timesteps(self, n: int, num_train_timesteps: int, generator: torch.Generator) -> Tensor:
-        """Training timesteps for n pairs (or images); uniform unless the method says otherwise."""
-        return torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    def for_model(self, prediction_type: str, family: str) -> "Method":
+        """This method configured for a model (flow defaults); refused, naming method, family and why, if unsupported."""
+        if prediction_type not in self.prediction_types:
+            raise ValueError(f"method {self.name!r} does not train {family} models ({prediction_type} prediction): "
+                             f"{self.flow_refusal}")
+        config = self.config.for_prediction(prediction_type)
+        return self if config == self.config else type(self)(config)
+
+    def sample_timesteps(self, n: int, sampling: TimestepSampling, generator: torch.Generator) -> Tensor:
+        """Training timesteps for n pairs (or images): the model family's sampling unless the method says otherwise."""
+        return sampling.sample(n, generator)
 
     def loss(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         """Scalar loss and detached metrics (tensors: the loop reads them only every few steps)."""
@@ -132,4 +190,9 @@ class Method:
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {f.name: f.default for f in dataclasses.fields(cls.Config)}
+        return {f.name: f.metadata["by_prediction"]["ddpm"] if "by_prediction" in f.metadata else f.default
+                for f in dataclasses.fields(cls.Config)}
+
+    def options(self) -> dict[str, Any]:
+        """Every hyper-parameter as this method uses it (defaults included)."""
+        return dataclasses.asdict(self.config)

@@ -12,8 +12,9 @@ DPO. The calibration pulls the chosen reward to +1/(2 beta_cal) and the rejected
 
 beta_cal on this scale (our choice): 0.5, targets +-1, i.e. a reward margin of 2 (sigmoid(2) = 0.88),
 and a penalty of 1 at initialisation, of the order of the DPO term (ln 2). The LLM recipe's 0.001
-would ask for margins of 1000 here (a penalty of 250 000 at initialisation). Guardrails: guardrails.py
-(adaptive_beta adapts beta, so the calibration targets stay at +-1/(2 beta_cal) on the reward scale).
+would ask for margins of 1000 here (a penalty of 250 000 at initialisation). On flow models r is built on
+velocity errors with the flow DPO beta (dpo.py); beta_cal stays, since it acts on the reward scale. Guardrails:
+guardrails.py (adaptive_beta adapts beta, so the calibration targets stay at +-1/(2 beta_cal) on the reward scale).
 """
 from __future__ import annotations
 
@@ -22,18 +23,19 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import StepOutputs
-from .dpo import error_metrics
+from .base import StepOutputs, by_prediction
+from .dpo import FLOW_BETA, error_metrics
 from .guardrails import GuardrailConfig, Guarded
 from .registry import register
 
 
 @dataclass
 class CalDPOConfig(GuardrailConfig):
-    beta: float = 5000.0
+    beta: float = by_prediction(5000.0, FLOW_BETA)
     beta_cal: float = 0.5
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.beta_cal <= 0.0:
             raise ValueError(f"method_args.beta_cal: must be > 0, got {self.beta_cal}")
 

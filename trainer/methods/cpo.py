@@ -6,7 +6,9 @@ Source: sakharok13/Aligning-Stable-Diffusion-with-Noise-Conditioned-Perception
 `src/train/train_sd15.py`, `loss_type=cpo` (beta 2500, no 0.5 factor: the same multiplier as DPO's
 official beta 5000; no SFT term). `sft_weight` adds the chosen-image NLL term of LLM-CPO (Xu et al.
 2024); default 0 (the NCP form), now the shared guardrail option (guardrails.py, with `safeguard` and
-`adaptive_beta`, whose multiplier here is beta itself). `space` picks latent or NCP errors.
+`adaptive_beta`, whose multiplier here is beta itself). `space` picks latent or NCP errors. On flow models the
+same loss on velocity errors (the CPO derivation uses the policy's errors only as log-likelihood surrogates, which
+holds for any Gaussian parameterisation), beta scaled as DPO's (dpo.py: 2500 -> 500).
 """
 from __future__ import annotations
 
@@ -15,18 +17,19 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import StepOutputs, check_choice
-from .dpo import SPACES, error_metrics
+from .base import StepOutputs, by_prediction, check_choice
+from .dpo import FLOW_SCALE, SPACES, error_metrics
 from .guardrails import GuardrailConfig, Guarded
 from .registry import register
 
 
 @dataclass
 class CPOConfig(GuardrailConfig):
-    beta: float = 2500.0
+    beta: float = by_prediction(2500.0, 2500.0 * FLOW_SCALE)
     space: str = "latent"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice("space", self.space, SPACES)
 
 

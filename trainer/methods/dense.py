@@ -15,6 +15,11 @@ The block of step k holds the k-th timestep of N-step "leading" and "trailing" s
 timestep stays trainable. The clamp is hard, as in the official code: the gradient is zero where
 |h| > clip. Its scale differs from the official one (ours bounds an error difference, theirs a
 per-dimension log-likelihood ratio): with beta 5000, clip c bounds the DPO logit by 2500 * 2c.
+
+Timestep order: trainer timesteps grow with the noise for every family (forward_process.py), so step k's
+block is the same on flow models. There an N-step Euler schedule visits s = shift(1 - k (1 - 1/T) / (N - 1)),
+the unshifted time of which lies in block k (T/N-wide blocks of (t+1)/T), so step k is still the k-th
+sampling step; the beta is the flow DPO beta (dpo.py).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..forward_process import TimestepSampling
 from .base import StepOutputs
 from .dpo import DPO, DPOConfig
 from .registry import register
@@ -56,8 +62,8 @@ class Dense(DPO):
         weights = self.config.gamma ** torch.arange(self.config.num_steps, dtype=torch.float64)
         return weights / weights.sum()
 
-    def sample_timesteps(self, n: int, num_train_timesteps: int, generator: torch.Generator) -> Tensor:
-        steps, total = self.config.num_steps, num_train_timesteps
+    def sample_timesteps(self, n: int, sampling: TimestepSampling, generator: torch.Generator) -> Tensor:
+        steps, total = self.config.num_steps, sampling.num_train_timesteps
         if steps > total:
             raise ValueError(f"method_args.num_steps: {steps} exceeds num_train_timesteps {total}")
         k = torch.multinomial(self.step_probabilities(), n, replacement=True, generator=generator)

@@ -36,6 +36,7 @@ class DSPOConfig(MethodConfig):
     sdxl_threshold: float = 0.1
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice("variant", self.variant, tuple(DEFAULT_BETA))
         if self.beta is None:
             self.beta = DEFAULT_BETA[self.variant]
@@ -51,6 +52,11 @@ class DSPO(Method):
     Config = DSPOConfig
     config: DSPOConfig
     needs = frozenset({PREDICTIONS})
+    prediction_types = frozenset({"epsilon", "v_prediction"})
+    flow_refusal = ("DSPO tilts the score-matching target by the policy-reference score difference with constants "
+                    "(beta 0.001 / 5000, threshold 0.1) fitted to epsilon predictions of SD1.5/SDXL; a velocity is an "
+                    "affine map of the score with a timestep-dependent factor, and no flow form is published. Use dpo "
+                    "on flow models")
 
     def loss(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         beta = self.config.beta

@@ -12,7 +12,9 @@ Source: jacklishufan/diffusion-kto `train_kto_sd_v1.5.py` (commit 01c2fc3; `halo
 beta (`--beta_dpo`) 1000 with no 0.5 factor, lambda_d = lambda_u = 1. z0 depends on the batch
 composition and is averaged over ranks with `torch.distributed` when it is initialised. Metrics:
 err_w / err_l (and ref_*) are means over the desirable / undesirable images; implicit_acc is the
-official `acc`; reward_margin = beta * (mean g desirable - mean g undesirable).
+official `acc`; reward_margin = beta * (mean g desirable - mean g undesirable). On flow models g is the
+velocity-error improvement (the KTO value function needs only a per-image log-likelihood ratio), beta scaled
+as DPO's (dpo.py: 1000 -> 200).
 """
 from __future__ import annotations
 
@@ -22,13 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .base import Method, MethodConfig, StepOutputs, _required
+from .base import Method, MethodConfig, StepOutputs, _required, by_prediction
+from .dpo import FLOW_SCALE
 from .registry import register
 
 
 @dataclass
 class KTOConfig(MethodConfig):
-    beta: float = 1000.0
+    beta: float = by_prediction(1000.0, 1000.0 * FLOW_SCALE)
     lambda_d: float = 1.0
     lambda_u: float = 1.0
 

@@ -36,6 +36,10 @@ class MaPO(Method):
     Config = MaPOConfig
     config: MaPOConfig
     needs_reference = False
+    prediction_types = frozenset({"epsilon", "v_prediction"})
+    flow_refusal = ("MaPO's likelihood score g(e) = s e / (exp(s e) - 1) uses a constant SNR (snr_value) and the "
+                    "multiplier T fitted to epsilon errors of a DDPM schedule; no flow-matching form is published or "
+                    "derived here. Use dpo, cpo or sft on flow models")
 
     def score(self, err: Tensor) -> Tensor:
         x = self.config.snr_value * err

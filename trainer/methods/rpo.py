@@ -21,8 +21,9 @@ W scaling (our decision): W is not rescaled by the batch size, as in the authors
 reproduces their loss (and methods-sources section 10.7). Its effective beta then depends on the
 batch: beta*W_ij lies in (0, beta], and B identical prompts give each term beta/B. "loss" keeps
 beta's DPO meaning whatever the batch: W only mixes per-pair DPO losses, identity weights give
-Diffusion-DPO exactly and identical prompts give all-pairs DPO at the full beta. Guardrails: guardrails.py
-(adaptive_beta follows the diagonal, per-pair DPO margins).
+Diffusion-DPO exactly and identical prompts give all-pairs DPO at the full beta. On flow models: the same
+on velocity-error rewards with the flow DPO beta (dpo.py); the pipeline's pooled text embedding is CLIP's.
+Guardrails: guardrails.py (adaptive_beta follows the diagonal, per-pair DPO margins).
 """
 from __future__ import annotations
 
@@ -32,20 +33,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import EMBEDDINGS, StepOutputs, check_choice
-from .dpo import error_metrics
+from .base import EMBEDDINGS, StepOutputs, by_prediction, check_choice
+from .dpo import FLOW_BETA, error_metrics
 from .guardrails import GuardrailConfig, Guarded
 from .registry import register
 
 
 @dataclass
 class RPOConfig(GuardrailConfig):
-    beta: float = 5000.0
+    beta: float = by_prediction(5000.0, FLOW_BETA)
     tau: float = 0.5
     weighting: str = "logit"
     embedding: str = "prompt"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice("weighting", self.weighting, ("logit", "loss"))
         check_choice("embedding", self.embedding, ("prompt", "image", "both"))
         if self.tau <= 0.0:

@@ -7,7 +7,8 @@ Source: SalesforceAIResearch/DiffusionDPO `train.py` with `--sft` (keeps the win
 fine-tune). The loop runs only the chosen half (`uses_rejected = False`), so `out.err` normally holds
 chosen rows only; the mean is taken over the rows labelled chosen, which also covers a full batch.
 `space = "ncp"` gives NCP-SFT (sakharok13/Aligning-Stable-Diffusion-with-Noise-Conditioned-Perception,
-`loss_type=sft`).
+`loss_type=sft`). On flow models: the flow-matching loss on the chosen images (diffusers'
+train_dreambooth_lora_sd3.py / _flux.py objective, unweighted).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class SFTConfig(MethodConfig):
     space: str = "latent"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice("space", self.space, SPACES)
 
 

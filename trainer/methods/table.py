@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .base import default_note
 from .guardrails import GUARDRAIL_FIELDS, GuardrailConfig
 from .registry import method_class, method_names
 
@@ -24,11 +25,13 @@ def methods_table_rows() -> list[tuple[str, str, str, str]]:
         cls = method_class(name)
         config = cls.Config()
         options = ", ".join(
-            f"{f.name}={_format(getattr(config, f.name))}" + (" (auto)" if f.default is None else "")
+            f"{f.name}={_format(getattr(config, f.name))}" + default_note(f)
             for f in dataclasses.fields(config) if f.name not in GUARDRAIL_FIELDS
         )
         if isinstance(config, GuardrailConfig):
             options += " + guardrails"
+        if "flow" not in cls.prediction_types:
+            options += "; not on flow models (SD3, Flux)"
         rows.append((name, cls.paper, "yes" if cls.needs_reference else "no", options or "-"))
     return rows
 

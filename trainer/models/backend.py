@@ -1,7 +1,9 @@
 """The model interface the training loop drives: the diffusers backend and ComfyUI's implement it.
 
-Timesteps are integers in [0, num_train_timesteps). Conditioning is a dict of batch-first tensors
-(`prompt_embeds`, and for SDXL `pooled` and `time_ids`) so it can be cached, indexed and concatenated.
+Timesteps are integers in [0, num_train_timesteps) that grow with the noise (trainer/forward_process.py maps
+them to each family's alphas or flow sigmas). Conditioning is a dict of batch-first tensors (`prompt_embeds`
+and `pooled`; SDXL adds `time_ids`, SD3 keeps `clip_embeds`/`t5_embeds` apart) so it can be cached, indexed
+and concatenated.
 """
 from __future__ import annotations
 
@@ -11,13 +13,16 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..forward_process import TimestepSampling
+
 Cond = dict[str, Tensor]
 
 
 class Backend(Protocol):
     num_train_timesteps: int
-    prediction_type: str  # "epsilon", "v_prediction" or "flow" (ComfyUI's rectified-flow models)
+    prediction_type: str  # "epsilon", "v_prediction" or "flow" (rectified flow: SD3, Flux)
     alphas_cumprod: Tensor | None  # DDPM schedule [num_train_timesteps] (NCP's posterior step); None for flow
+    timestep_sampling: TimestepSampling  # how the family draws training timesteps
     device: torch.device
 
     @property
@@ -38,7 +43,7 @@ class Backend(Protocol):
         """The forward process x_t."""
 
     def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """What the model is trained to predict (eps or velocity)."""
+        """What the model is trained to predict (eps, v, or the flow velocity noise - latents)."""
 
     def predict(self, noisy: Tensor, timesteps: Tensor, cond: Cond) -> Tensor:
         """The policy's prediction (adapter enabled, with grad)."""
@@ -59,7 +64,7 @@ class Backend(Protocol):
         """Restore `adapter_state_dict` output exactly."""
 
     def export_lora(self) -> dict[str, Tensor]:
-        """The adapter under kohya names (`lora_unet_…` + `.lora_down.weight`/`.lora_up.weight`/`.alpha`)."""
+        """The adapter under the names of the family's LoRA file (trainer/models/lora.py)."""
 
     def model_info(self) -> dict[str, str]:
-        """Base-model facts for the LoRA metadata: at least `name`, `hash` and `architecture` (sd15/sdxl/...)."""
+        """Base-model facts for the LoRA metadata: at least `name`, `hash` and `architecture` (sd15/sdxl/sd3/flux/...)."""

@@ -1,4 +1,9 @@
-"""The diffusers backend: SD1.5/SDXL UNet with a PEFT LoRA; the reference is the same UNet, adapter off."""
+"""What every diffusers backend shares: a PEFT LoRA on the denoiser (UNet or transformer) whose reference is
+the same network with the adapter off, the family's forward process, the VAE, and the adapter's files.
+
+A family subclass (`unet_backend`, `sd3_backend`, `flux_backend`) adds how prompts are encoded and how
+its denoiser is called.
+"""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
@@ -7,130 +12,94 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..forward_process import Schedule, TimestepSampling
 from .backend import Cond
-from .loading import Components, load_components
+from .loading import Components
+from .lora import LoraSpec, adapter_disabled, attach_lora, export_state_dict, lora_parameters
 from .offload import Offloadable
-from .lora import LoraSpec, adapter_disabled, attach_lora, kohya_state_dict, lora_parameters
 
 
 class DiffusersBackend:
-    """Implements `Backend` over diffusers components loaded by `load_components`."""
+    """Implements `Backend` over diffusers components loaded by `load_components`; subclasses per family."""
+
+    #: timestep sampling the family trains with when the config leaves it to the family (see forward_process)
+    default_timestep_sampling = "uniform"
 
     def __init__(self, parts: Components, lora: LoraSpec, device: torch.device | str = "cpu",
                  weight_dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False, seed: int = 0,
-                 compile: bool = False) -> None:
+                 compile: bool = False, timestep_sampling: TimestepSampling | None = None) -> None:
         self.parts = parts
         self.lora = lora
         self.device = torch.device(device)
-        self.scheduler = parts.scheduler
-        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
-        self.prediction_type = self.scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
+        self.schedule = Schedule.from_scheduler(parts.scheduler)
+        self.num_train_timesteps = self.schedule.num_train_timesteps
+        self.prediction_type = "flow" if self.schedule.flow else parts.scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "flow"):
             raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not supported (epsilon, v_prediction)")
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
-        attach_lora(parts.unet, lora, seed)
-        parts.unet.to(self.device)
-        for name, param in parts.unet.named_parameters():  # frozen base in weight dtype, adapter in fp32
-            if not param.requires_grad:
-                param.data = param.data.to(weight_dtype)
+        self.alphas_cumprod = None if self.schedule.flow else self.schedule.alphas_cumprod.to(self.device)
+        self.timestep_sampling = timestep_sampling or TimestepSampling(self.num_train_timesteps,
+                                                                       self.default_timestep_sampling)
+        denoiser = parts.denoiser
+        attach_lora(denoiser, lora, seed)
+        if not parts.quantized:  # a quantised base was placed on the device by its loader, in its own formats
+            denoiser.to(self.device)
+            for param in denoiser.parameters():  # frozen base in weight dtype, adapter in fp32
+                if not param.requires_grad:
+                    param.data = param.data.to(weight_dtype)
         if gradient_checkpointing:
-            parts.unet.enable_gradient_checkpointing()
+            denoiser.enable_gradient_checkpointing()
         parts.vae.to(self.device)  # fp32: SDXL's VAE overflows in fp16
         for encoder in parts.text_encoders:
             encoder.to(self.device, weight_dtype)
         self.weight_dtype = weight_dtype
         self.encoders = Offloadable([parts.vae, *parts.text_encoders], self.device)
         # the compiled module shares parameters and LoRA layers with the plain one (switching the adapter off
-        # for the reference gives a second graph); `encoder_features` and exports use the plain module
-        self._forward = torch.compile(parts.unet) if compile else parts.unet
-
-    @classmethod
-    def load(cls, model: str, lora: LoraSpec, vae: str | None = None, model_config: str | None = None,
-             **kwargs) -> "DiffusersBackend":
-        return cls(load_components(model, vae, model_config=model_config), lora, **kwargs)
+        # for the reference gives a second graph); feature extraction and exports use the plain module
+        self._forward = torch.compile(denoiser) if compile else denoiser
 
     @property
     def model(self) -> nn.Module:
-        return self.parts.unet
-
-    @property
-    def sdxl(self) -> bool:
-        return self.parts.architecture == "sdxl"
+        return self.parts.denoiser
 
     # --- encoding (no grad) -------------------------------------------------------------
     def release_encoders(self) -> None:
-        """Move the VAE and text encoders to the CPU (on SDXL about 2 GB of GPU memory back for the UNet)."""
+        """Move the VAE and text encoders to the CPU (SDXL: ~2 GB of GPU memory back; Flux/SD3 with T5: ~10 GB)."""
         self.encoders.offload()
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
-        self.encoders.ready()
-        hidden, pooled = [], None
-        for tokenizer, encoder in zip(self.parts.tokenizers, self.parts.text_encoders):
-            ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(self.device)
-            out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2] if self.sdxl else out.last_hidden_state)
-            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output  # last encoder's
-        return {"prompt_embeds": torch.cat(hidden, dim=-1).float(), "pooled": pooled.float()}
+        raise NotImplementedError
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor) -> Tensor:
+        """Latents as the family's pipeline scales them: (z - shift_factor) * scaling_factor (no shift for SD1.5/SDXL)."""
         self.encoders.ready()
         vae = self.parts.vae
         latents = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mean  # deterministic: caches reproduce
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift is not None:
+            latents = latents - shift
         return (latents * vae.config.scaling_factor).float()
+
+    def token_ids(self, tokenizer, prompts: Sequence[str], length: int) -> Tensor:
+        return tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)
 
     # --- forward process ------------------------------------------------------------------
     def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        a = self._alpha_bar(timesteps, latents)
-        return a.sqrt() * latents + (1 - a).sqrt() * noise
+        return self.schedule.add_noise(latents, noise, timesteps)
 
     def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        if self.prediction_type == "epsilon":
-            return noise
-        a = self._alpha_bar(timesteps, latents)
-        return a.sqrt() * noise - (1 - a).sqrt() * latents
-
-    def _alpha_bar(self, timesteps: Tensor, like: Tensor) -> Tensor:
-        return self.alphas_cumprod[timesteps].view(-1, *[1] * (like.dim() - 1)).to(like.dtype)
+        return self.schedule.target(latents, noise, timesteps, self.prediction_type)
 
     # --- model calls ----------------------------------------------------------------------
-    def _unet_kwargs(self, cond: Cond) -> dict:
-        kwargs = {"encoder_hidden_states": cond["prompt_embeds"].to(self.weight_dtype)}
-        if self.sdxl:
-            kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"].to(self.weight_dtype),
-                                           "time_ids": cond["time_ids"].to(self.weight_dtype)}
-        return kwargs
-
     def predict(self, noisy: Tensor, timesteps: Tensor, cond: Cond) -> Tensor:
-        return self._forward(noisy.to(self.weight_dtype), timesteps, **self._unet_kwargs(cond)).sample.float()
+        raise NotImplementedError
 
     def reference(self) -> AbstractContextManager[None]:
         return adapter_disabled(self.model)
 
-    def encoder_features(self, sample: Tensor, timesteps: Tensor, cond: Cond, middle: bool = False) -> Tensor:
-        """Pretrained encoder (adapter off): time embedding, conv_in, down blocks (+ mid block), flattened."""
-        unet = self.model
-        with adapter_disabled(unet):
-            kwargs = self._unet_kwargs(cond)
-            emb = unet.time_embedding(unet.time_proj(timesteps).to(self.weight_dtype))
-            if self.sdxl:
-                emb = emb + self._added_embedding(kwargs["added_cond_kwargs"])
-            h = unet.conv_in(sample.to(self.weight_dtype))
-            for block in unet.down_blocks:
-                if getattr(block, "has_cross_attention", False):
-                    h, _ = block(h, emb, encoder_hidden_states=kwargs["encoder_hidden_states"])
-                else:
-                    h, _ = block(h, emb)
-            if middle:
-                h = unet.mid_block(h, emb, encoder_hidden_states=kwargs["encoder_hidden_states"])
-        return h.float().flatten(1)
-
-    def _added_embedding(self, added: dict[str, Tensor]) -> Tensor:
-        unet = self.model
-        time_embeds = unet.add_time_proj(added["time_ids"].flatten()).reshape(added["time_ids"].shape[0], -1)
-        return unet.add_embedding(torch.cat([added["text_embeds"], time_embeds.to(added["text_embeds"].dtype)], dim=-1))
+    def encoder_features(self, sample: Tensor, timesteps: Tensor, cond: Cond) -> Tensor:
+        raise ValueError(f"noise-conditioned features need a UNet encoder (SD1.5/SDXL); this is {self.parts.architecture}")
 
     # --- the adapter -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -151,9 +120,8 @@ class DiffusersBackend:
                 param.copy_(state[name])
 
     def export_lora(self) -> dict[str, Tensor]:
-        return kohya_state_dict(self.model, self.lora.alpha)
+        return export_state_dict(self.model, self.lora, self.parts.architecture)
 
     def model_info(self) -> dict[str, str]:
         return {"name": self.parts.name, "hash": self.parts.hash, "architecture": self.parts.architecture,
                 "prediction_type": self.prediction_type}
-

@@ -66,7 +66,8 @@ class EmbeddingBackend:
     def __init__(self, backend, location: str) -> None:
         self._backend = backend
         self.embedder = ClipEmbedder(location, backend.device)
-        self.cache_tag = f"embedder={file_fingerprint(location)}"
+        own = getattr(backend, "cache_tag", None)  # e.g. SD3 without T5: its encodings are another entry
+        self.cache_tag = "|".join(filter(None, [own, f"embedder={file_fingerprint(location)}"]))
 
     def __getattr__(self, name: str):
         return getattr(self._backend, name)

@@ -13,16 +13,17 @@ from .tiny import TINY_MODELS, tiny_model_path
 
 @dataclass
 class Components:
-    """The parts of an SD1.5/SDXL pipeline the trainer uses."""
+    """The parts of a pipeline the trainer uses (SD1.5/SDXL here; SD3/Flux from `flow_loading`)."""
 
     name: str
-    unet: Any
+    denoiser: Any  # UNet2DConditionModel, SD3Transformer2DModel or FluxTransformer2DModel
     vae: Any
     text_encoders: list[Any]
     tokenizers: list[Any]
     scheduler: Any
-    architecture: str  # "sd15" or "sdxl"
+    architecture: str  # "sd15", "sdxl", "sd3" or "flux"
     hash: str
+    quantized: bool = False  # the frozen denoiser was loaded quantised (placed and typed by its loader)
 
 
 def resolve_model(model: str) -> str:
@@ -68,10 +69,10 @@ def load_components(model: str, vae: str | None = None, model_config: str | None
         from diffusers import AutoencoderKL
 
         parts["vae"] = AutoencoderKL.from_pretrained(vae)
-    for module in [parts["unet"], parts["vae"], *parts["text_encoders"]]:
+    for module in [parts["denoiser"], parts["vae"], *parts["text_encoders"]]:
         module.requires_grad_(False)
         module.eval()
-    sdxl = getattr(parts["unet"].config, "addition_embed_type", None) == "text_time"
+    sdxl = getattr(parts["denoiser"].config, "addition_embed_type", None) == "text_time"
     return Components(name=model, architecture="sdxl" if sdxl else "sd15", hash=file_fingerprint(location), **parts)
 
 
@@ -87,7 +88,7 @@ def _from_pretrained(location: str) -> dict[str, Any]:
         encoders.append(CLIPTextModelWithProjection.from_pretrained(location, subfolder="text_encoder_2"))
         tokenizers.append(AutoTokenizer.from_pretrained(location, subfolder="tokenizer_2"))
     return dict(
-        unet=UNet2DConditionModel.from_pretrained(location, subfolder="unet"),
+        denoiser=UNet2DConditionModel.from_pretrained(location, subfolder="unet"),
         vae=AutoencoderKL.from_pretrained(location, subfolder="vae"),
         text_encoders=encoders,
         tokenizers=tokenizers,

@@ -96,7 +96,7 @@ def load_single_file(path: str | Path, model_config: str | None = None) -> dict[
                               f"{type(e).__name__}: {e}\nTo load it offline, {_HINT}.") from e
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if sdxl else [])
-    return dict(unet=pipe.unet, vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers,
+    return dict(denoiser=pipe.unet, vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers,
                 scheduler=DDPMScheduler.from_config(dict(pipe.scheduler.config)))
 
 
