@@ -133,7 +133,7 @@ def test_safeguard_asks_for_residuals_not_a_reference_pass(tmp_path):
     method = build_method("cpo", {"safeguard": True})
     assert method.needs == {"residuals"} and build_method("rpo", {"safeguard": True}).needs == {"embeddings", "residuals"}
     batch = encode_collated(backend, collate([ImageTransform(32)(e, False, None) for e in make_pairs(2)]))
-    noise = draw_noise(method, batch.latents.shape, batch.paired, backend.num_train_timesteps,
+    noise = draw_noise(method, batch.latents.shape, batch.paired, backend.timestep_sampling,
                        torch.Generator().manual_seed(0))
     entered = []
     original = backend.reference

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from conftest import fixed_batch_losses, make_pairs, tiny_config
 from trainer.export import read_lora
@@ -78,19 +79,22 @@ def pixels(images) -> np.ndarray:
     return np.stack([np.asarray(im, dtype=np.int16) for im in images])
 
 
+def kohya_lora(unet, scale: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, module in unet.named_modules():
+        if name.endswith(("to_q", "to_k", "to_v", "to_out.0")):
+            key = "lora_unet_" + name.replace(".", "_")
+            lora[f"{key}.lora_down.weight"] = scale * torch.randn(4, module.in_features, generator=g)
+            lora[f"{key}.lora_up.weight"] = scale * torch.randn(module.out_features, 4, generator=g)
+            lora[f"{key}.alpha"] = torch.tensor(4.0)
+    return lora
+
+
 @pytest.fixture(scope="module")
 def toy_lora() -> dict[str, torch.Tensor]:
     """A random kohya LoRA for the toy UNet's attention projections (what training writes)."""
-    pipe = load_toy_pipeline()
-    g = torch.Generator().manual_seed(0)
-    lora = {}
-    for name, module in pipe.unet.named_modules():
-        if name.endswith(("to_q", "to_k", "to_v", "to_out.0")):
-            key = "lora_unet_" + name.replace(".", "_")
-            lora[f"{key}.lora_down.weight"] = 0.3 * torch.randn(4, module.in_features, generator=g)
-            lora[f"{key}.lora_up.weight"] = 0.3 * torch.randn(module.out_features, 4, generator=g)
-            lora[f"{key}.alpha"] = torch.tensor(4.0)
-    return lora
+    return kohya_lora(load_toy_pipeline().unet, 0.3)
 
 
 def test_negative_branch_with_a_zero_lora_is_plain_sampling(toy_lora):
@@ -103,20 +107,37 @@ def test_negative_branch_with_a_zero_lora_is_plain_sampling(toy_lora):
     assert np.abs(plain - zero_lora).max() <= 1 and np.mean(plain != zero_lora) < 1e-3
 
 
-def test_negative_branch_is_the_lora_model_on_the_empty_prompt_and_nothing_else(toy_lora):
-    """At guidance 0 the prediction is the negative branch alone: the LoRA model on the empty prompt, which the
-    stock pipeline (no guidance at scale <= 1) computes with the LoRA on the whole model and prompt ""."""
-    negative_only = sample_images(None, PROMPTS, SEEDS, steps=6, negative_lora=toy_lora, guidance_scale=0.0)
-    lora_on_empty = sample_images(None, [""] * 3, SEEDS, steps=6, lora=toy_lora, guidance_scale=0.0)
-    assert np.array_equal(pixels(negative_only), pixels(lora_on_empty))
-    # at guidance 1 only the conditional branch counts: the negative LoRA leaves the image as without it
-    cond_only = pixels(sample_images(None, PROMPTS, SEEDS, steps=6, negative_lora=toy_lora, guidance_scale=1.0))
-    assert np.abs(cond_only - pixels(sample_images(None, PROMPTS, SEEDS, steps=6, guidance_scale=1.0))).max() <= 1
-    # at the toy guidance (3) it changes the image, and differently from the same LoRA on the whole model
-    guided = pixels(sample_images(None, PROMPTS, SEEDS, steps=6, negative_lora=toy_lora))
-    whole = pixels(sample_images(None, PROMPTS, SEEDS, steps=6, lora=toy_lora))
+def double_unet_sampling(lora, steps: int, scale: float):
+    """The official NPO pipeline's loop, written out: a second UNet with the LoRA fused in predicts the
+    unconditional branch, the plain UNet the conditional one (DDIM, eta 0)."""
+    plain, negative = load_toy_pipeline(), load_toy_pipeline()
+    negative.load_lora_weights(dict(lora))
+    negative.fuse_lora()
+    scheduler = DDIMScheduler.from_config(plain.scheduler.config)
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        cond, uncond = plain.encode_prompt(PROMPTS, "cpu", 1, True)
+        x = plain.prepare_latents(len(PROMPTS), 8, 32, 32, cond.dtype, "cpu",
+                                  [torch.Generator().manual_seed(s) for s in SEEDS])
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(x, t)
+            eps_uncond = negative.unet(x_in, t, encoder_hidden_states=uncond).sample
+            eps_cond = plain.unet(x_in, t, encoder_hidden_states=cond).sample
+            x = scheduler.step(eps_uncond + scale * (eps_cond - eps_uncond), t, x, eta=0.0).prev_sample
+        decoded = plain.vae.decode(x / plain.vae.config.scaling_factor).sample
+    return plain.image_processor.postprocess(decoded, output_type="pil")
+
+
+def test_negative_branch_matches_the_double_unet_formula(toy_lora):
+    ours = pixels(sample_images(None, PROMPTS, SEEDS, steps=6, negative_lora=toy_lora))
+    assert np.abs(ours - pixels(double_unet_sampling(toy_lora, 6, 3.0))).max() <= 1  # fused weights: rounding
     plain = pixels(sample_images(None, PROMPTS, SEEDS, steps=6))
-    assert np.abs(guided - plain).max() > 20 and np.abs(guided - whole).max() > 20
+    whole = pixels(sample_images(None, PROMPTS, SEEDS, steps=6, lora=toy_lora))
+    assert np.abs(ours - plain).max() > 20 and np.abs(ours - whole).max() > 20
+    # without guidance (scale 1) the pipeline runs no negative branch: the LoRA changes nothing
+    no_cfg = sample_images(None, PROMPTS, SEEDS, steps=6, guidance_scale=1.0)
+    assert np.array_equal(pixels(no_cfg), pixels(sample_images(None, PROMPTS, SEEDS, steps=6, guidance_scale=1.0,
+                                                                negative_lora=toy_lora)))
 
 
 def test_a_positive_lora_stays_on_both_branches(toy_lora):
@@ -124,3 +145,26 @@ def test_a_positive_lora_stays_on_both_branches(toy_lora):
     with_lora = pixels(sample_images(None, PROMPTS, SEEDS, steps=6, lora=toy_lora))
     both = pixels(sample_images(None, PROMPTS, SEEDS, steps=6, lora=toy_lora, negative_lora=zero))
     assert np.abs(with_lora - both).max() <= 1  # the branches run as two batches: rounding, not a change
+
+
+def test_negative_branch_on_sdxl_splits_its_added_conditions():
+    """SDXL's UNet also takes pooled text embeddings and time ids per row: they are split with the batch."""
+    from trainer.generate import generate, load_pipeline
+
+    pipe = load_pipeline("tiny-sdxl", device="cpu")
+    lora = kohya_lora(pipe.unet, 0.3)
+    zero = {k: torch.zeros_like(v) if "lora_up" in k else v for k, v in lora.items()}
+    plain = pixels(generate(pipe, "a red square", [1, 2], 4, 5.0, size=32))
+    assert np.abs(plain - pixels(generate(pipe, "a red square", [1, 2], 4, 5.0, size=32, negative_lora=zero))).max() <= 1
+    assert np.abs(plain - pixels(generate(pipe, "a red square", [1, 2], 4, 5.0, size=32, negative_lora=lora))).max() > 5
+
+
+def test_negative_branch_needs_guidance():
+    from trainer.generate import negative_branch
+
+    class NoGuidance:  # FluxPipeline, for one, has no classifier-free guidance to put the LoRA in
+        pass
+
+    with pytest.raises(ValueError, match="needs classifier-free guidance; NoGuidance has none"):
+        with negative_branch(NoGuidance(), {}, 1.0):
+            pass

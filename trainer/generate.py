@@ -188,7 +188,7 @@ def negative_branch(pipe, lora: LoraSource, strength: float, positive: Sequence[
     not computed, so the LoRA changes nothing. Two half batches instead of one can move a pixel by one level
     through rounding.
     """
-    if not hasattr(pipe, "do_classifier_free_guidance"):
+    if not hasattr(type(pipe), "do_classifier_free_guidance"):
         raise ValueError(f"a negative-branch LoRA needs classifier-free guidance; {type(pipe).__name__} has none")
     denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
     pipe.load_lora_weights(lora, adapter_name=NEGATIVE_ADAPTER)

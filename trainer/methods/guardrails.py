@@ -177,6 +177,12 @@ class Guarded(Method):
         if self.config.safeguard:
             self.needs = type(self).needs | {RESIDUALS}  # type: ignore[misc]  # per instance: depends on the options
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The method's own options first, then the guardrails (the order the node's widget shows)."""
+        options = super().defaults()
+        return {**{k: v for k, v in options.items() if k not in GUARDRAIL_FIELDS}, **{k: options[k] for k in GUARDRAIL_FIELDS}}
+
     def state_dict(self) -> dict[str, Any]:
         return self.guardrails.state_dict()
 

@@ -10,7 +10,7 @@ Followed: G-U-N/Diffusion-NPO `DPO-DPO-NPO/train_sd15.py`, the diffusers DPO LoR
 change is the pair order in `preprocess_train` (`if label_0 == 1: im_tup = im_tup[::-1]`: the image
 people preferred goes second). Defaults: `run_sd15.sh` beta_dpo 500 on the logit without the 1/2,
 which is beta 1000 in our (official Diffusion-DPO) convention; SDXL (`run_sdxl.sh`, `train_sdxl.py`
-with the 1/2) uses 2000. Both train rank 8 at lr 5e-6. Sampling with the LoRA in the negative branch
+with the 1/2) uses 2000. Both train rank 8 at lr 5e-6. On flow models (SD3) beta scales as DPO's (dpo.py). Sampling with the LoRA in the negative branch
 follows `pipeline_stable_diffusion_double_unet.py`:
 
     eps = eps_{theta+npo}(x_t, c_neg) + w * (eps_theta(x_t, c) - eps_{theta+npo}(x_t, c_neg))
@@ -27,14 +27,14 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from .base import StepOutputs
-from .dpo import DPO, DPOConfig
+from .base import StepOutputs, by_prediction
+from .dpo import DPO, FLOW_SCALE, DPOConfig
 from .registry import register
 
 
 @dataclass
 class NPOConfig(DPOConfig):
-    beta: float = 1000.0
+    beta: float = by_prediction(1000.0, 1000.0 * FLOW_SCALE)  # flow: scaled as DPO's (dpo.py)
 
 
 def swap_pairs(out: StepOutputs) -> StepOutputs:
