@@ -119,7 +119,7 @@ def align(method: str, data: Path, work: Path, steps: int | None = None, options
                           "seed": seed, "method_args": options_of(method, options), "output_dir": str(work / name),
                           "cache_dir": str(work / "cache"), "log_every": 1, "overwrite": True})
     start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # summary, progress bar
         result = run(config)
     seconds = time.perf_counter() - start
     lines = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
