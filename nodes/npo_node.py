@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import comfy_env
-from .lora_nodes import describe, read_metadata
+from .lora_nodes import TEXT_ENCODER_PREFIXES, check_fits, describe, lora_file_names, read_metadata, shown
 
 CATEGORY = "preference/lora"
 UNCOND = 1  # comfy.samplers.calc_cond_batch: index 0 is the positive cond, 1 the negative
@@ -131,21 +131,31 @@ class NegativeBranchLoRA:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model to sample with (a positive preference LoRA may already be on it)."}),
-                "lora_name": (comfy_env.lora_names(), {"tooltip": "A negative-preference LoRA in models/loras (PrefAlign method npo)."}),
+                "lora_name": (lora_file_names(), {"tooltip": "A negative-preference .safetensors LoRA in models/loras (PrefAlign method npo)."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                                        "tooltip": "How strongly the LoRA changes the negative branch; 0 = plain sampling."}),
             },
         }
 
     def apply(self, model, lora_name, strength):
+        if not lora_name.lower().endswith(".safetensors"):
+            raise ValueError(f"{lora_name}: the Negative-Branch LoRA node reads .safetensors files only (a .pt/.ckpt "
+                             "file can hold pickled code); use a .safetensors copy")
+        import comfy.lora
         import comfy.utils
 
         path = comfy_env.lora_full_path(lora_name)
-        info = describe(lora_name, read_metadata(path)) + "\napplied to: the negative (unconditional) branch only"
+        metadata = read_metadata(path)
+        info = describe(lora_name, metadata) + "\napplied to: the negative (unconditional) branch of guidance only"
         if strength == 0:
-            return {"ui": {"text": [info]}, "result": (model, info)}
+            return {"ui": {"prefalign_text": [info]}, "result": (model, info)}
         lora = comfy.utils.load_torch_file(str(path), safe_load=True)
-        return {"ui": {"text": [info]}, "result": (negative_branch_lora(model, lora, strength), info)}
+        lora = {k: v for k, v in lora.items() if not k.startswith(TEXT_ENCODER_PREFIXES)}  # the UNet's branch only
+        unplaced = check_fits(lora_name, lora, comfy.lora.model_lora_keys_unet(model.model, {}),
+                              model.model.state_dict(), metadata)
+        if unplaced:
+            info += f"\nnot applied: {len(unplaced)} modules this model does not have (e.g. {shown(unplaced[0])})"
+        return {"ui": {"prefalign_text": [info]}, "result": (negative_branch_lora(model, lora, strength), info)}
 
 
 NODES = {"PrefAlignNegativeBranchLoRA": (NegativeBranchLoRA, "Negative-Branch Preference LoRA (NPO)")}

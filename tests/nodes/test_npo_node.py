@@ -193,3 +193,15 @@ def test_train_node_returns_an_npo_lora_on_the_negative_branch(pack, comfy_folde
     without, with_lora = reference(lora, 1.0, x, sigma, context)
     out = run(model_out, x, sigma, context, [0, 1])
     assert torch.allclose(out[:2], without[:2], atol=1e-5) and torch.allclose(out[2:], with_lora[2:], atol=1e-5)
+
+
+def test_node_refuses_pickle_files_and_loras_for_another_model(comfy_folders, monkeypatch):
+    install_comfy_lora(monkeypatch)
+    base = Patcher(fake_comfy.make_model_patcher().model)
+    node = npo_node.NegativeBranchLoRA()
+    with pytest.raises(ValueError, match=r"old.pt: the Negative-Branch LoRA node reads .safetensors files only"):
+        node.apply(base, "old.pt", 1.0)
+    wrong = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if "lora_up" in k else v for k, v in random_lora(base).items()}
+    save_file(wrong, str(comfy_folders["loras"] / "other.safetensors"))
+    with pytest.raises(ValueError, match="other.safetensors does not fit this model"):
+        node.apply(base, "other.safetensors", 1.0)
