@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from . import comfy_env
-from .lora_nodes import TEXT_ENCODER_PREFIXES, check_fits, describe, lora_file_names, read_metadata, shown
+from .lora_nodes import (TEXT_ENCODER_PREFIXES, check_fits, describe, lora_file_names, read_metadata,
+                         require_safetensors, shown)
 
 CATEGORY = "preference/lora"
 UNCOND = 1  # comfy.samplers.calc_cond_batch: index 0 is the positive cond, 1 the negative
@@ -44,17 +45,6 @@ class NegativeBranchWeight:
         return comfy.lora.calculate_weight(self.patches, weight, self.key)  # weight is ComfyUI's copy
 
 
-def _take(value, rows: Tensor, n: int):
-    """`value` with the batch rows `rows` kept wherever it carries the n-row batch (tensors, dicts, lists)."""
-    if isinstance(value, Tensor):
-        return value[rows] if value.ndim and value.shape[0] == n else value
-    if isinstance(value, dict):
-        return {k: _take(v, rows, n) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_take(v, rows, n) for v in value)
-    return value
-
-
 class NegativeBranchWrapper:
     """ComfyUI `model_function_wrapper`: runs the negative chunks with the switch on, the others off."""
 
@@ -71,6 +61,8 @@ class NegativeBranchWrapper:
             self.switch.negative = False
 
     def __call__(self, apply_model, args: dict) -> Tensor:
+        from ..trainer.generate import take_rows
+
         chunks = list(args["cond_or_uncond"])
         flags = [c == UNCOND for c in chunks]
         if all(flags) or not any(flags):
@@ -81,7 +73,7 @@ class NegativeBranchWrapper:
         for negative in (True, False):
             picked = [i for i, f in enumerate(flags) if f == negative]
             rows = torch.cat([torch.arange(i * per_chunk, (i + 1) * per_chunk) for i in picked]).to(x.device)
-            c = _take(args["c"], rows, n)
+            c = take_rows(args["c"], rows, n)
             options = dict(c.get("transformer_options", {}))
             for key in ("cond_or_uncond", "uuids"):
                 if key in options:
@@ -138,9 +130,7 @@ class NegativeBranchLoRA:
         }
 
     def apply(self, model, lora_name, strength):
-        if not lora_name.lower().endswith(".safetensors"):
-            raise ValueError(f"{lora_name}: the Negative-Branch LoRA node reads .safetensors files only (a .pt/.ckpt "
-                             "file can hold pickled code); use a .safetensors copy")
+        require_safetensors(lora_name, "Negative-Branch Preference LoRA")
         import comfy.lora
         import comfy.utils
 

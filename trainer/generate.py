@@ -157,14 +157,14 @@ def sampling(pipe, lora: LoraSource | None = None, threads: int | None = None,
         pipe.scheduler = original
 
 
-def _rows(value: Any, rows: slice, n: int) -> Any:
+def take_rows(value: Any, rows: slice | Tensor, n: int) -> Any:
     """`value` with the batch rows `rows` kept wherever it carries the n-row batch (tensors, dicts, lists)."""
     if isinstance(value, Tensor):
         return value[rows] if value.ndim and value.shape[0] == n else value
     if isinstance(value, dict):
-        return {k: _rows(v, rows, n) for k, v in value.items()}
+        return {k: take_rows(v, rows, n) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_rows(v, rows, n) for v in value)
+        return type(value)(take_rows(v, rows, n) for v in value)
     return value
 
 
@@ -204,7 +204,7 @@ def negative_branch(pipe, lora: LoraSource, strength: float, positive: Sequence[
         parts = []
         for rows, weight in ((slice(0, n // 2), strength), (slice(n // 2, n), 0.0)):
             denoiser.set_adapters(adapters, [1.0] * len(positive) + [weight])
-            parts.append(forward(*_rows(args, rows, n), **_rows(kwargs, rows, n)))
+            parts.append(forward(*take_rows(args, rows, n), **take_rows(kwargs, rows, n)))
         return _cat(parts)
 
     denoiser.forward = branch_forward

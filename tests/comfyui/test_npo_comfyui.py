@@ -9,7 +9,6 @@ differs from both the plain image and the LoRA applied to the whole model.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import sys
@@ -21,27 +20,17 @@ import pytest
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the integration tests")
 
-HERE = Path(__file__).resolve().parent
 CKPT = "tiny_sd15.safetensors"
 LORA = "npo_probe.safetensors"
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cs = sys.modules.get("prefalign_comfy_server") or _load("prefalign_comfy_server", HERE / "comfy_server.py")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_npo")
     cached = os.environ.get("PREFALIGN_CKPT_DIR")
-    s = cs.ComfyServer(base, Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", sys.executable),
+    from comfy_server import ComfyServer  # tests/comfyui is on the path of its own tests
+
+    s = ComfyServer(base, Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", sys.executable),
                        Path(cached) if cached else None)
     write_probe_lora(base / "models" / "checkpoints" / CKPT, base / "models" / "loras" / LORA)
     s.start()

@@ -199,7 +199,7 @@ def test_node_refuses_pickle_files_and_loras_for_another_model(comfy_folders, mo
     install_comfy_lora(monkeypatch)
     base = Patcher(fake_comfy.make_model_patcher().model)
     node = npo_node.NegativeBranchLoRA()
-    with pytest.raises(ValueError, match=r"old.pt: the Negative-Branch LoRA node reads .safetensors files only"):
+    with pytest.raises(ValueError, match=r"old.pt: Negative-Branch Preference LoRA reads .safetensors files only"):
         node.apply(base, "old.pt", 1.0)
     wrong = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if "lora_up" in k else v for k, v in random_lora(base).items()}
     save_file(wrong, str(comfy_folders["loras"] / "other.safetensors"))
