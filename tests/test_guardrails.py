@@ -258,3 +258,40 @@ def test_winner_error_rose_is_logged_and_averaged_into_a_share(tmp_path, pairs):
     result = train(config, make_backend(config, torch.device("cpu")), pairs)
     share = result.metrics["win_err_rose"]
     assert share in (0.0, 0.25, 0.5, 0.75, 1.0)  # the mean of four 0/1 steps
+
+
+# ---------------------------------------------------------------- several ranks, flow models
+
+
+def _adaptive_rank(results) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        method = build_method("dpo", {"adaptive_beta": True})
+        results[rank] = method.loss(margin_batch([1e-3, 3e-3][rank]))[1]["beta"].item()  # |margins| 1e-3 and 3e-3
+    finally:
+        dist.destroy_process_group()
+
+
+def test_adaptive_beta_averages_the_margin_over_ranks():
+    """SimpleTuner gathers the mean |margin| over processes: both ranks use the same beta, from the mean 2e-3."""
+    import torch.multiprocessing as mp
+    from ranks import run_ranks
+
+    results = mp.Manager().dict()
+    run_ranks(_adaptive_rank, (results,))
+    expected = adaptive_betas([2e-3], 5000.0, 0.5)[0]
+    assert results[0] == pytest.approx(expected, rel=1e-6) and results[1] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_guardrails_train_flow_models(tmp_path, pairs, model):
+    options = {"safeguard": True, "adaptive_beta": True, "sft_weight": 0.5}
+    config = tiny_config(tmp_path, model=model, max_steps=2, method_args=options)
+    result = train(config, make_backend(config, torch.device("cpu")), pairs)
+    assert 0.0 <= result.metrics["loser_scale"] <= 1.0 and result.metrics["beta"] <= 1000.0  # the flow DPO beta
+    assert math.isfinite(result.metrics["loss"]) and "sft_loss" in result.metrics
