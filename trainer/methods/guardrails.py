@@ -115,37 +115,40 @@ def _rank_mean(x: Tensor) -> Tensor:
 
 
 class Guardrails:
-    """The guardrails of one method instance; holds adaptive beta's margin average between steps."""
+    """The guardrails of one method instance; holds adaptive beta's margin average between steps (a tensor on
+    the training device: no host sync per step; a plain number in checkpoints)."""
 
     def __init__(self, config: GuardrailConfig) -> None:
         check_guardrails(config)
         self.config = config
-        self.margin_ema: float | None = None
+        self.margin_ema: Tensor | None = None
+        self.metrics: dict[str, Tensor] = {}
 
     def begin(self, out: StepOutputs, beta: float, factor: float = 0.5) -> tuple[StepOutputs, Tensor | float]:
         """The step's inputs with the safeguard applied, and the beta to use (adaptive or as configured).
 
         `factor` is what multiplies beta in the method's logit (0.5 in the Diffusion-DPO convention, 1 for cpo).
         """
-        self.metrics: dict[str, Tensor] = {}
+        self.metrics = {}
         if self.config.safeguard:
             scale = loser_scale(out, self.config.safeguard_mu)
             out = scale_loser_gradient(out, scale)
             self.metrics["loser_scale"] = scale
         if self.config.adaptive_beta:
             beta = self.adapt_beta(preference_margin(out).abs().mean(), beta, factor)
-            self.metrics["beta"] = torch.tensor(beta)
+            self.metrics["beta"] = beta
         return out, beta
 
-    def adapt_beta(self, mean_abs_margin: Tensor, beta: float, factor: float) -> float:
+    def adapt_beta(self, mean_abs_margin: Tensor, beta: float, factor: float) -> Tensor:
         """Update the margin EMA with this micro-batch and return the adapted beta (module docstring)."""
-        a = float(_rank_mean(mean_abs_margin.detach().float()))
+        a = _rank_mean(mean_abs_margin.detach().double())
         decay = self.config.adaptive_beta_decay
-        self.margin_ema = a if self.margin_ema is None else decay * self.margin_ema + (1.0 - decay) * a
+        ema = a if self.margin_ema is None else decay * self.margin_ema.to(a) + (1.0 - decay) * a
+        self.margin_ema = ema
         target = self.config.adaptive_beta_target
-        k = -math.log(target / (1.0 - target)) / max(self.margin_ema, 1e-12)  # -logit(target) / ema
+        k = -math.log(target / (1.0 - target)) / ema.clamp(min=1e-12)  # -logit(target) / ema
         k_max = factor * beta
-        return min(max(k, MIN_BETA_RATIO * k_max), k_max) / factor
+        return (k.clamp(MIN_BETA_RATIO * k_max, k_max) / factor).to(mean_abs_margin.dtype)
 
     def finish(self, loss: Tensor, metrics: dict[str, Tensor], out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss with the SFT anchor added, and the metrics with the guardrails' own."""
@@ -156,10 +159,11 @@ class Guardrails:
         return loss, {**metrics, **self.metrics}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"margin_ema": self.margin_ema}
+        return {"margin_ema": None if self.margin_ema is None else float(self.margin_ema)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.margin_ema = state.get("margin_ema")
+        ema = state.get("margin_ema")
+        self.margin_ema = None if ema is None else torch.tensor(ema, dtype=torch.float64)
 
 
 class Guarded(Method):
