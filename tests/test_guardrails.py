@@ -295,3 +295,18 @@ def test_guardrails_train_flow_models(tmp_path, pairs, model):
     result = train(config, make_backend(config, torch.device("cpu")), pairs)
     assert 0.0 <= result.metrics["loser_scale"] <= 1.0 and result.metrics["beta"] <= 1000.0  # the flow DPO beta
     assert math.isfinite(result.metrics["loss"]) and "sft_loss" in result.metrics
+
+
+def test_cli_refuses_a_bad_guardrail_option_in_one_line_before_writing(tmp_path, capsys):
+    from trainer.cli import main
+
+    from trainer.toy import write_preference_dataset
+
+    data = write_preference_dataset(tmp_path / "data", "shaded", 2, seed=0)
+    out = tmp_path / "run"
+    code = main(["train", "--model", "tiny-sd", "--data", str(data), "--method", "dpo", "--method-args",
+                 "safeguard=true", "safeguard_mu=2", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("error:")]  # (transformers may warn at import)
+    assert code == 2 and ours == ["error: method_args.safeguard_mu: must be in [0, 1], got 2.0"] and "Traceback" not in err
+    assert not out.exists()
