@@ -481,7 +481,7 @@ def test_methods_table():
     assert "beta=5000" in by_name["dpo"][3] and "beta=0.001 (auto)" in by_name["dspo"][3]
     markdown, text = methods_table_markdown(), methods_table_text()
     assert markdown.count("\n") == len(ALL) + 3 and "| kto |" in markdown  # header, rule, rows, blank, guardrails
-    assert "safeguard=False" in markdown.splitlines()[-1] and "safeguard" not in by_name["dpo"][3]
+    assert "safeguard=false" in markdown.splitlines()[-1] and "safeguard" not in by_name["dpo"][3]
     assert by_name["dpo"][3].endswith("+ guardrails") and not by_name["kto"][3].endswith("+ guardrails")
     assert all(name in text for name in ALL)
 

@@ -15,6 +15,8 @@ LEGEND = ("reference: yes = the loss compares the LoRA with the frozen base mode
 
 
 def _format(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()  # as written in --method-args and TOML
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
