@@ -1,10 +1,10 @@
 """PrefAlign's ComfyUI nodes: thin shells over `trainer/` (which never imports ComfyUI)."""
 from __future__ import annotations
 
-from . import dataset_nodes, lora_nodes, score_nodes, store_nodes, train_node
+from . import dataset_nodes, lora_nodes, npo_node, score_nodes, store_nodes, train_node
 
 _NODES = {}
-for _module in (dataset_nodes, store_nodes, train_node, lora_nodes, score_nodes):
+for _module in (dataset_nodes, store_nodes, train_node, lora_nodes, score_nodes, npo_node):
     _NODES.update(_module.NODES)
 
 #: words the node search finds each node by: newer ComfyUI versions send a node class's SEARCH_ALIASES to the
@@ -22,6 +22,7 @@ NODE_SEARCH_ALIASES = {
     "PrefAlignLoadScorer": ["scorer", "pickscore", "clip", "aesthetic", "reward model", "ai feedback"],
     "PrefAlignScoreImages": ["score", "scorer", "pickscore", "aesthetic", "rank", "reward"],
     "PrefAlignPairsFromScores": ["pairs", "scores", "ai feedback", "best worst", "pair store"],
+    "PrefAlignNegativeBranchLoRA": ["npo", "diffusion-npo", "negative", "negative prompt", "unconditional", "cfg", "lora"],
 }
 for _key, (_cls, _) in _NODES.items():
     _cls.SEARCH_ALIASES = SEARCH_ALIASES + NODE_SEARCH_ALIASES[_key]

@@ -29,6 +29,13 @@ def lora_file_names() -> list[str]:
     return [n for n in comfy_env.lora_names() if n.lower().endswith(".safetensors")]
 
 
+def require_safetensors(lora_name: str, node: str) -> None:
+    """Refuse, naming the file and the node, any LoRA that is not .safetensors (nothing is unpickled)."""
+    if not lora_name.lower().endswith(".safetensors"):
+        raise ValueError(f"{lora_name}: {node} reads .safetensors files only (a .pt/.ckpt file can hold pickled "
+                         "code); use a .safetensors copy")
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 
@@ -138,9 +145,7 @@ class LoadPreferenceLoRA:
         }
 
     def load(self, model, lora_name, strength_model, clip=None, strength_clip=1.0):
-        if not lora_name.lower().endswith(".safetensors"):
-            raise ValueError(f"{lora_name}: Load Preference LoRA reads .safetensors files only (a .pt/.ckpt file can "
-                             "hold pickled code); use a .safetensors copy")
+        require_safetensors(lora_name, "Load Preference LoRA")
         import comfy.lora
         import comfy.sd
         import comfy.utils

@@ -116,6 +116,7 @@ class TrainPreferenceLoRA:
         from ..trainer.atomic import DiskFullError
         from ..trainer.config import make_config
         from ..trainer.loop import TrainHooks, train
+        from ..trainer.methods import method_class
         from ..trainer.metrics import logged_losses
         from ..trainer.models.lora import LoraSpec
         from .comfy_backend import ComfyBackend
@@ -192,9 +193,14 @@ class TrainPreferenceLoRA:
                 comfy_env.throw_if_interrupted()
                 comfy_env.raise_interrupt()
             lora_sd = load_file(str(comfy_env.loras_dir() / rel))
-            import comfy.sd
+            if method_class(method).negative_branch:  # an NPO LoRA belongs in the negative branch of CFG only
+                from .npo_node import negative_branch_lora
 
-            model_out, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
+                model_out = negative_branch_lora(model, lora_sd, 1.0)
+            else:
+                import comfy.sd
+
+                model_out, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
             curve = pil_to_tensor(plot_loss(logged_losses(metrics_file), f"{method} loss"))
             ui = {"prefalign_train": [{"node": state["node"], "lora": rel, "steps": result.steps, "stopped": result.stopped,
                                        "metrics": {k: float(v) for k, v in result.metrics.items()}}],

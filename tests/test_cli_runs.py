@@ -148,7 +148,9 @@ def test_files_get_the_umask_permissions_and_defaults_are_recorded(tmp_path, mon
     for name in ("lora.safetensors", "config.toml", "summary.json", "checkpoints/step-1/adapter.safetensors"):
         assert (out / name).stat().st_mode & 0o777 == 0o640, name
     recorded = tomllib.loads((out / "config.toml").read_text())["method_args"]
-    assert recorded == {"beta": 5000.0, "loss_type": "hinge", "space": "latent"}
+    assert recorded == {"beta": 5000.0, "loss_type": "hinge", "space": "latent", "safeguard": False, "safeguard_mu": 0.9,
+                        "adaptive_beta": False, "adaptive_beta_target": 0.2, "adaptive_beta_decay": 0.99,
+                        "sft_weight": 0.0}
     assert json.loads(metadata(out)["prefalign.method_args"]) == recorded
 
 

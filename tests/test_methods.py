@@ -18,7 +18,7 @@ from trainer.forward_process import TimestepSampling
 from trainer.methods import StepOutputs, build_method, method_class, method_names
 from trainer.methods.table import methods_table_markdown, methods_table_rows, methods_table_text
 
-ALL = ["cal-dpo", "cpo", "dense", "dpo", "dspo", "kto", "mapo", "rpo", "sft"]
+ALL = ["cal-dpo", "cpo", "dense", "dpo", "dspo", "kto", "mapo", "npo", "rpo", "sft"]
 
 # methods.md, 3 pairs
 M3 = dict(w=[0.100, 0.200, 0.050], l=[0.120, 0.180, 0.050], rw=[0.110, 0.190, 0.060], rl=[0.110, 0.190, 0.040])
@@ -480,7 +480,9 @@ def test_methods_table():
     assert by_name["dpo"][2] == "yes" and by_name["mapo"][2] == "no"
     assert "beta=5000" in by_name["dpo"][3] and "beta=0.001 (auto)" in by_name["dspo"][3]
     markdown, text = methods_table_markdown(), methods_table_text()
-    assert markdown.count("\n") == len(ALL) + 1 and "| kto |" in markdown
+    assert markdown.count("\n") == len(ALL) + 3 and "| kto |" in markdown  # header, rule, rows, blank, guardrails
+    assert "safeguard=false" in markdown.splitlines()[-1] and "safeguard" not in by_name["dpo"][3]
+    assert by_name["dpo"][3].endswith("+ guardrails") and not by_name["kto"][3].endswith("+ guardrails")
     assert all(name in text for name in ALL)
 
 

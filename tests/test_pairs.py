@@ -51,7 +51,8 @@ def test_every_chosen_image_scores_above_its_rejected_one(judged):
         expected = {(seeds[a], seeds[b]) for a in range(6) for b in range(6) if shaded[a] and not shaded[b]}
         assert {(r["seed_0"], r["seed_1"]) for r in table if r["prompt_index"] == index} == expected
     first = table[0]
-    again = sample_images(None, first["prompt_0"], [first["seed_0"]], steps=6)[0]
+    seeds = [7 + first["prompt_index"] * 6 + k for k in range(6)]  # drawn as one batch, as `pairs` draws them
+    again = sample_images(None, first["prompt_0"], seeds, steps=6)[seeds.index(first["seed_0"])]
     assert np.array_equal(np.asarray(again), np.asarray(image(first["jpg_0"])))  # PNG keeps the image exactly
 
 

@@ -58,7 +58,17 @@ def test_base_rate_of_the_open_attribute_and_caption_fidelity(pipe):
     assert BASE_RATE_BAND[0] <= rate <= BASE_RATE_BAND[1], rate
     colour_ok = np.mean([f["colour"] is not None and f["colour"] in p.split() for f, p in zip(found, prompts)])
     shape_ok = np.mean([f["shape"] is not None and f["shape"] in p.split() for f, p in zip(found, prompts)])
-    assert colour_ok >= 0.75 and shape_ok >= 0.75, (colour_ok, shape_ok)  # shipped model: 0.84, 0.85
+    assert colour_ok >= 0.9 and shape_ok >= 0.9, (colour_ok, shape_ok)  # shipped model: 1.00, 0.94
+
+
+def test_the_prompted_colour_is_kept_in_either_style(pipe):
+    """Fidelity must not depend on the style the sample lands in, or moving the style alone (the demo's preference)
+    would change prompt fidelity. The 1500-step model kept the colour in 70% of shaded samples and 90% of flat ones."""
+    prompts = open_prompts("shaded") * 8
+    found = [classify(im) for im in sample_images(pipe, prompts, range(100, 100 + len(prompts)))]
+    for style in ("shaded", "flat"):
+        kept = [f["colour"] in p.split() for f, p in zip(found, prompts) if f["style"] == style]
+        assert len(kept) >= 20 and np.mean(kept) >= 0.9, (style, np.mean(kept), len(kept))
 
 
 def test_lora_applies_for_one_call_only(pipe, tmp_path):

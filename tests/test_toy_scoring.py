@@ -55,3 +55,31 @@ def test_wilson_interval():
     for bad in [(1, 0), (-1, 5), (6, 5)]:
         with pytest.raises(ValueError):
             wilson_interval(*bad)
+
+
+# ---------------------------------------------------------------- prompt fidelity
+
+
+def labelled(shape, colour, style):
+    """A render whose attributes are known (the label is the spec itself)."""
+    return to_pil(render(random_spec(np.random.default_rng(0), shape=shape, colour=colour, style=style)))
+
+
+def test_prompt_fidelity_on_hand_labelled_images():
+    from trainer.toy.scoring import fidelity_counts, fidelity_drops, fidelity_rates, prompted_attributes
+
+    images = [labelled("circle", "red", "shaded"), labelled("square", "blue", "flat"),
+              labelled("triangle", "green", "flat"), labelled("circle", "yellow", "shaded")]
+    prompts = ["a red circle", "a red square", "a shaded green triangle", "a yellow shape"]
+    assert prompted_attributes("a shaded green triangle") == {"style": "shaded", "colour": "green", "shape": "triangle"}
+    assert prompted_attributes("a shape") == {}
+    # colour: red ok, blue for red, green ok, yellow ok; shape: circle, square, triangle ok; style: flat for shaded
+    assert fidelity_counts(images, prompts) == {"colour": (3, 4), "shape": (3, 3), "style": (0, 1)}
+    rates = fidelity_rates(images, prompts)
+    assert rates["colour"][0] == 0.75 and rates["colour"][1:] == pytest.approx(wilson_interval(3, 4))
+    after = fidelity_rates(images[:1] + [labelled("square", "red", "flat")] + images[2:], prompts)
+    assert after["colour"][0] == 1.0 and fidelity_drops(rates, after) == {}
+    assert fidelity_drops(after, rates) == {"colour": pytest.approx(0.25)}  # 100% -> 75%: more than 5 points
+    assert fidelity_drops({"shape": (0.80,)}, {"shape": (0.76,)}) == {}  # a 4-point fall is within the bound
+    with pytest.raises(ValueError):
+        fidelity_counts(images, prompts[:2])

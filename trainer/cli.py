@@ -1,8 +1,8 @@
 """`python -m trainer`: train, list methods, demo, eval, pairs, iterate.
 
-Exit codes: 0 done; 1 the demo's intervals overlap, or training stopped on a non-finite loss or a full
-disk; 2 a bad option, path or data row (one line on stderr naming it; nothing written); 130 stopped by
-Ctrl-C (the first Ctrl-C during training saves a checkpoint and the LoRA at the next step boundary).
+Exit codes: 0 done; 1 the demo's intervals overlap or its prompt fidelity fell more than 5 points, or
+training stopped on a non-finite loss or a full disk; 2 a bad option, path or data row (one line on stderr
+naming it; nothing written); 130 stopped by Ctrl-C (the first Ctrl-C during training saves a checkpoint and the LoRA at the next step boundary).
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = run_demo(Path(args.output_dir), args.method, args.attribute, args.pairs, args.steps,
                               args.samples, args.seed, read_method_args(args.method_args))
             print((Path(args.output_dir) / "report.md").read_text())
-            return 0 if report["moved"] else 1
+            return 0 if report["passed"] else 1
         if hasattr(args, "handler"):  # eval, pairs, iterate
             return args.handler(args)
         if args.command == "train":

@@ -14,6 +14,17 @@ the fraction of generations judged in the target style, by the toy classifier wi
 else by CLIP zero-shot ("a {style} image" beats the alternatives); a fixed, cheap stand-in for the paper's
 judging, not its exact protocol.
 
+Collateral damage is measured beside the preference. On toy prompts (which name colour, shape or style) the
+report gives the **prompt fidelity** of each model: per attribute the prompt names, the share of samples the
+toy classifier finds it in (95% Wilson intervals), and flags a fall of more than 5 points. For any model,
+`--prompt-clip MODEL` adds the **prompt alignment**: CLIP text-image similarity (100 x cosine of the prompt's
+and the image's CLIP embeddings, CLIPScore without its clamp) of each model, and the mean paired change with a
+95% interval.
+
+A LoRA trained with a negative-branch method (npo, read from its metadata) is sampled in the unconditional
+branch of classifier-free guidance only; `--negative-lora` adds such a LoRA to the tuned side of any other
+(Diffusion-NPO's "DPO + NPO").
+
 A judge that labelled the LoRA's training pairs (`trainer pairs` records its name and weights fingerprint in
 the parquet; the LoRA's metadata names the dataset) is marked: a LoRA can learn a judge's quirks, so judge
 with one that did not label too.
@@ -129,10 +140,52 @@ def training_labellers(lora: str | os.PathLike) -> list[dict] | None:
     return read_labellers(dataset) if dataset else None
 
 
+def fidelity(base: Sequence[Image.Image], tuned: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
+    """Prompt fidelity of toy samples: per prompted attribute kind, the base and LoRA rates with their 95%
+    Wilson intervals, and the kinds that fell more than 5 points (empty when the prompts name no toy attribute)."""
+    from .toy import fidelity_drops, fidelity_rates
+
+    before, after = fidelity_rates(base, prompts), fidelity_rates(tuned, prompts)
+    if not before:
+        return {}
+    keys = ("rate", "low", "high")
+    falls = fidelity_drops(before, after)
+    return {"kinds": {k: {"base": dict(zip(keys, before[k])), "lora": dict(zip(keys, after[k]))} for k in before},
+            "falls": falls, "kept": not falls}
+
+
+def prompt_alignment(clip_model: str, base: Sequence[Image.Image], tuned: Sequence[Image.Image],
+                     prompts: Sequence[str]) -> dict:
+    """CLIP text-image similarity, 100 * cos(prompt embedding, image embedding), of each model, and the mean
+    paired change with a 95% normal interval."""
+    from .scorers.clip import ClipModel
+
+    clip = ClipModel(clip_model, option="--prompt-clip")
+    text = clip.texts(prompts)
+    sims = {side: (100.0 * (text * clip.images(images)).sum(-1)).double().numpy()
+            for side, images in (("base", base), ("lora", tuned))}
+    change = sims["lora"] - sims["base"]
+    half = 1.96 * change.std(ddof=1) / np.sqrt(len(change)) if len(change) > 1 else float("inf")
+    return {"model": clip_model, "fingerprint": clip.fingerprint, "base": float(sims["base"].mean()),
+            "lora": float(sims["lora"].mean()), "change": float(change.mean()),
+            "change_low": float(change.mean() - half), "change_high": float(change.mean() + half),
+            "scores": {"base": sims["base"].tolist(), "lora": sims["lora"].tolist()}}
+
+
+def lora_placement(lora: str | os.PathLike) -> str:
+    """"negative" when the LoRA's method (its metadata) is a negative-branch one (npo), else "model"."""
+    from .export import read_lora
+    from .methods import method_class, method_names
+
+    method = read_lora(lora)[1].get("prefalign.method", "")
+    return "negative" if method in method_names() and method_class(method).negative_branch else "model"
+
+
 def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequence[str] = ("attribute",),
              attribute: str = "shaded", scorer_model: str | None = None, prompts: str | os.PathLike | None = None,
              samples: int = 96, seed: int = 10_000, steps: int = 20, output_dir: str | os.PathLike | None = None,
-             alternatives: Sequence[str] = (), guidance_scale: float | None = None) -> dict:
+             alternatives: Sequence[str] = (), guidance_scale: float | None = None,
+             negative_lora: str | os.PathLike | None = None, prompt_clip: str | None = None) -> dict:
     """Sample base and base+LoRA on the same (prompt, seed) pairs, judge them, write eval.json + grid.png."""
     from .demo import grid
     from .generate import cpu_threads, default_guidance, generate, load_pipeline
@@ -141,8 +194,9 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequenc
 
     if samples < 1:
         raise ValueError(f"--samples must be positive, got {samples}")
-    if not Path(lora).is_file():
-        raise ValueError(f"--lora {lora}: no such file")
+    for option, path in (("--lora", lora), ("--negative-lora", negative_lora)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{option} {path}: no such file")
     judges = make_scorers([scorers] if isinstance(scorers, str) else list(scorers), attribute=attribute,
                           clip_model=scorer_model, alternatives=alternatives)
     labellers = training_labellers(lora)
@@ -157,10 +211,20 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequenc
     guidance = default_guidance(model) if guidance_scale is None else guidance_scale
     pipe = load_pipeline(model)
     base = generate(pipe, prompt_list, seeds, steps, guidance, threads=cpu_threads(model))
-    tuned = generate(pipe, prompt_list, seeds, steps, guidance, lora=str(lora), threads=cpu_threads(model))
-    report = {"lora": str(lora), "model": model, "attribute": attribute, "samples": samples, "seed": seed,
+    placement = lora_placement(lora)
+    loras = {"negative_lora": str(lora)} if placement == "negative" else {"lora": str(lora)}
+    if negative_lora is not None:
+        if "negative_lora" in loras:
+            raise ValueError(f"--negative-lora: --lora {lora} already goes into the negative branch (its method is "
+                             "a negative-branch one); give one negative-branch LoRA")
+        loras["negative_lora"] = str(negative_lora)
+    tuned = generate(pipe, prompt_list, seeds, steps, guidance, threads=cpu_threads(model), **loras)
+    report = {"lora": str(lora), "placement": placement, "negative_lora": negative_lora and str(negative_lora),
+              "model": model, "attribute": attribute, "samples": samples, "seed": seed,
               "steps": steps, "guidance_scale": guidance, "labellers": labellers,
               "results": [score_pairs(j, base, tuned, prompt_list, labelled_by(j, labellers)) for j in judges],
+              "fidelity": fidelity(base, tuned, prompt_list),
+              "prompt_alignment": prompt_alignment(prompt_clip, base, tuned, prompt_list) if prompt_clip else None,
               "prompts": prompt_list, "seeds": seeds}
     if output_dir is not None:
         out = Path(output_dir)
@@ -200,10 +264,31 @@ def judge_lines(result: dict) -> list[str]:
     return lines
 
 
+def fidelity_lines(report: dict) -> list[str]:
+    """Collateral damage: prompt fidelity (toy prompts) and prompt alignment (CLIP), when measured."""
+    lines = []
+    if report.get("fidelity"):
+        f = report["fidelity"]
+        lines.append("prompt fidelity (toy classifier: samples showing what the prompt names, 95% Wilson intervals)")
+        for kind, r in f["kinds"].items():
+            lines.append(f"  {kind}: base {r['base']['rate']:.1%} {_interval(r['base'])} -> "
+                         f"LoRA {r['lora']['rate']:.1%} {_interval(r['lora'])}")
+        lines.append("  kept: no prompted attribute fell more than 5 points" if f["kept"] else
+                     "  fell more than 5 points: " + ", ".join(f"{k} -{v:.1%}" for k, v in f["falls"].items()))
+    a = report.get("prompt_alignment")
+    if a:
+        lines.append(f"prompt alignment (CLIP {a['model']}, 100 x cosine): base {a['base']:.2f} -> LoRA {a['lora']:.2f}, "
+                     f"change {a['change']:+.2f} [{a['change_low']:+.2f}, {a['change_high']:+.2f}] (95%)")
+    return lines
+
+
 def summary(report: dict) -> str:
-    lines = [f"{report['samples']} (prompt, seed) pairs, LoRA {report['lora']} on {report['model']}"]
+    where = {"negative": " in the negative branch of guidance"}.get(report.get("placement"), "")
+    extra = f" + negative-branch LoRA {report['negative_lora']}" if report.get("negative_lora") else ""
+    lines = [f"{report['samples']} (prompt, seed) pairs, LoRA {report['lora']}{where}{extra} on {report['model']}"]
     for result in report["results"]:
         lines += judge_lines(result)
+    lines += fidelity_lines(report)
     if report["results"] and all(r["labelled"] for r in report["results"]):
         lines.append("Every judge here labelled the training pairs; a LoRA can learn a judge's quirks, so also judge "
                      "with a scorer that did not label them.")
@@ -220,7 +305,13 @@ def add_eval_parser(sub) -> None:
                         description="Sample base and base+LoRA on the same prompts and seeds and judge both with one "
                                     "or more scorers. Ties are reported as ties; the win rate is over decided pairs. "
                                     "Writes eval.json and a grid PNG.")
-    ev.add_argument("--lora", required=True, help="the LoRA file to evaluate")
+    ev.add_argument("--lora", required=True, help="the LoRA file to evaluate (an npo LoRA, by its metadata, goes into "
+                                                 "the negative branch of guidance)")
+    _option(ev, "negative_lora", default=None,
+            help="a negative-branch LoRA (method npo) to add to the LoRA side, in the unconditional branch of guidance")
+    _option(ev, "prompt_clip", default=None,
+            help="CLIP folder or hub id for the prompt-alignment score (CLIP text-image similarity), e.g. "
+                 "openai/clip-vit-large-patch14")
     ev.add_argument("--model", default="toy", help="base model: anything `train --model` takes (default: toy)")
     ev.add_argument("--scorer", action="append", default=None, metavar="SPEC",
                     help=f"a judge, repeat for several: {', '.join(KINDS)} with an optional :ARGUMENT, e.g. "
@@ -244,6 +335,6 @@ def add_eval_parser(sub) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     report = evaluate(args.lora, args.model, args.scorer or ["attribute"], args.attribute, args.scorer_model,
                       args.prompts, args.samples, args.seed, args.steps, args.output_dir, args.alternatives,
-                      args.guidance_scale)
+                      args.guidance_scale, args.negative_lora, args.prompt_clip)
     print(summary(report))
     return 0

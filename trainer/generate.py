@@ -5,6 +5,13 @@ family is one entry in `FAMILIES` (its pipeline class, how the components fill i
 scheduler used for sampling). `generate` draws one image per seed: each image's starting noise comes from
 its own seed, so an image does not depend on the batch it was drawn in, and a (prompt, seed) pair always
 gives the same image (DDIM with eta 0 is deterministic for SD-family models).
+
+A negative LoRA (`negative_branch`) acts on the unconditional branch of classifier-free guidance only, as
+Diffusion-NPO samples (Wang et al., ICLR 2025; G-U-N/Diffusion-NPO `pipeline_stable_diffusion_double_unet.py`:
+the unconditional prediction comes from `negative_unet`, the model with the NPO LoRA, the conditional one
+from the model):
+
+    eps = eps_{model+npo}(x_t, c_neg) + w * (eps_model(x_t, c) - eps_{model+npo}(x_t, c_neg))
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from .models.loading import Components
 
 LoraSource = str | os.PathLike | dict[str, Tensor]
 LORA_ADAPTER = "prefalign_sample_lora"
+NEGATIVE_ADAPTER = "prefalign_negative_lora"
 GUIDANCE_SCALE = 7.5  # classifier-free guidance for real models (the toy model's is `toy.GUIDANCE_SCALE`)
 
 
@@ -126,8 +134,10 @@ def load_pipeline(model: str, vae: str | None = None, model_config: str | None =
 
 
 @contextmanager
-def sampling(pipe, lora: LoraSource | None = None, threads: int | None = None) -> Iterator[Any]:
-    """The pipeline with its family's sampler and `lora` applied, restored afterwards (threads too)."""
+def sampling(pipe, lora: LoraSource | None = None, threads: int | None = None,
+             negative_lora: LoraSource | None = None, negative_strength: float = 1.0) -> Iterator[Any]:
+    """The pipeline with its family's sampler, `lora` applied and `negative_lora` on the unconditional branch
+    (strength 0: not at all), restored afterwards (threads too)."""
     original, previous_threads = pipe.scheduler, torch.get_num_threads()
     pipe.scheduler = family_of(pipe).sampler(original.config)
     if lora is not None:
@@ -135,7 +145,11 @@ def sampling(pipe, lora: LoraSource | None = None, threads: int | None = None) -
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        yield pipe
+        if negative_lora is None or negative_strength == 0.0:
+            yield pipe
+        else:
+            with negative_branch(pipe, negative_lora, negative_strength, [LORA_ADAPTER] if lora is not None else []):
+                yield pipe
     finally:
         torch.set_num_threads(previous_threads)
         if lora is not None:
@@ -143,21 +157,81 @@ def sampling(pipe, lora: LoraSource | None = None, threads: int | None = None) -
         pipe.scheduler = original
 
 
+def take_rows(value: Any, rows: slice | Tensor, n: int) -> Any:
+    """`value` with the batch rows `rows` kept wherever it carries the n-row batch (tensors, dicts, lists)."""
+    if isinstance(value, Tensor):
+        return value[rows] if value.ndim and value.shape[0] == n else value
+    if isinstance(value, dict):
+        return {k: take_rows(v, rows, n) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(take_rows(v, rows, n) for v in value)
+    return value
+
+
+def _cat(parts: list[Any]) -> Any:
+    """The denoiser outputs of the two halves, joined along the batch (a tuple, or a diffusers output)."""
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts)
+    if isinstance(parts[0], tuple):
+        return tuple(_cat([p[i] for p in parts]) for i in range(len(parts[0])))
+    return type(parts[0])(**{k: _cat([p[k] for p in parts]) for k in parts[0].keys()})
+
+
+@contextmanager
+def negative_branch(pipe, lora: LoraSource, strength: float, positive: Sequence[str] = ()) -> Iterator[None]:
+    """Sample with `lora` at `strength` in the unconditional branch of classifier-free guidance only.
+
+    The diffusers SD, SDXL and SD3 pipelines run the negative and the positive conditioning as one batch,
+    negative half first (`torch.cat([negative_prompt_embeds, prompt_embeds])`); while this is active the
+    denoiser runs that batch as two, the first half with the negative adapter at `strength` and the second
+    without it (the `positive` adapters stay on in both). Without guidance (scale <= 1) the negative branch is
+    not computed, so the LoRA changes nothing. Two half batches instead of one can move a pixel by one level
+    through rounding.
+    """
+    if not hasattr(type(pipe), "do_classifier_free_guidance"):
+        raise ValueError(f"a negative-branch LoRA needs classifier-free guidance; {type(pipe).__name__} has none")
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    pipe.load_lora_weights(lora, adapter_name=NEGATIVE_ADAPTER)
+    adapters = [*positive, NEGATIVE_ADAPTER]
+    forward = denoiser.forward
+
+    def branch_forward(*args, **kwargs):
+        if not pipe.do_classifier_free_guidance:
+            denoiser.set_adapters(adapters, [1.0] * len(positive) + [0.0])
+            return forward(*args, **kwargs)
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        n = x.shape[0]
+        parts = []
+        for rows, weight in ((slice(0, n // 2), strength), (slice(n // 2, n), 0.0)):
+            denoiser.set_adapters(adapters, [1.0] * len(positive) + [weight])
+            parts.append(forward(*take_rows(args, rows, n), **take_rows(kwargs, rows, n)))
+        return _cat(parts)
+
+    denoiser.forward = branch_forward
+    try:
+        yield
+    finally:
+        del denoiser.forward  # the class's forward again
+        pipe.delete_adapters(NEGATIVE_ADAPTER)
+
+
 def generate(pipe, prompts: str | Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float,
              lora: LoraSource | None = None, batch_size: int = 64, threads: int | None = None,
-             size: int | None = None) -> list[Image.Image]:
+             size: int | None = None, negative_lora: LoraSource | None = None,
+             negative_strength: float = 1.0) -> list[Image.Image]:
     """One image per seed, `prompts[i]` for `seeds[i]` (a single prompt is used for all seeds).
 
-    `lora` (a LoRA file or state dict that `load_lora_weights` accepts) is applied for this call only.
-    `threads` sets torch's CPU threads for the call (None: leave as is). `size`: square side in pixels
-    (default: the model's native size).
+    `lora` (a LoRA file or state dict that `load_lora_weights` accepts) is applied for this call only;
+    `negative_lora` (same forms) only to the unconditional branch of guidance, at `negative_strength`
+    (`negative_branch`). `threads` sets torch's CPU threads for the call (None: leave as is). `size`: square
+    side in pixels (default: the model's native size).
     """
     prompts = [prompts] * len(seeds) if isinstance(prompts, str) else list(prompts)
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
     extra = dict(family_of(pipe).call_options, **({} if size is None else {"height": size, "width": size}))
     images: list[Image.Image] = []
-    with sampling(pipe, lora, threads):
+    with sampling(pipe, lora, threads, negative_lora, negative_strength):
         for start in range(0, len(seeds), batch_size):
             chunk = slice(start, start + batch_size)
             generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[chunk]]

@@ -106,6 +106,7 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
         lr_scheduler.load_state_dict(state.lr_scheduler)
         generator.set_state(state.generator)
         stream.load_state_dict(state.data)
+        method.load_state_dict(state.extra.get("method", {}))
         step, metrics = state.step, state.extra.get("metrics", {})
     if config.resume:
         ranks.check_agree(step, "the step to resume from (every rank must see the checkpoints rank 0 writes: "
@@ -125,7 +126,8 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
         if not ranks.is_main:
             return None
         state = TrainingState(step, backend.adapter_state_dict(), optimizer.state_dict(), lr_scheduler.state_dict(),
-                              generator.get_state(), stream.state_dict(), extra={"metrics": metrics})
+                              generator.get_state(), stream.state_dict(),
+                              extra={"metrics": metrics, "method": method.state_dict()})
         return save_checkpoint(ckpt_root, state, config.keep_checkpoints)
 
     def log_step() -> dict[str, float]:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .data.records import TrainBatch
 from .forward_process import TimestepSampling
-from .methods.base import EMBEDDINGS, PREDICTIONS, Method, StepOutputs
+from .methods.base import EMBEDDINGS, PREDICTIONS, RESIDUALS, Method, StepOutputs
 from .models.backend import Backend, Cond
 from .ncp import ncp_errors
 
@@ -86,6 +86,8 @@ def compute_outputs(backend: Backend, method: Method, batch: TrainBatch, noise: 
     out = StepOutputs(err=err, timesteps=t, labels=to_device(batch.labels, device), ref_err=ref_err)
     if PREDICTIONS in method.needs:
         out.pred, out.ref_pred, out.target = pred, ref_pred, target
+    elif RESIDUALS in method.needs:
+        out.pred, out.target = pred, target
     if EMBEDDINGS in method.needs:
         out.prompt_emb = cond.get("embed_text", cond.get("pooled"))
         out.image_emb = cond.get("embed_image")

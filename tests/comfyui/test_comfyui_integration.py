@@ -90,7 +90,8 @@ def test_pack_loads(server, info):
     ours = {k for k in info if k.startswith("PrefAlign")}
     assert ours == {"PrefAlignPairsFromDataset", "PrefAlignAddPair", "PrefAlignLoadStore", "PrefAlignGalleryPicker",
                     "PrefAlignExportParquet", "PrefAlignImportParquet", "PrefAlignTrainLoRA", "PrefAlignLoadLoRA",
-                    "PrefAlignLoadScorer", "PrefAlignScoreImages", "PrefAlignPairsFromScores"}
+                    "PrefAlignLoadScorer", "PrefAlignScoreImages", "PrefAlignPairsFromScores",
+                    "PrefAlignNegativeBranchLoRA"}
     assert all(info[k]["category"].startswith("preference/") for k in ours)
     assert "dpo" in server.get("/prefalign/methods")
     assert "dpo" in server.get("/api/prefalign/methods")

@@ -18,7 +18,8 @@ from ..forward_process import PREDICTION_TYPES, TimestepSampling
 #: Extras a method may ask the loop for (see `Method.needs`).
 PREDICTIONS = "predictions"  # full policy/reference predictions and the target (DSPO)
 EMBEDDINGS = "embeddings"  # prompt and image embeddings per image (RPO)
-KNOWN_NEEDS = frozenset({PREDICTIONS, EMBEDDINGS})
+RESIDUALS = "residuals"  # the policy prediction and the target, no reference pass (the SDPO safeguard)
+KNOWN_NEEDS = frozenset({PREDICTIONS, EMBEDDINGS, RESIDUALS})
 
 
 @dataclass
@@ -33,9 +34,9 @@ class StepOutputs:
     timesteps: Tensor
     labels: Tensor  # 1.0 chosen / desirable, 0.0 rejected / undesirable
     ref_err: Tensor | None = None
-    pred: Tensor | None = None  # policy prediction [N, ...]   (needs PREDICTIONS)
+    pred: Tensor | None = None  # policy prediction [N, ...]   (needs PREDICTIONS or RESIDUALS)
     ref_pred: Tensor | None = None  # reference prediction, no grad (needs PREDICTIONS)
-    target: Tensor | None = None  # eps or v target (needs PREDICTIONS)
+    target: Tensor | None = None  # eps or v target (needs PREDICTIONS or RESIDUALS)
     prompt_emb: Tensor | None = None  # [N, D]   (needs EMBEDDINGS)
     image_emb: Tensor | None = None  # [N, D]   (needs EMBEDDINGS)
 
@@ -138,6 +139,7 @@ class Method:
     - `shared_noise`: both images of a pair share timestep and noise.
     - `needs`: extras from `KNOWN_NEEDS`.
     - `wants_related_prompts`: batches should mix semantically related prompts (RPO's cross-pair terms).
+    - `negative_branch`: the LoRA is meant for the unconditional branch of classifier-free guidance (NPO).
     - `prediction_types`: what the network may predict (`epsilon`, `v_prediction`, `flow`); on any other
       model the method is refused with `flow_refusal` (why its maths does not carry over).
     """
@@ -151,6 +153,7 @@ class Method:
     shared_noise: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset()
     wants_related_prompts: ClassVar[bool] = False
+    negative_branch: ClassVar[bool] = False
     prediction_types: ClassVar[frozenset[str]] = frozenset(PREDICTION_TYPES)
     flow_refusal: ClassVar[str] = ""
 
@@ -177,6 +180,13 @@ class Method:
     def loss(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         """Scalar loss and detached metrics (tensors: the loop reads them only every few steps)."""
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the method carries from step to step (JSON values, saved in checkpoints); most carry nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`'s values (a resumed run)."""
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

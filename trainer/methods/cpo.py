@@ -5,9 +5,10 @@
 Source: sakharok13/Aligning-Stable-Diffusion-with-Noise-Conditioned-Perception
 `src/train/train_sd15.py`, `loss_type=cpo` (beta 2500, no 0.5 factor: the same multiplier as DPO's
 official beta 5000; no SFT term). `sft_weight` adds the chosen-image NLL term of LLM-CPO (Xu et al.
-2024); default 0 (the NCP form). `space` picks latent or NCP errors. On flow models the same loss on velocity errors (the CPO
-derivation uses the policy's errors only as log-likelihood surrogates, which holds for any Gaussian
-parameterisation), beta scaled as DPO's (dpo.py: 2500 -> 500).
+2024); default 0 (the NCP form), now the shared guardrail option (guardrails.py, with `safeguard` and
+`adaptive_beta`, whose multiplier here is beta itself). `space` picks latent or NCP errors. On flow models the
+same loss on velocity errors (the CPO derivation uses the policy's errors only as log-likelihood surrogates, which
+holds for any Gaussian parameterisation), beta scaled as DPO's (dpo.py: 2500 -> 500).
 """
 from __future__ import annotations
 
@@ -16,15 +17,15 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Method, MethodConfig, StepOutputs, by_prediction, check_choice
+from .base import StepOutputs, by_prediction, check_choice
 from .dpo import FLOW_SCALE, SPACES, error_metrics
+from .guardrails import GuardrailConfig, Guarded
 from .registry import register
 
 
 @dataclass
-class CPOConfig(MethodConfig):
+class CPOConfig(GuardrailConfig):
     beta: float = by_prediction(2500.0, 2500.0 * FLOW_SCALE)
-    sft_weight: float = 0.0
     space: str = "latent"
 
     def __post_init__(self) -> None:
@@ -33,7 +34,7 @@ class CPOConfig(MethodConfig):
 
 
 @register
-class CPO(Method):
+class CPO(Guarded):
     name = "cpo"
     paper = "CPO, diffusion form of NCP-DPO (Gambashidze et al., 2024)"
     Config = CPOConfig
@@ -41,12 +42,13 @@ class CPO(Method):
     needs_reference = False
 
     def loss(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
-        inside = -self.config.beta * (out.err_w - out.err_l)
-        loss = -F.logsigmoid(inside).mean() + self.config.sft_weight * out.err_w.mean()
+        out, beta = self.guardrails.begin(out, self.config.beta, factor=1.0)
+        inside = -beta * (out.err_w - out.err_l)
+        loss = -F.logsigmoid(inside).mean()
         inside = inside.detach()
-        return loss, {
+        return self.guardrails.finish(loss, {
             "loss": loss.detach(),
             "implicit_acc": (inside > 0).float().mean(),
             "reward_margin": inside.mean(),
             **error_metrics(out),
-        }
+        }, out)

@@ -29,7 +29,9 @@ v = (eps - x_t) / (1 - s)), so the same change of the model moves a flow error m
 epsilon margin: 5000 saturates the sigmoid in the first steps. 1000 sits between flow_grpo's 100 (online pairs
 of the model's own samples, whose margins are large) and the epsilon 5000, and keeps the loss in the sigmoid's
 working range on the tiny models (docs/methods.md, "Flow-DPO beta"). SimpleTuner's sum convention is beta_sum =
-beta_ours / (number of latent elements); its auto-beta is not offered.
+beta_ours / (number of latent elements); its auto-beta is the `adaptive_beta` guardrail.
+
+Guardrails (`safeguard`, `adaptive_beta`, `sft_weight`): guardrails.py.
 
 `space = "ncp"` asks the loop for errors in the noise-conditioned perception space (NCP-DPO,
 Gambashidze et al. 2024, sakharok13/Aligning-Stable-Diffusion-with-Noise-Conditioned-Perception
@@ -42,7 +44,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Method, MethodConfig, StepOutputs, by_prediction, check_choice
+from .base import StepOutputs, by_prediction, check_choice
+from .guardrails import GuardrailConfig, Guarded
 from .registry import register
 
 SPACES = ("latent", "ncp")
@@ -52,7 +55,7 @@ FLOW_SCALE = FLOW_BETA / 5000.0
 
 
 @dataclass
-class DPOConfig(MethodConfig):
+class DPOConfig(GuardrailConfig):
     beta: float = by_prediction(5000.0, FLOW_BETA)
     loss_type: str = "sigmoid"
     space: str = "latent"
@@ -64,16 +67,18 @@ class DPOConfig(MethodConfig):
 
 
 def error_metrics(out: StepOutputs) -> dict[str, Tensor]:
-    """Mean errors of each half (and of the reference when it ran), detached."""
+    """Mean errors of each half (and of the reference when it ran), detached; `win_err_rose` is 1 when the
+    chosen images' mean error is above the reference's (its mean over logged steps: the share of such steps)."""
     metrics = {"err_w": out.err_w.detach().mean(), "err_l": out.err_l.detach().mean()}
     if out.ref_err is not None:
         metrics["ref_err_w"] = out.ref_err_w.mean()
         metrics["ref_err_l"] = out.ref_err_l.mean()
+        metrics["win_err_rose"] = (metrics["err_w"] > metrics["ref_err_w"]).float()
     return metrics
 
 
 @register
-class DPO(Method):
+class DPO(Guarded):
     name = "dpo"
     paper = "Diffusion-DPO (Wallace et al., CVPR 2024)"
     Config = DPOConfig
@@ -84,20 +89,21 @@ class DPO(Method):
         return out.ref_err_w - out.err_w, out.ref_err_l - out.err_l
 
     def loss(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
+        out, beta = self.guardrails.begin(out, self.config.beta)
         h_w, h_l = self.implicit_rewards(out)
         logits = h_w - h_l
-        inside = 0.5 * self.config.beta * logits
+        inside = 0.5 * beta * logits
         if self.config.loss_type == "sigmoid":
             losses = -F.logsigmoid(inside)
         elif self.config.loss_type == "hinge":
             losses = F.relu(1.0 - inside)
         else:
-            losses = (logits - 1.0 / self.config.beta) ** 2
+            losses = (logits - 1.0 / beta) ** 2
         loss = losses.mean()
         inside = inside.detach()
-        return loss, {
+        return self.guardrails.finish(loss, {
             "loss": loss.detach(),
             "implicit_acc": (inside > 0).float().mean(),
             "reward_margin": inside.mean(),
             **error_metrics(out),
-        }
+        }, out)

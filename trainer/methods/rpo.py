@@ -23,6 +23,7 @@ batch: beta*W_ij lies in (0, beta], and B identical prompts give each term beta/
 beta's DPO meaning whatever the batch: W only mixes per-pair DPO losses, identity weights give
 Diffusion-DPO exactly and identical prompts give all-pairs DPO at the full beta. On flow models: the same
 on velocity-error rewards with the flow DPO beta (dpo.py); the pipeline's pooled text embedding is CLIP's.
+Guardrails: guardrails.py (adaptive_beta follows the diagonal, per-pair DPO margins).
 """
 from __future__ import annotations
 
@@ -32,13 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import EMBEDDINGS, Method, MethodConfig, StepOutputs, by_prediction, check_choice
+from .base import EMBEDDINGS, StepOutputs, by_prediction, check_choice
 from .dpo import FLOW_BETA, error_metrics
+from .guardrails import GuardrailConfig, Guarded
 from .registry import register
 
 
 @dataclass
-class RPOConfig(MethodConfig):
+class RPOConfig(GuardrailConfig):
     beta: float = by_prediction(5000.0, FLOW_BETA)
     tau: float = 0.5
     weighting: str = "logit"
@@ -59,7 +61,7 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 @register
-class RPO(Method):
+class RPO(Guarded):
     name = "rpo"
     paper = "Diffusion-RPO (Gu et al., 2024)"
     Config = RPOConfig
@@ -85,18 +87,19 @@ class RPO(Method):
         return torch.softmax(-self.distances(out) / self.config.tau, dim=1)
 
     def loss(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
+        out, beta = self.guardrails.begin(out, self.config.beta)
         h_w, h_l = out.ref_err_w - out.err_w, out.ref_err_l - out.err_l
-        logits = 0.5 * self.config.beta * (h_w[:, None] - h_l[None, :])
+        logits = 0.5 * beta * (h_w[:, None] - h_l[None, :])
         w = self.weights(out).detach().to(logits.dtype)
         if self.config.weighting == "logit":
             loss = -F.logsigmoid(w * logits).mean()
         else:
             loss = -(w * F.logsigmoid(logits)).sum(1).mean()
         inside = logits.detach().diagonal()
-        return loss, {
+        return self.guardrails.finish(loss, {
             "loss": loss.detach(),
             "implicit_acc": (inside > 0).float().mean(),
             "reward_margin": inside.mean(),
             "weight_diagonal": w.diagonal().mean(),
             **error_metrics(out),
-        }
+        }, out)

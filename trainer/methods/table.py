@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from .base import default_note
+from .guardrails import GUARDRAIL_FIELDS, GuardrailConfig
 from .registry import method_class, method_names
 
 COLUMNS = ("method", "paper", "reference", "hyper-parameters (defaults)")
@@ -14,6 +15,8 @@ LEGEND = ("reference: yes = the loss compares the LoRA with the frozen base mode
 
 
 def _format(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()  # as written in --method-args and TOML
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -24,22 +27,31 @@ def methods_table_rows() -> list[tuple[str, str, str, str]]:
         cls = method_class(name)
         config = cls.Config()
         options = ", ".join(
-            f"{f.name}={_format(getattr(config, f.name))}" + default_note(f) for f in dataclasses.fields(config)
+            f"{f.name}={_format(getattr(config, f.name))}" + default_note(f)
+            for f in dataclasses.fields(config) if f.name not in GUARDRAIL_FIELDS
         )
+        if isinstance(config, GuardrailConfig):
+            options += " + guardrails"
         if "flow" not in cls.prediction_types:
             options += "; not on flow models (SD3, Flux)"
         rows.append((name, cls.paper, "yes" if cls.needs_reference else "no", options or "-"))
     return rows
 
 
+def guardrails_line() -> str:
+    """The options every method marked "+ guardrails" takes (docs/methods.md, "Guardrails")."""
+    config = GuardrailConfig()
+    return "guardrails: " + ", ".join(f"{name}={_format(getattr(config, name))}" for name in GUARDRAIL_FIELDS)
+
+
 def methods_table_markdown() -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row[:3]) + f" | `{row[3]}` |" for row in methods_table_rows()]
-    return "\n".join(lines)
+    return "\n".join(lines) + f"\n\n`{guardrails_line()}`"
 
 
 def methods_table_text() -> str:
     rows = [COLUMNS, *methods_table_rows()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
     table = "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows)
-    return f"{table}\n\n{LEGEND}"
+    return f"{table}\n{guardrails_line()}\n\n{LEGEND}"

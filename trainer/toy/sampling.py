@@ -36,16 +36,21 @@ def sample_images(
     guidance_scale: float = GUIDANCE_SCALE,
     batch_size: int = 64,
     threads: int | None = 1,
+    negative_lora: str | os.PathLike | dict[str, Tensor] | None = None,
+    negative_strength: float = 1.0,
 ) -> list[Image.Image]:
     """One image per seed, `prompts[i]` for `seeds[i]` (a single prompt is used for all seeds).
 
     Each image's starting noise comes from its own seed, so an image does not depend on the batch
     it is drawn in. `lora` (a LoRA file/folder or state dict that `load_lora_weights` accepts) is
-    applied for this call only; a pipeline passed in is left as it was. `threads` sets torch's CPU
+    applied for this call only; `negative_lora` (same forms) only to the unconditional branch of
+    classifier-free guidance, at `negative_strength` (Diffusion-NPO, trainer.generate.negative_branch).
+    A pipeline passed in is left as it was. `threads` sets torch's CPU
     threads for the call (None: leave as is); the toy model is so small that one thread is fastest,
     and on a busy 2-core machine two threads were 25x slower than one.
     """
     from ..generate import generate
 
     pipe = pipeline_or_path if isinstance(pipeline_or_path, StableDiffusionPipeline) else load_toy_pipeline(pipeline_or_path)
-    return generate(pipe, prompts, seeds, steps, guidance_scale, lora, batch_size, threads)
+    return generate(pipe, prompts, seeds, steps, guidance_scale, lora, batch_size, threads,
+                    negative_lora=negative_lora, negative_strength=negative_strength)

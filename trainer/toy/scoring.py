@@ -1,4 +1,4 @@
-"""Deterministic pixel-statistics classifier for toy-world images, and a Wilson interval.
+"""Deterministic pixel-statistics classifier for toy-world images, prompt fidelity, and a Wilson interval.
 
 The object is the set of pixels far from the background (the median border colour). Shape comes
 from how much of its bounding box it fills (square 1, circle pi/4, triangle 1/2), colour from the
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .world import COLOURS, RGB, attribute_kind
+from .world import ATTRIBUTES, COLOURS, RGB, attribute_kind
 
 _MASK_THRESHOLD = 0.25  # max channel distance from the background that counts as object
 _MIN_PIXELS = 12
@@ -106,3 +106,41 @@ def rate_interval(images: Sequence[ImageLike], attribute: str, z: float = 1.96) 
     hits = sum(has_attribute(im, attribute) for im in images)
     low, high = wilson_interval(hits, len(images), z)
     return hits / len(images), low, high
+
+
+def prompted_attributes(prompt: str) -> dict[str, str]:
+    """The attributes a toy caption names, by kind: "a red circle" -> {"colour": "red", "shape": "circle"}."""
+    return {kind: word for word in prompt.split() for kind, values in ATTRIBUTES.items() if word in values}
+
+
+def fidelity_counts(images: Sequence[ImageLike], prompts: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Prompt fidelity: per attribute kind, (images whose classified value is the one their prompt names,
+    images whose prompt names that kind). Kinds no prompt names are absent."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    counts: dict[str, list[int]] = {}
+    for image, prompt in zip(images, prompts):
+        named = prompted_attributes(prompt)
+        found = classify(image) if named else {}
+        for kind, value in named.items():
+            hits_n = counts.setdefault(kind, [0, 0])
+            hits_n[0] += found[kind] == value
+            hits_n[1] += 1
+    return {kind: (hits, n) for kind, (hits, n) in counts.items()}
+
+
+#: How far (absolute) the rate of a prompted attribute may fall before the fidelity verdict fails.
+FIDELITY_BOUND = 0.05
+
+
+def fidelity_rates(images: Sequence[ImageLike], prompts: Sequence[str], z: float = 1.96
+                   ) -> dict[str, tuple[float, float, float]]:
+    """Per prompted attribute kind: (rate, low, high), the share of images that keep it with its Wilson interval."""
+    return {kind: (hits / n, *wilson_interval(hits, n, z)) for kind, (hits, n) in fidelity_counts(images, prompts).items()}
+
+
+def fidelity_drops(before: dict[str, tuple[float, ...]], after: dict[str, tuple[float, ...]],
+                   bound: float = FIDELITY_BOUND) -> dict[str, float]:
+    """The kinds whose rate fell by more than `bound` from `before` to `after` (rates as `fidelity_rates` gives
+    them), with the fall."""
+    return {kind: before[kind][0] - after[kind][0] for kind in before if before[kind][0] - after[kind][0] > bound}
