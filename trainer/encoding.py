@@ -229,11 +229,27 @@ def encode_batches(cache: EncodingCache, backend: Backend, batches: Iterable[tup
         cache.flush()
 
 
+def concat_rows(rows: Sequence[Tensor | None]) -> Tensor:
+    """Rows [1, ...] of one text tensor -> [N, ...]. Rows of different sizes (full-length T5/LLM conditioning
+    in ComfyUI) are zero-padded at the end of every axis to the largest; a missing row (None) is all zeros. A
+    backend that needs each row's own size stores it beside (the ComfyUI backend's `size.*` tensors)."""
+    present = [r for r in rows if r is not None]
+    shape = [max(sizes) for sizes in zip(*(r.shape[1:] for r in present))]
+    if all(r is not None and list(r.shape[1:]) == shape for r in rows):
+        return torch.cat(present)
+    out = present[0].new_zeros(len(rows), *shape)
+    for i, r in enumerate(rows):
+        if r is not None:
+            out[(i, *[slice(0, n) for n in r.shape[1:]])] = r[0]
+    return out
+
+
 def batch_from_cache(cache: EncodingCache, keys: Sequence[str]) -> TrainBatch:
     entries = [cache.get(k) for k in keys]
     latents = torch.stack([e.latents for e in entries])  # [B, K, ...]
     b, k = latents.shape[:2]
-    text = {n: torch.cat([e.text[n] for e in entries]) for n in entries[0].text}
+    names = dict.fromkeys(n for e in entries for n in e.text)  # in first-seen order
+    text = {n: concat_rows([e.text.get(n) for e in entries]) for n in names}
     batch = assemble(latents.transpose(0, 1).reshape(b * k, *latents.shape[2:]), text,
                      torch.stack([e.time_ids for e in entries]), torch.stack([e.labels for e in entries]),
                      [e.prompt for e in entries])
