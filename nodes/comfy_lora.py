@@ -102,8 +102,8 @@ def export_names(adapters: dict[str, LoraWeight], diffusers: dict[str, Diffusers
         down, up = a.lora_down.detach().float().cpu(), a.lora_up.detach().float().cpu()
         parts = (diffusers or {}).get(name)
         if parts is not None:
-            for module, rows in parts:
-                out.update(diffusers_lora_tensors(module, down, up[rows], a.alpha / a.rank))
+            for module, rows in parts:  # each diffusers layer its own copy of the shared down matrix
+                out.update(diffusers_lora_tensors(module, down.clone(), up[rows], a.alpha / a.rank))
             continue
         key = kohya_name(name)
         if len(a.shape) > 2:  # conv: kohya keeps conv shapes
