@@ -28,6 +28,8 @@ def free_port() -> int:
 
 
 CHECKPOINTS = {"tiny_sd15.safetensors": "sd15", "tiny_sdxl.safetensors": "sdxl"}  # file -> family
+# models/ folder -> {file: what make_tiny_checkpoint.py makes}; the default server has the SD checkpoints
+SD_MODELS = {"checkpoints": CHECKPOINTS}
 PACK_FOLDER = "prefalign"  # the pack's folder name under custom_nodes/ (ComfyUI's module name for it)
 
 
@@ -46,25 +48,33 @@ def pack_import_report(log: str, pack_dir: Path) -> tuple[bool, list[str]]:
 
 
 class ComfyServer:
-    def __init__(self, base: Path, comfy_dir: Path, python: str, checkpoint_dir: Path | None = None) -> None:
-        """`checkpoint_dir` keeps the tiny checkpoints between runs (made there when missing)."""
+    def __init__(self, base: Path, comfy_dir: Path, python: str, checkpoint_dir: Path | None = None,
+                 models: dict[str, dict[str, str]] | None = None, extra_packs: tuple[Path, ...] = ()) -> None:
+        """`checkpoint_dir` keeps the tiny checkpoints between runs (made there when missing); `models` says which
+        go where (default: the SD1.5 and SDXL checkpoints); `extra_packs` are more custom-node folders to load."""
         self.base, self.comfy_dir, self.python = base, comfy_dir, python
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        for d in ("models/checkpoints", "models/loras", "custom_nodes", "output", "input", "temp", "user"):
+        models = SD_MODELS if models is None else models
+        for d in ("models/loras", "custom_nodes", "output", "input", "temp", "user", *(f"models/{m}" for m in models)):
             (base / d).mkdir(parents=True, exist_ok=True)
         self.pack_dir = base / "custom_nodes" / PACK_FOLDER
         if not self.pack_dir.exists():
             self.pack_dir.symlink_to(ROOT, target_is_directory=True)
-        store = checkpoint_dir or base / "models" / "checkpoints"
-        for name, family in CHECKPOINTS.items():
-            made = store / name
-            if not made.exists():
-                subprocess.run([python, str(HERE / "make_tiny_checkpoint.py"), str(comfy_dir), family, str(made)],
-                               check=True, cwd=base, timeout=900)
-            placed = base / "models" / "checkpoints" / name
-            if not placed.exists():
-                placed.symlink_to(made)
+        for extra in extra_packs:
+            link = base / "custom_nodes" / extra.name
+            if not link.exists():
+                link.symlink_to(extra, target_is_directory=True)
+        for folder, files in models.items():
+            store = checkpoint_dir or base / "models" / folder
+            for name, family in files.items():
+                made = store / name
+                if not made.exists():
+                    subprocess.run([python, str(HERE / "make_tiny_checkpoint.py"), str(comfy_dir), family, str(made)],
+                                   check=True, cwd=base, timeout=900)
+                placed = base / "models" / folder / name
+                if not placed.exists():
+                    placed.symlink_to(made)
         self.log_path = base / "server.log"
         self.proc = None
 
