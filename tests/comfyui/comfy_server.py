@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,6 +46,18 @@ def pack_import_report(log: str, pack_dir: Path) -> tuple[bool, list[str]]:
                 if re.fullmatch(r"\s*[\d.]+ seconds \(IMPORT FAILED\): " + re.escape(folder), line)
                 or line.startswith(f"Cannot import {folder} module for custom nodes")]
     return loaded, problems
+
+
+def checkpoint_nodes(ckpt: str, lora: str | None = None, strength: float = 1.0) -> tuple[dict, list, list, list]:
+    """API nodes `ckpt` (Load Checkpoint) and, when `lora` names a file, `lora` (stock LoraLoader on model and clip):
+    (nodes, model, clip, vae) outputs to wire into a sampler."""
+    nodes = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
+    model, clip = ["ckpt", 0], ["ckpt", 1]
+    if lora:
+        nodes["lora"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": lora,
+                                                                "strength_model": strength, "strength_clip": strength}}
+        model, clip = ["lora", 0], ["lora", 1]
+    return nodes, model, clip, ["ckpt", 2]
 
 
 class ComfyServer:
@@ -151,6 +164,21 @@ class ComfyServer:
         errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
         assert status.get("status_str") == "error" and errors, f"the prompt did not fail: {status}"
         return errors[0]["exception_message"]
+
+    def interrupt_at_step(self, prompt_id: str, step: int = 2, timeout: float = 300) -> threading.Thread:
+        """Press Cancel (POST /interrupt) once the Train node of `prompt_id` reports `step`; join the thread it runs in."""
+        def watch() -> None:
+            deadline = time.time() + timeout
+            while time.time() < deadline and prompt_id not in self.get(f"/history/{prompt_id}"):
+                runs = self.get("/prefalign/train/status")["runs"]
+                if any(r["prompt_id"] == prompt_id and r["step"] >= step for r in runs.values()):
+                    self.post("/interrupt", {})
+                    return
+                time.sleep(0.3)
+
+        thread = threading.Thread(target=watch)
+        thread.start()
+        return thread
 
     def run(self, prompt: dict, timeout: float = 300) -> dict:
         entry = self.wait(self.queue(prompt), timeout)

@@ -16,13 +16,12 @@
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -42,15 +41,8 @@ LONG = ("a watercolor painting of a small red fox sleeping under a tall old pine
         "paper texture, quiet winter mood, highly detailed fur, gentle gradients, atmospheric perspective")
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cs = _load("prefalign_comfy_server_flow", HERE / "comfy_server.py")
+sys.path.insert(0, str(HERE))
+cs = importlib.import_module("comfy_server")
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +108,8 @@ def sample_nodes(model, clip, vae, seed: int, prefix: str, cfg: float, flux: boo
 
 
 def sd3_image(server, lora: str | None, strength: float = 1.0, seed: int = 7):
-    g = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD3}}}
-    model, clip = ["ckpt", 0], ["ckpt", 1]
-    if lora:
-        g["lora"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": lora,
-                                                            "strength_model": strength, "strength_clip": strength}}
-        model, clip = ["lora", 0], ["lora", 1]
-    g.update(sample_nodes(model, clip, ["ckpt", 2], seed, f"sd3_{'lora' if lora else 'base'}_{strength}", cfg=2.0))
+    g, model, clip, vae = cs.checkpoint_nodes(SD3, lora, strength)
+    g.update(sample_nodes(model, clip, vae, seed, f"sd3_{'lora' if lora else 'base'}_{strength}", cfg=2.0))
     return image(server, g, "save")
 
 
@@ -131,6 +118,17 @@ def lora_file(server, name: str) -> tuple[list[str], dict]:
 
     with safe_open(str(server.base / "models" / "loras" / name), "pt") as f:
         return list(f.keys()), f.metadata()
+
+
+def trained(server, graph: dict, architecture: str, steps: int, what: str) -> tuple[dict, list[str], dict]:
+    """Run a graph with the Train node `train`: its result, the saved file's keys and metadata (flow, `architecture`)."""
+    t0 = time.time()
+    out = server.run(graph, timeout=900)["outputs"]["train"]["prefalign_train"][0]
+    print(f"\n{architecture}: {steps} Flow-DPO steps, {what}: {time.time() - t0:.1f} s on CPU")
+    assert out["steps"] == steps and not out["stopped"]
+    keys, meta = lora_file(server, out["lora"])
+    assert meta["prefalign.architecture"] == architecture and meta["prefalign.prediction_type"] == "flow"
+    return out, keys, meta
 
 
 def cached_token_lengths(server) -> set[int]:
@@ -151,13 +149,7 @@ def test_sd3_trains_and_stock_load_lora_applies_it(server):
     base_before = sd3_image(server, None)
     graph = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD3}},
              **train_node(["ckpt", 0], ["ckpt", 1], ["ckpt", 2], "sd3_pairs")}
-    t0 = time.time()
-    entry = server.run(graph, timeout=900)
-    print(f"\nSD3: 3 Flow-DPO steps, 2 pairs at 64 px, tiny SD3.5-shaped checkpoint: {time.time() - t0:.1f} s on CPU")
-    out = entry["outputs"]["train"]["prefalign_train"][0]
-    assert out["steps"] == 3 and not out["stopped"]
-    keys, meta = lora_file(server, out["lora"])
-    assert meta["prefalign.architecture"] == "sd3" and meta["prefalign.prediction_type"] == "flow"
+    out, keys, meta = trained(server, graph, "sd3", 3, "2 pairs at 64 px, tiny SD3.5-shaped checkpoint")
     assert '"beta": 1000.0' in meta["prefalign.method_args"]
     assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
     assert any(".attn2.to_q." in k for k in keys) and any(".attn.add_k_proj." in k for k in keys)
@@ -211,18 +203,7 @@ def test_sd3_cancel_keeps_a_lora_and_resume_continues(server):
     graph = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD3}},
              **train_node(["ckpt", 0], ["ckpt", 1], ["ckpt", 2], "sd3_cancel", steps=500, batch_size=1)}
     pid = server.queue(graph)
-
-    def cancel_when_running():
-        deadline = time.time() + 300
-        while time.time() < deadline and pid not in server.get(f"/history/{pid}"):
-            runs = server.get("/prefalign/train/status")["runs"]
-            if any(r["prompt_id"] == pid and r["step"] >= 2 for r in runs.values()):
-                server.post("/interrupt", {})
-                return
-            time.sleep(0.3)
-
-    t = threading.Thread(target=cancel_when_running)
-    t.start()
+    t = server.interrupt_at_step(pid, step=2)
     entry = server.wait(pid, timeout=600)
     t.join()
     assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
@@ -261,13 +242,7 @@ def test_flux_from_load_diffusion_model_with_fp8_weights(server):
     graph = flux_graph(None)
     graph.update(train_node(["unet", 0], ["te", 0], ["vae", 0], "flux_pairs", steps=2, batch_size=1,
                             gradient_checkpointing=True))
-    t0 = time.time()
-    entry = server.run(graph, timeout=900)
-    print(f"\nFlux: 2 Flow-DPO steps at 64 px, one double + one single 3072-wide block in fp8: {time.time() - t0:.1f} s on CPU")
-    out = entry["outputs"]["train"]["prefalign_train"][0]
-    assert out["steps"] == 2 and not out["stopped"]
-    keys, meta = lora_file(server, out["lora"])
-    assert meta["prefalign.architecture"] == "flux" and meta["prefalign.prediction_type"] == "flow"
+    out, keys, meta = trained(server, graph, "flux", 2, "64 px, one double + one single 3072-wide block in fp8")
     assert keys and all(k.startswith(("transformer.transformer_blocks.0.", "transformer.single_transformer_blocks.0."))
                         for k in keys)
     assert any(".proj_mlp." in k for k in keys) and any(".attn.add_q_proj." in k for k in keys)

@@ -340,37 +340,35 @@ def converter(name: str):
     """The fake of ComfyUI's `comfy.utils.mmdit_to_diffusers` / `flux_to_diffusers` for these fakes: diffusers key ->
     ComfyUI key, or (key, (0, offset, rows)) for a slice of a fused weight, or (key, None, function) for a transformed
     copy (SD3's last adaLN)."""
+    def fused(out: dict, src: str, parts: tuple[str, ...], dst: str) -> None:
+        """Diffusers layers that are row slices of one fused ComfyUI weight (qkv)."""
+        for j, part in enumerate(parts):
+            out[f"{src}.{part}.weight"] = (f"{dst}.weight", (0, j * D, D))
+
     def mmdit(unet_config, output_prefix=""):
         out = {}
         for i in range(2):
             src, dst = f"transformer_blocks.{i}", f"{output_prefix}joint_blocks.{i}"
-            for j, part in enumerate(("to_q", "to_k", "to_v")):
-                out[f"{src}.attn.{part}.weight"] = (f"{dst}.x_block.attn.qkv.weight", (0, j * D, D))
-                out[f"{src}.attn.add_{part[3]}_proj.weight"] = (f"{dst}.context_block.attn.qkv.weight", (0, j * D, D))
-            out.update({f"{src}.attn.to_out.0.weight": f"{dst}.x_block.attn.proj.weight",
-                        f"{src}.attn.to_add_out.weight": f"{dst}.context_block.attn.proj.weight",
-                        f"{src}.ff.net.0.proj.weight": f"{dst}.x_block.mlp.fc1.weight",
-                        f"{src}.ff.net.2.weight": f"{dst}.x_block.mlp.fc2.weight",
-                        f"{src}.ff_context.net.0.proj.weight": f"{dst}.context_block.mlp.fc1.weight",
-                        f"{src}.ff_context.net.2.weight": f"{dst}.context_block.mlp.fc2.weight",
-                        f"{src}.norm1.linear.weight": (f"{dst}.x_block.adaLN_modulation.1.weight", None, lambda w: w)})
+            fused(out, f"{src}.attn", ("to_q", "to_k", "to_v"), f"{dst}.x_block.attn.qkv")
+            fused(out, f"{src}.attn", ("add_q_proj", "add_k_proj", "add_v_proj"), f"{dst}.context_block.attn.qkv")
+            out.update({f"{src}.{a}.weight": f"{dst}.{b}.weight" for a, b in (
+                ("attn.to_out.0", "x_block.attn.proj"), ("attn.to_add_out", "context_block.attn.proj"),
+                ("ff.net.0.proj", "x_block.mlp.fc1"), ("ff.net.2", "x_block.mlp.fc2"),
+                ("ff_context.net.0.proj", "context_block.mlp.fc1"), ("ff_context.net.2", "context_block.mlp.fc2"))})
+            out[f"{src}.norm1.linear.weight"] = (f"{dst}.x_block.adaLN_modulation.1.weight", None, lambda w: w)
         return out
 
     def flux(unet_config, output_prefix=""):
         out = {}
         for i in range(2):
             src, dst = f"transformer_blocks.{i}", f"{output_prefix}double_blocks.{i}"
-            for j, part in enumerate(("q", "k", "v")):
-                out[f"{src}.attn.to_{part}.weight"] = (f"{dst}.img_attn.qkv.weight", (0, j * D, D))
-                out[f"{src}.attn.add_{part}_proj.weight"] = (f"{dst}.txt_attn.qkv.weight", (0, j * D, D))
-            out.update({f"{src}.attn.to_out.0.weight": f"{dst}.img_attn.proj.weight",
-                        f"{src}.attn.to_add_out.weight": f"{dst}.txt_attn.proj.weight",
-                        f"{src}.ff.net.0.proj.weight": f"{dst}.img_mlp.0.weight", f"{src}.ff.net.2.weight": f"{dst}.img_mlp.2.weight",
-                        f"{src}.ff_context.net.0.proj.weight": f"{dst}.txt_mlp.0.weight",
-                        f"{src}.ff_context.net.2.weight": f"{dst}.txt_mlp.2.weight"})
+            fused(out, f"{src}.attn", ("to_q", "to_k", "to_v"), f"{dst}.img_attn.qkv")
+            fused(out, f"{src}.attn", ("add_q_proj", "add_k_proj", "add_v_proj"), f"{dst}.txt_attn.qkv")
+            out.update({f"{src}.{a}.weight": f"{dst}.{b}.weight" for a, b in (
+                ("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"), ("ff.net.0.proj", "img_mlp.0"),
+                ("ff.net.2", "img_mlp.2"), ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2"))})
             src, dst = f"single_transformer_blocks.{i}", f"{output_prefix}single_blocks.{i}"
-            for j, part in enumerate(("q", "k", "v")):
-                out[f"{src}.attn.to_{part}.weight"] = (f"{dst}.linear1.weight", (0, j * D, D))
+            fused(out, f"{src}.attn", ("to_q", "to_k", "to_v"), f"{dst}.linear1")
             out[f"{src}.proj_mlp.weight"] = (f"{dst}.linear1.weight", (0, 3 * D, 4 * D))
             out[f"{src}.proj_out.weight"] = f"{dst}.linear2.weight"
         return out

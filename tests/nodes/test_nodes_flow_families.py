@@ -3,6 +3,7 @@ ComfyUI's real classes: tests/comfyui/family_probe.py and test_comfyui_flow.py).
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -367,3 +368,41 @@ def test_one_preset_per_family():
     assert len(set(names)) == len(names)
     configs = [c for f in PRESETS for c in f.configs]
     assert len(set(configs)) == len(configs)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd35"])
+def test_flow_workflows_curate_then_train_with_stock_loaders(pack, family):
+    """The Flux and SD3.5 workflows: stock loaders (Flux: Load Diffusion Model + DualCLIPLoader + Load VAE), the
+    gallery first; the training nodes start muted (a first queue curates), and unmuted they queue a Train node on the
+    loaders' MODEL/CLIP/VAE with the family preset; notes in the graph say which file goes in which folder."""
+    wt = sys.modules.get("prefalign_workflow_tools") or _workflow_tools()
+    name = wt.FLUX if family == "flux" else wt.SD35
+    ui = json.loads((wt.WORKFLOW_DIR / name).read_text())
+    info = wt.object_info(prefalign_pack)
+    assert wt.validate(ui, info) == []
+    first = wt.to_api(ui, info)
+    assert {n["class_type"] for n in first.values()} >= {"PrefAlignGalleryPicker", "KSampler"}
+    assert "PrefAlignTrainLoRA" not in {n["class_type"] for n in first.values()}
+    for n in ui["nodes"]:
+        n["mode"] = 0
+    api = wt.to_api(ui, info)
+    (train,) = [n for n in api.values() if n["class_type"] == "PrefAlignTrainLoRA"]
+    sources = {k: api[train["inputs"][k][0]]["class_type"] for k in ("model", "clip", "vae")}
+    if family == "flux":
+        assert sources == {"model": "UNETLoader", "clip": "DualCLIPLoader", "vae": "VAELoader"}
+        assert any(n["class_type"] == "FluxGuidance" for n in api.values())
+    else:
+        assert sources == {"model": "CheckpointLoaderSimple", "clip": "TripleCLIPLoader", "vae": "CheckpointLoaderSimple"}
+    assert train["inputs"]["target_modules"] == "auto" and train["inputs"]["gradient_checkpointing"] is True
+    notes = " ".join(n["widgets_values"][0] for n in ui["nodes"] if n["type"] in wt.VIRTUAL)
+    folders = ["models/diffusion_models/", "models/text_encoders/", "models/vae/"] if family == "flux" else \
+        ["models/checkpoints/", "models/text_encoders/"]
+    assert all(folder in notes for folder in folders) and "Ctrl+M" in notes
+
+
+def _workflow_tools():
+    spec = importlib.util.spec_from_file_location("prefalign_workflow_tools", Path(__file__).with_name("workflow_tools.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
