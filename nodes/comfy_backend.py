@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..trainer.encoding import concat_rows
+from ..trainer.encoding import SIZE, concat_rows
 from ..trainer.forward_process import Schedule, TimestepSampling
 from ..trainer.models.lora import LoraSpec
 from .comfy_checkpointing import checkpointed, outermost_blocks, snapshot_saved_tensors
@@ -46,7 +46,6 @@ __all__ = ["ComfyBackend", "architecture_of", "own_inference_tensors"]
 #: conditioning names in the trainer's cache -> `extra_conds` keyword (other CLIP outputs keep theirs: `extra.<key>`)
 COND_KWARGS = {"prompt_embeds": "cross_attn", "pooled": "pooled_output"}
 EXTRA = "extra."
-SIZE = "size."
 GIB = 2 ** 30
 
 

@@ -159,6 +159,29 @@ def test_train_node_two_steps_per_family(pack, comfy_folders, converters, name):
     assert max(lengths) == ff.clip_tokens(LONG, ff.FAMILIES[name]["tokens"])
 
 
+def test_cache_keeps_each_prompt_at_its_length(pack, comfy_folders, converters):
+    """Prompts encoded in different runs (or batches) are cached at their own token length, and a batch mixing them
+    comes back padded with each row's size: a second run reuses the first run's short prompts beside a new long one."""
+    from safetensors import safe_open
+
+    node = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]()
+    images = lambda v: torch.stack([torch.full((32, 32, 3), v / 255.0)])  # noqa: E731
+    add = pack.NODE_CLASS_MAPPINGS["PrefAlignAddPair"]()
+    for i, prompt in enumerate(["a fox", "a red fox"]):
+        add.add(images(200 - i), images(30 + i), prompt, "c")
+    load = lambda: pack.NODE_CLASS_MAPPINGS["PrefAlignLoadStore"]().load("c")["result"][0]  # noqa: E731
+    node.train(*ff.make("flux"), load(), **train_args(steps=1))
+    add.add(images(100), images(10), LONG, "c")
+    patcher, clip, vae = ff.make("flux")
+    node.train(patcher, clip, vae, load(), **train_args(steps=3, batch_size=3, lora_name="second"))
+    assert {r["context"][1] for r in patcher.model.received} == {256, 301}  # both lengths in the second run's batches
+    lengths = []
+    for shard in (comfy_folders["output"] / "prefalign" / "cache").rglob("shard-*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            lengths += [f.get_slice(k).get_shape()[1] for k in f.keys() if k.endswith("/text.prompt_embeds")]
+    assert sorted(lengths) == [256, 256, 301]
+
+
 def test_node_guidance_and_timestep_sampling_inputs(pack, comfy_folders, converters):
     """guidance -1 is the family's default, another value reaches Flux's guidance input; timestep_sampling picks the
     scheme; both are recorded in the run's config."""
