@@ -167,11 +167,11 @@ def test_cache_keeps_each_prompt_at_its_length(pack, comfy_folders, converters):
     node = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]()
     images = lambda v: torch.stack([torch.full((32, 32, 3), v / 255.0)])  # noqa: E731
     add = pack.NODE_CLASS_MAPPINGS["PrefAlignAddPair"]()
-    for i, prompt in enumerate(["a fox", "a red fox"]):
+    for i, prompt in enumerate(["a fox", LONG]):  # encoded together: the short one must not be kept at 301 tokens
         add.add(images(200 - i), images(30 + i), prompt, "c")
     load = lambda: pack.NODE_CLASS_MAPPINGS["PrefAlignLoadStore"]().load("c")["result"][0]  # noqa: E731
     node.train(*ff.make("flux"), load(), **train_args(steps=1))
-    add.add(images(100), images(10), LONG, "c")
+    add.add(images(100), images(10), "a red fox", "c")
     patcher, clip, vae = ff.make("flux")
     node.train(patcher, clip, vae, load(), **train_args(steps=3, batch_size=3, lora_name="second"))
     assert {r["context"][1] for r in patcher.model.received} == {256, 301}  # both lengths in the second run's batches
