@@ -294,3 +294,196 @@ def test_gradient_checkpointing_same_gradients_and_restored(pack):
     checkpointed = grads(True)
     assert calls == [True, True]  # the forward pass, then the recomputation in backward
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+
+
+def test_train_node_resume_continues_the_cancelled_run(pack, comfy_folders, monkeypatch):
+    """Cancel at step 2 of 5, then resume: the LoRA equals an uninterrupted 5-step run; no earlier run: a clear error."""
+    pairs = store_pairs(pack)
+    node = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]()
+    with pytest.raises(ValueError, match="no earlier run of 'again-dpo'"):
+        node.train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(), pairs, **train_args(lora_name="again", resume=True))
+    straight = node.train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(), pairs,
+                          **train_args(steps=5, lora_name="straight"))["result"][1]
+
+    utils = sys.modules["comfy.utils"]
+    progress, calls = utils.ProgressBar, comfy_folders["calls"]
+
+    class Interrupting(progress):
+        def update_absolute(self, value, total=None, preview=None):
+            calls["interrupt"] = calls["interrupt"] or value == 2
+            super().update_absolute(value, total, preview)
+
+    utils.ProgressBar = Interrupting
+    with pytest.raises(fake.InterruptProcessingException):
+        node.train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(), pairs, **train_args(steps=5, lora_name="again"))
+    utils.ProgressBar = progress
+    before, sent = len(calls["progress"]), len(calls["messages"])
+    plotted = []
+    loss_plot = sys.modules[f"{prefalign_pack.__name__}.nodes.loss_plot"]
+    monkeypatch.setattr(loss_plot, "plot_loss", lambda points, title: plotted.append(list(points)) or loss_plot.Image.new("RGB", (8, 8)))
+    out = node.train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(), pairs,
+                     **train_args(steps=5, lora_name="again", resume=True))
+    _, resumed, _, name = out["result"]
+    assert "_5steps_" in name and [p[0] for p in calls["progress"][before:]] == [3, 4, 5]
+    # the loss curve and the live chart cover the whole run, the cancelled session's steps included
+    assert [s for s, _ in plotted[0]] == [1, 2, 3, 4, 5]
+    assert [p[0] for p in pack.nodes.live.snapshot()["None"]["loss"]] == [1, 2, 3, 4, 5]
+    chart = [m[1] for m in calls["messages"][sent:] if m[0] == "prefalign.train"]
+    assert [p[0] for m in chart for p in m["points"]] == [1, 2, 3, 4, 5]
+    runs = sorted(d.name for d in (comfy_folders["output"] / "prefalign" / "runs").iterdir())
+    assert len(runs) == 2 and runs[0].startswith("again-dpo-")  # the cancelled run's folder was continued
+    assert set(resumed) == set(straight)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_ncp_space_is_refused_for_models_without_a_ddpm_schedule(pack):
+    """NCP's posterior step needs alphas_cumprod: a flow model gets a clear error before any encoding."""
+    from prefalign_pack.trainer.config import make_config
+    from prefalign_pack.trainer.loop import train
+
+    with torch.inference_mode(False):
+        _, b = backend()
+        b.prediction_type, b.alphas_cumprod = "flow", None
+        b.encode_prompts = lambda prompts: pytest.fail("encoded before refusing")
+        config = make_config({"model": "comfyui", "data": "x", "method": "dpo", "method_args": {"space": "ncp"},
+                              "max_steps": 1, "output_dir": "unused"})
+        with pytest.raises(ValueError, match="space = 'ncp'.*discrete noise schedule.*flow"):
+            train(config, b, store_pairs(pack))
+
+
+def test_flow_models_train_in_comfyui_flow_space(pack, comfy_folders):
+    """A rectified-flow MODEL (ComfyUI's CONST sampling: SD3, Flux, or any model after the ModelSamplingSD3
+    node's object patch): x_t and the target follow ComfyUI's own noise scaling, an oracle x0 gives exactly
+    the target, and the Train node trains it end to end."""
+    def flow_patcher():  # as ComfyUI's ModelSamplingSD3 node makes it: an object patch on a clone
+        patcher = fake.make_model_patcher().clone()
+        patcher.add_object_patch("model_sampling", fake.ModelSamplingDiscreteFlow(shift=3.0))
+        return patcher
+
+    with torch.inference_mode(False):
+        b = cb.ComfyBackend(flow_patcher(), fake.CLIP(), fake.VAE(), LORA)
+        assert b.prediction_type == "flow" and b.alphas_cumprod is None
+        g = torch.Generator().manual_seed(0)
+        x0, noise, t = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g), torch.tensor([99, 749])
+        sigma = torch.tensor([3 * 0.1 / (1 + 2 * 0.1), 3 * 0.75 / (1 + 2 * 0.75)]).view(-1, 1, 1, 1)  # SD3's shift 3
+        xt = b.add_noise(x0, noise, t)
+        assert torch.allclose(xt, fake.ModelSamplingDiscreteFlow.noise_scaling(sigma, noise, x0))
+        assert torch.allclose(b.target(x0, noise, t), noise - x0)
+        b.base.apply_model = lambda x, s, **kw: x0  # an oracle that returns the true x0
+        assert torch.allclose(b.predict(xt, t, b.encode_prompts(["a", "b"])), noise - x0, atol=1e-4)
+
+    pairs = store_pairs(pack)
+    out = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]().train(flow_patcher(), fake.CLIP(), fake.VAE(), pairs,
+                                                                 **train_args(lora_name="flow"))
+    lora = out["result"][1]
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_up" in k)
+    assert [p[0] for p in comfy_folders["calls"]["progress"]] == [1, 2, 3]
+
+
+def test_train_node_shows_its_result_as_pack_text(pack, comfy_folders):
+    """The frontend ignores `ui.text`: the node's result goes in `ui.prefalign_text`, which the pack's widget shows."""
+    out = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]().train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(),
+                                                                 store_pairs(pack), **train_args())
+    name = out["result"][3]
+    assert out["ui"]["prefalign_text"] == [f"saved models/loras/{name} (3 steps)"]
+    assert "text" not in out["ui"]
+
+
+def test_train_node_builds_the_lora_settings_once(pack, comfy_folders, monkeypatch):
+    """One LoraSpec, from the run's config, reaches the backend; the file's rank/alpha are that spec's."""
+    seen = []
+    real = cb.ComfyBackend
+
+    def spy(model, clip, vae, lora, **kw):
+        seen.append(lora)
+        return real(model, clip, vae, lora, **kw)
+
+    monkeypatch.setattr(cb, "ComfyBackend", spy)
+    out = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]().train(
+        fake.make_model_patcher(), fake.CLIP(), fake.VAE(), store_pairs(pack),
+        **train_args(rank=3, alpha=1.5, target_modules=" to_q ,to_v,"))
+    assert seen == [LoraSpec(3, 1.5, ("to_q", "to_v"))]
+    with safe_open(str(comfy_folders["loras"] / out["result"][3]), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_network_dim"] == "3" and meta["ss_network_alpha"] == "1.5"
+    assert {k.split(".")[0].rsplit("_", 1)[-1] for k in keys} == {"q", "v"}
+
+
+@pytest.mark.parametrize("text, rate", [("1e-8", 1e-8), ("5e-7", 5e-7), (" 0.00002 ", 2e-5), ("1", 1.0), (5e-7, 5e-7), (0.05, 0.05)])
+def test_learning_rate_is_text_the_frontend_does_not_round(pack, text, rate):
+    cls = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]
+    spec = cls.INPUT_TYPES()["required"]["learning_rate"]
+    assert spec[0] == "STRING" and spec[1]["default"] == "1e-4"  # FLOAT widgets are rounded to their precision
+    assert cls.VALIDATE_INPUTS(learning_rate=text) is True  # numbers: API graphs saved when the input was FLOAT
+    assert pack.nodes.train_node.parse_learning_rate(text) == rate
+
+
+@pytest.mark.parametrize("text", ["0", "2", "-1e-5", "1e-9", "abc", "", "nan", "inf", True, None])
+def test_learning_rate_refused_when_queued(pack, text):
+    message = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"].VALIDATE_INPUTS(learning_rate=text)
+    assert isinstance(message, str) and message.startswith("learning_rate ") and "\n" not in message
+
+
+def test_paper_scale_learning_rate_reaches_the_run(pack, comfy_folders):
+    out = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]().train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(),
+                                                                 store_pairs(pack), **train_args(learning_rate="5e-7"))
+    with safe_open(str(comfy_folders["loras"] / out["result"][3]), "pt") as f:
+        assert float(f.metadata()["ss_learning_rate"]) == 5e-7
+
+
+def test_argument_error_ends_the_previous_runs_chart(pack, comfy_folders):
+    """A run refused for its arguments replaces the finished run's chart with the error (not the old 'done')."""
+    node, pairs = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"](), store_pairs(pack)
+    node.train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(), pairs, **train_args())
+    assert pack.nodes.live.snapshot()["None"]["status"] == "done"
+    sent = len(comfy_folders["calls"]["messages"])
+    with pytest.raises(ValueError, match="has no hyper-parameter gamma"):
+        node.train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(), pairs, **train_args(method_args="gamma = 1"))
+    run = pack.nodes.live.snapshot()["None"]
+    assert run["status"] == "error" and "gamma" in run["message"] and run["loss"] == [] and run["lora"] is None
+    chart = [m[1] for m in comfy_folders["calls"]["messages"][sent:] if m[0] == "prefalign.train"]
+    assert [m["status"] for m in chart] == ["running", "error"] and chart[0]["points"] == []
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_copying_into_models_loras(pack, comfy_folders, monkeypatch):
+    """The copy into models/loras is atomic: a full disk leaves no temp file, says what was kept, ends the chart."""
+    def copy_half(src, dst):
+        with open(dst, "wb") as f:
+            f.write(b"x" * 100)
+        _full_disk()
+
+    monkeypatch.setattr(pack.nodes.train_node.shutil, "copyfile", copy_half)
+    with pytest.raises(OSError, match=r"disk full while copying the LoRA into models/loras/prefalign/my_lora_dpo_3steps_"
+                                      r".*kept in output/prefalign/runs/my_lora-dpo-\d{8}-\d{6}/lora.safetensors") as e:
+        pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]().train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(),
+                                                               store_pairs(pack), **train_args())
+    assert e.value.errno == errno.ENOSPC
+    assert list((comfy_folders["loras"] / "prefalign").iterdir()) == []  # no .tmp left behind
+    run = pack.nodes.live.snapshot()["None"]
+    assert run["status"] == "error" and "disk full" in run["message"]
+
+
+def test_disk_full_appending_metrics(pack, comfy_folders, monkeypatch):
+    """metrics.jsonl on a full disk: the trainer's documented message (no raw OSError traceback), chart ended."""
+    import prefalign_pack.trainer.metrics as metrics
+
+    real_open = open
+
+    def open_full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            f.write = _full_disk
+        return f
+
+    monkeypatch.setattr(metrics, "open", open_full, raising=False)
+    with pytest.raises(OSError, match=r"disk full while appending step 1 to .*metrics.jsonl; the lines before it are "
+                                      r"intact.*turn resume on and queue again") as e:
+        pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]().train(fake.make_model_patcher(), fake.CLIP(), fake.VAE(),
+                                                               store_pairs(pack), **train_args())
+    assert type(e.value).__name__ == "DiskFullError" and e.value.__cause__ is None
+    assert pack.nodes.live.snapshot()["None"]["status"] == "error"
+    assert not (comfy_folders["loras"] / "prefalign").exists()
