@@ -1,58 +1,90 @@
-"""The trainer's `Backend` over ComfyUI objects: the graph's MODEL (a ModelPatcher), CLIP and VAE.
+"""The trainer's `Backend` over ComfyUI objects: the graph's MODEL (a ModelPatcher), CLIP and VAE, any family.
 
 - LoRA: one small trainable module per targeted weight, attached with `ModelPatcher.add_weight_wrapper`
   (ComfyUI's weight-wrapper hook, the one its native LoRA trainer uses), so any model family ComfyUI
-  samples works. The reference is the same patcher with every wrapper switched off: one UNet in memory.
+  samples works. The reference is the same patcher with every wrapper switched off: one model in memory.
+  Default targets and the other per-family settings come from `comfy_families`.
 - Timesteps are integers in [0, num_train_timesteps) as in the trainer; ComfyUI works in sigmas
   (k-diffusion space x = x0 + sigma * eps). The forward process is the trainer's (`trainer.forward_process`),
   on the model's own schedule: DDPM alphas_cumprod = 1 / (1 + sigma^2) from ComfyUI's sigma table, or for
   flow models (CONST sampling) the model's (shifted) sigma table itself. `predict` maps x_t to ComfyUI's
   space, runs `apply_model`, and turns its x0 into the output the trainer's losses expect (eps, v or the
   flow velocity eps - x0).
-- Latents: `encode_images` runs the VAE and `process_latent_in` (ComfyUI's VAE output is unscaled).
-- Export: kohya names `lora_unet_<ComfyUI diffusion_model path with _>` that ComfyUI's LoraLoader
-  maps for every model family, with `.alpha`.
-- Gradient checkpointing wraps the UNet's outermost blocks (as ComfyUI's own trainer does) for the
-  life of the backend; use it as a context manager so the shared UNet gets its forwards back.
+- Conditioning: what the CLIP's `encode_from_tokens(return_dict=True)` gives, at its full token length (T5 and
+  LLM encoders give as many tokens as the prompt needs), through the model's own `extra_conds` as ComfyUI's
+  sampler builds it (pooled vector, guidance, attention masks, HiDream's Llama states, ...). Rows of a batch
+  are zero-padded to the longest and each row's sizes are kept (`size.*`); the model sees every row at its own
+  size, rows of equal sizes in one call (as ComfyUI's sampler batches conds).
+- Latents: `encode_images` runs the VAE and `process_latent_in` (ComfyUI's VAE output is unscaled); video
+  families (Wan) encode each image as a one-frame video and train on that frame.
+- Weights: ComfyUI loads models under inference mode; the loaded model's inference tensors are replaced by
+  ordinary copies (see `own_inference_tensors`). Training loads the whole model on the GPU (partial low-VRAM
+  loading is not used) and says how much memory that takes when it cannot.
+- Export: kohya names `lora_unet_<ComfyUI path with _>`, or diffusers names for SD3/Flux (`comfy_lora`).
+- Gradient checkpointing wraps the diffusion model's outermost blocks (as ComfyUI's own trainer does: the
+  transformer blocks of every family) for the life of the backend; use it as a context manager so the shared
+  model gets its forwards back.
 """
 from __future__ import annotations
 
 import hashlib
-from contextlib import ExitStack, contextmanager
-from typing import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..trainer.encoding import SIZE, concat_rows
 from ..trainer.forward_process import Schedule, TimestepSampling
 from ..trainer.models.lora import LoraSpec
-from .comfy_checkpointing import checkpointed, outermost_blocks
-from .comfy_lora import PREFIX, LoraWeight, identity_wrapper, kohya_name, matches_target
+from .comfy_checkpointing import checkpointed, outermost_blocks, snapshot_saved_tensors
+from .comfy_families import architecture_of, family_of, layer_names
+from .comfy_lora import PREFIX, LoraWeight, diffusers_parts, export_names, linear_layers, matches_target
 
-TOKENS = 77  # prompt conditioning is cut/padded to one CLIP chunk so rows of every batch concatenate
+__all__ = ["ComfyBackend", "architecture_of", "own_inference_tensors"]
+
+#: conditioning names in the trainer's cache -> `extra_conds` keyword (other CLIP outputs keep theirs: `extra.<key>`)
+COND_KWARGS = {"prompt_embeds": "cross_attn", "pooled": "pooled_output"}
+EXTRA = "extra."
+GIB = 2 ** 30
 
 
-FAMILIES = {"SD15": "sd15", "SDXL": "sdxl", "SD20": "sd2", "SDXLRefiner": "sdxl-refiner"}
+def own_inference_tensors(root: nn.Module) -> int:
+    """Replace every inference tensor among `root`'s parameters and buffers by an ordinary copy (same values,
+    dtype and device, one tensor at a time); returns how many.
 
-
-def architecture_of(base_model) -> str:
-    """The model family, from ComfyUI's model config class or its nearest known base (KOALA, SSD-1B -> sdxl)."""
-    config_class = type(getattr(base_model, "model_config", None))
-    for cls in config_class.__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__]
-    return config_class.__name__.lower()
+    Why: every ComfyUI node runs under `torch.inference_mode()`, so the loaders create the model's weights and
+    buffers as inference tensors, and autograd refuses to save one for backward ("Inference tensors cannot be
+    saved for backward"). A weight is saved whenever an op needs it for the gradient of its other input:
+    `x * scale` in a norm whose scale is a plain Parameter (Flux's and Chroma's RMSNorm `scale`, SD3.5's
+    `ln_q`/`ln_k`, HiDream's MoE gate, Wan's `modulation`), or a comfy.ops layer whose weight is already in the
+    compute dtype (no cast, so no copy). The graph's other nodes see the same values."""
+    replaced = 0
+    for module in root.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_inference():
+                module._parameters[name] = nn.Parameter(param.clone(), requires_grad=False)
+                replaced += 1
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_inference():
+                module._buffers[name] = buffer.clone()
+                replaced += 1
+    return replaced
 
 
 class ComfyBackend:
     """Implements `trainer.models.backend.Backend` for a ComfyUI MODEL / CLIP / VAE.
 
-    Use it as a context manager: gradient checkpointing patches the blocks of the UNet that the graph's
+    Use it as a context manager: gradient checkpointing patches the blocks of the model that the graph's
     MODEL shares, and leaving the context restores them.
     """
 
+    #: encodings of this backend are stored full length with their sizes: not the same cache entries as before
+    cache_tag = "comfy-cond=full-length"
+
     def __init__(self, model, clip, vae, lora: LoraSpec, seed: int = 0, model_name: str = "",
-                 gradient_checkpointing: bool = False) -> None:
+                 gradient_checkpointing: bool = False, timestep_sampling: str | None = None,
+                 guidance: float | None = None) -> None:
         import comfy.model_management as mm
 
         self.mm = mm
@@ -64,17 +96,9 @@ class ComfyBackend:
         self.patcher = model.clone()
         base = self.patcher.model
         self.base = base
+        self.family = family_of(base)
         self.sampling = self.patcher.get_model_object("model_sampling")  # with object patches (ModelSampling* nodes)
-        kind = type(self.sampling).__mro__
-        kinds = {k.__name__ for k in kind}
-        if "CONST" in kinds:
-            self.prediction_type = "flow"
-        elif "V_PREDICTION" in kinds:
-            self.prediction_type = "v_prediction"
-        elif "EPS" in kinds:
-            self.prediction_type = "epsilon"
-        else:
-            raise ValueError(f"model sampling {type(self.sampling).__name__} is not supported for training")
+        self.prediction_type = prediction_type_of(self.sampling)
         # the model's own sigma table (flow models: shifted, as their schedulers train), else uniform flow sigmas
         table = getattr(self.sampling, "sigmas", None)
         self._sigmas = table.detach().float().cpu().clone() if table is not None else None
@@ -86,34 +110,34 @@ class ComfyBackend:
         else:  # flow: sigma in (0, 1], the model's table when it has one
             steps = torch.arange(1, self.num_train_timesteps + 1, dtype=torch.float32) / self.num_train_timesteps
             self.schedule = Schedule(sigmas=self._sigmas if self._sigmas is not None else steps)
-        self.timestep_sampling = TimestepSampling(self.num_train_timesteps)
+        family_sampling = self.family.timestep_sampling if self.family is not None else "uniform"
+        self.timestep_sampling = TimestepSampling(self.num_train_timesteps, timestep_sampling or family_sampling)
+        family_guidance = self.family.guidance if self.family is not None else None
+        self.guidance = None if family_guidance is None else float(family_guidance if guidance is None else guidance)
+        self.frames = getattr(getattr(base, "latent_format", None), "latent_dimensions", 2) == 3  # video: [N, C, T, h, w]
+        self.snapshots = self.family is None or self.family.in_place  # exact gradients through in-place updates
 
         generator = torch.Generator().manual_seed(int(seed))
         self.adapters: dict[str, LoraWeight] = {}
-        inference_weights = any(p.is_inference() for p in base.diffusion_model.parameters())
-        for name, module in base.named_modules():
-            if not hasattr(module, "weight_function") or not name.startswith(PREFIX):
-                continue
-            weight = getattr(module, "weight", None)
-            bias = getattr(module, "bias", None)
-            if weight is not None and weight.dim() >= 2 and matches_target(name, lora.target_modules):
-                adapter = LoraWeight(weight.shape, self.rank, self.alpha, generator)
+        layers = linear_layers(base.named_modules())
+        modules = dict(base.named_modules())
+        for name in layers:
+            if matches_target(name, lora.target_modules):
+                adapter = LoraWeight(modules[name].weight.shape, self.rank, self.alpha, generator)
                 self.adapters[name] = adapter
                 self.patcher.add_weight_wrapper(f"{name}.weight", adapter)
-            elif weight is not None and inference_weights:
-                self.patcher.add_weight_wrapper(f"{name}.weight", identity_wrapper)
-            if bias is not None and inference_weights:
-                self.patcher.add_weight_wrapper(f"{name}.bias", identity_wrapper)
         if not self.adapters:
-            raise ValueError(f"no layer of this model matches target_modules {list(lora.target_modules)}")
+            raise ValueError(f"no layer of this model ({architecture_of(base)}) matches target_modules "
+                             f"{', '.join(lora.target_modules)}; its linear layers are: "
+                             f"{layer_names(n[len(PREFIX):] for n in layers)}")
         self.lora_modules = nn.ModuleDict({k.replace(".", "__"): v for k, v in self.adapters.items()})
         for p in base.parameters():  # frozen base (ComfyUI's weights may be inference tensors: no-op then)
             if p.requires_grad:
                 p.requires_grad_(False)
-        mm.load_models_gpu([self.patcher], memory_required=1e20, force_full_load=True)
+        self._load_fully()
         self.device = torch.device(self.patcher.load_device)
         self.lora_modules.to(self.device)
-        self._exit = ExitStack()  # last: nothing below may fail and leave the shared UNet patched
+        self._exit = ExitStack()  # last: nothing below may fail and leave the shared model patched
         if gradient_checkpointing:
             self._exit.enter_context(checkpointed(outermost_blocks(base.diffusion_model)))
 
@@ -124,7 +148,7 @@ class ComfyBackend:
         self.close()
 
     def close(self) -> None:
-        """Give the shared UNet its own forwards back."""
+        """Give the shared model its own forwards back."""
         self._exit.close()
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -132,8 +156,30 @@ class ComfyBackend:
     def model(self) -> nn.Module:
         return self.lora_modules
 
+    def _load_fully(self) -> None:
+        """Load the whole model on its device (evicting the others), or say what it needs when it cannot."""
+        device = torch.device(self.patcher.load_device)
+        need = int(self.patcher.model_size()) if hasattr(self.patcher, "model_size") else 0
+        total = int(self.mm.get_total_memory(device)) if device.type != "cpu" else 0
+        if device.type != "cpu" and need > total:
+            raise ValueError(self._memory_message(need, total))
+        try:
+            self.mm.load_models_gpu([self.patcher], memory_required=1e20, force_full_load=True)
+        except torch.cuda.OutOfMemoryError:
+            raise ValueError(self._memory_message(need, total)) from None
+        own_inference_tensors(self.base)
+
+    def _memory_message(self, need: int, total: int) -> str:
+        dtype = str(self.base.get_dtype()).replace("torch.", "")
+        return (f"training keeps the whole diffusion model on the GPU (ComfyUI's low-VRAM partial loading is not used "
+                f"for training): its weights take {need / GIB:.1f} GiB in {dtype}, plus the LoRA and the activations "
+                f"of one step, and this GPU has {total / GIB:.1f} GiB. Load the model with a smaller weight_dtype "
+                "(Load Diffusion Model: fp8_e4m3fn takes half of bf16), turn gradient_checkpointing on and lower the "
+                "resolution, or use a GPU with more memory")
+
     def _ensure_loaded(self) -> None:
         self.mm.load_models_gpu([self.patcher], force_full_load=True)
+        own_inference_tensors(self.base)  # weights ComfyUI re-patched while reloading
 
     def _sigma(self, timesteps: Tensor) -> Tensor:
         """ComfyUI's sigma of a trainer timestep (k-diffusion sigma, or the flow model's s)."""
@@ -155,37 +201,42 @@ class ComfyBackend:
 
     def release_encoders(self) -> None:
         """Nothing to do: ComfyUI's model management already moved CLIP and the VAE off the GPU when it
-        loaded the UNet for training."""
+        loaded the diffusion model for training."""
+
+    def _encode_prompt(self, prompt: str) -> dict[str, Tensor]:
+        """One prompt as ComfyUI's CLIPTextEncode conditions a sampler: every tensor of the CLIP's output, full length."""
+        out = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True, return_dict=True)
+        row = {"prompt_embeds": out["cond"]}
+        if out.get("pooled_output") is not None:
+            row["pooled"] = out["pooled_output"].reshape(1, -1)
+        row.update({EXTRA + k: v for k, v in out.items() if k not in ("cond", "pooled_output") and isinstance(v, Tensor)})
+        return {k: (v.float() if v.is_floating_point() else v).clone().cpu() for k, v in row.items()}
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         self._check_cancel()
         if self.clip is None:
-            raise ValueError("the CLIP input is empty: connect the checkpoint's CLIP to encode prompts")
-        embeds, pooled = [], []
-        for prompt in prompts:
-            out = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True, return_dict=True)
-            cond = out["cond"].float().clone()
-            if cond.shape[1] >= TOKENS:
-                cond = cond[:, :TOKENS]
-            else:
-                cond = torch.cat([cond, cond[:, -1:].expand(-1, TOKENS - cond.shape[1], -1)], dim=1)
-            embeds.append(cond.cpu())
-            if out.get("pooled_output") is not None:
-                pooled.append(out["pooled_output"].float().clone().cpu().reshape(1, -1))
-        result = {"prompt_embeds": torch.cat(embeds)}
-        if len(pooled) == len(embeds):
-            result["pooled"] = torch.cat(pooled)
+            raise ValueError("the CLIP input is empty: connect the checkpoint's CLIP (or a CLIP loader) to encode prompts")
+        rows = [self._encode_prompt(p) for p in prompts]
+        result = {}
+        for name in dict.fromkeys(n for r in rows for n in r):
+            result[name] = concat_rows([r.get(name) for r in rows])
+            result[SIZE + name] = torch.tensor([list(r[name].shape[1:]) if name in r else [0] * (result[name].dim() - 1)
+                                                for r in rows])
         return {k: v.to(self.device) for k, v in result.items()}
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor) -> Tensor:
         self._check_cancel()
         if self.vae is None:
-            raise ValueError("the VAE input is empty: connect the checkpoint's VAE to encode images")
-        images = ((pixels.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()  # ComfyUI IMAGE: NHWC 0..1
-        latents = self.vae.encode(images[..., :3]).float().clone()
-        return self.base.process_latent_in(latents.to(self.device)).float()
+            raise ValueError("the VAE input is empty: connect the checkpoint's VAE (or Load VAE) to encode images")
+        images = ((pixels.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()[..., :3]  # ComfyUI IMAGE: NHWC 0..1
+        if self.frames:  # a video VAE takes a batch of images as the frames of one video: one image at a time
+            latents = torch.cat([self.vae.encode(images[i:i + 1]) for i in range(images.shape[0])])
+        else:
+            latents = self.vae.encode(images)
+        latents = self.base.process_latent_in(latents.float().clone().to(self.device)).float()
+        return latents[:, :, 0] if self.frames else latents
 
     # -- forward process ---------------------------------------------------------------------------
     def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -195,41 +246,61 @@ class ComfyBackend:
         return self.schedule.target(latents, noise, timesteps, self.prediction_type)
 
     # -- model calls --------------------------------------------------------------------------------
-    def _conds(self, cond: dict[str, Tensor], x: Tensor) -> dict:
-        """ComfyUI's per-family conditioning (`extra_conds`), one call per distinct SDXL size row."""
-        n = x.shape[0]
+    def _row_conds(self, cond: dict[str, Tensor], i: int, x: Tensor) -> dict[str, Any]:
+        """Row i's conditioning through ComfyUI's `extra_conds`, at the row's own sizes."""
         h, w = x.shape[-2] * 8, x.shape[-1] * 8
-        embeds = cond["prompt_embeds"]
-        pooled = cond.get("pooled")
+        # as CLIPTextEncode's conditioning: `pooled_output` is always there, None when the encoder has none
+        kw: dict[str, Any] = {"device": x.device, "noise": x[i:i + 1], "width": w, "height": h, "pooled_output": None}
+        for name, value in cond.items():
+            if name not in COND_KWARGS and not name.startswith(EXTRA):
+                continue  # sizes, SDXL time_ids (below), features other parts of the trainer add
+            sizes = cond.get(SIZE + name)
+            dims = sizes[i].tolist() if sizes is not None else list(value.shape[1:])
+            if not any(dims):
+                continue  # this prompt's encoder gave no such tensor
+            kw[COND_KWARGS.get(name, name[len(EXTRA):])] = value[(slice(i, i + 1), *[slice(0, d) for d in dims])]
         time_ids = cond.get("time_ids")
-        rows = []
-        for i in range(n):
-            kw = {"cross_attn": embeds[i:i + 1], "device": x.device, "noise": x[i:i + 1], "width": w, "height": h}
-            if pooled is not None:
-                kw["pooled_output"] = pooled[i:i + 1]
-            if time_ids is not None:
-                oh, ow, ct, cl, th, tw = (float(v) for v in time_ids[i].tolist())
-                kw.update(height=int(oh), width=int(ow), crop_h=int(ct), crop_w=int(cl), target_height=int(th), target_width=int(tw))
-            rows.append(self.base.extra_conds(**kw))
-        out = {}
-        for key in rows[0]:
-            parts = [r[key].process_cond(batch_size=1, device=x.device).cond for r in rows]
-            out[key] = torch.cat(parts) if isinstance(parts[0], Tensor) else parts[0]
-        return out
+        if time_ids is not None:
+            oh, ow, ct, cl, th, tw = (int(v) for v in time_ids[i].tolist())
+            kw.update(height=oh, width=ow, crop_h=ct, crop_w=cl, target_height=th, target_width=tw)
+        if self.guidance is not None:
+            kw["guidance"] = self.guidance
+        if self.frames:
+            kw["noise"] = kw["noise"].unsqueeze(2)
+        return {k: c.process_cond(batch_size=1, device=x.device, area=None).cond
+                for k, c in self.base.extra_conds(**kw).items()}
+
+    def _conds(self, cond: dict[str, Tensor], x: Tensor) -> list[tuple[list[int], dict[str, Any]]]:
+        """The batch's rows grouped by equal conditioning sizes: (row indices, concatenated conds) per group."""
+        groups: dict[tuple, tuple[list[int], list[dict[str, Any]]]] = {}
+        for i in range(x.shape[0]):
+            row = self._row_conds(cond, i, x)
+            key = tuple((k, tuple(v.shape) if isinstance(v, Tensor) else repr(v)) for k, v in sorted(row.items()))
+            groups.setdefault(key, ([], []))
+            groups[key][0].append(i)
+            groups[key][1].append(row)
+        return [(rows, {k: torch.cat([c[k] for c in conds]) if isinstance(conds[0][k], Tensor) else conds[0][k]
+                        for k in conds[0]})
+                for rows, conds in groups.values()]
 
     def _x0(self, noisy: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """Run ComfyUI's model on a DDPM/flow x_t: returns its denoised x0."""
         self._ensure_loaded()
-        sigma = self._sigma(timesteps.to(noisy.device)).to(noisy.device)
+        sigma = self._sigma(timesteps.to(noisy.device)).to(noisy.device).float()
         s = self._view(sigma, noisy).float()
         x = noisy.float() * (1 + s ** 2).sqrt() if self.discrete else noisy.float()
-        kwargs = self._conds(cond, x)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
-            x.device.type == "cuda" and self.base.get_dtype() in (torch.float16, torch.bfloat16)
-            and torch.cuda.is_bf16_supported()) else _null()
-        with autocast:
-            denoised = self.base.apply_model(x, sigma.float(), **kwargs)
-        return denoised.float()
+        dtype = self.base.get_dtype()
+        bf16 = (x.device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and torch.cuda.is_bf16_supported())
+        order, parts = [], []
+        for rows, conds in self._conds(cond, x):
+            sub = x[rows].unsqueeze(2) if self.frames else x[rows]
+            snapshots = snapshot_saved_tensors() if self.snapshots and torch.is_grad_enabled() else nullcontext()
+            with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext(), snapshots:
+                denoised = self.base.apply_model(sub, sigma[rows], **conds).float()
+            parts.append(denoised[:, :, 0] if self.frames else denoised)
+            order += rows
+        out = torch.cat(parts)
+        return out if order == sorted(order) else out[torch.tensor(order).argsort().to(out.device)]
 
     def predict(self, noisy: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
         x0 = self._x0(noisy, timesteps, cond)
@@ -297,20 +368,18 @@ class ComfyBackend:
                     param.copy_(value)
 
     def export_lora(self) -> dict[str, Tensor]:
-        out = {}
-        for name, a in self.adapters.items():
-            key = kohya_name(name)
-            down, up = a.lora_down.detach().float().cpu(), a.lora_up.detach().float().cpu()
-            if len(a.shape) > 2:  # conv: kohya keeps conv shapes
-                down = down.reshape(a.rank, *a.shape[1:])
-                up = up.reshape(a.shape[0], a.rank, *[1] * (len(a.shape) - 2))
-            out[f"{key}.lora_down.weight"] = down.contiguous()
-            out[f"{key}.lora_up.weight"] = up.contiguous()
-            out[f"{key}.alpha"] = torch.tensor(a.alpha)
-        return out
+        """kohya names, or for SD3/Flux diffusers names through ComfyUI's own converter (`comfy_lora`)."""
+        parts = None
+        if self.family is not None and self.family.diffusers:
+            import comfy.utils
+
+            convert = getattr(comfy.utils, self.family.diffusers)
+            converter_map = convert(self.base.model_config.unet_config, output_prefix=PREFIX)
+            parts = diffusers_parts(converter_map, {n: a.shape[0] for n, a in self.adapters.items()})
+        return export_names(self.adapters, parts)
 
     def model_info(self) -> dict[str, str]:
-        # cheap fingerprint of UNet, VAE and text encoder (it keys the trainer's latent/text cache):
+        # cheap fingerprint of the diffusion model, VAE and text encoder (it keys the trainer's latent/text cache):
         # names, shapes and a few values of up to 64 tensors of each
         h = hashlib.sha256()
         parts = [self.base.diffusion_model, getattr(self.vae, "first_stage_model", None),
@@ -329,6 +398,11 @@ class ComfyBackend:
                 "architecture": architecture_of(self.base), "prediction_type": self.prediction_type}
 
 
-@contextmanager
-def _null():
-    yield
+def prediction_type_of(model_sampling) -> str:
+    """What the network predicts, from ComfyUI's model sampling classes (CONST: rectified flow)."""
+    kinds = {k.__name__ for k in type(model_sampling).__mro__}
+    for kind, prediction in (("CONST", "flow"), ("V_PREDICTION", "v_prediction"), ("EPS", "epsilon")):
+        if kind in kinds:
+            return prediction
+    raise ValueError(f"model sampling {type(model_sampling).__name__} is not supported for training")
+

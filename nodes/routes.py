@@ -114,7 +114,7 @@ def make_routes(stores_base: Callable[[], Path], busy_timeout: float = ROUTE_BUS
         from ..trainer.methods.args import format_args, method_table
 
         table = method_table()
-        return web.json_response({n: {**t, "text": format_args(t["defaults"])} for n, t in table.items()})
+        return web.json_response({n: {**t, "text": format_args(t["defaults"], t["per_model"])} for n, t in table.items()})
 
     return [
         web.get("/prefalign/stores", stores),

@@ -7,12 +7,15 @@ import shutil
 import time
 from pathlib import Path
 
+from ..trainer.config import TIMESTEP_SAMPLINGS
 from ..trainer.methods.args import format_args, method_table, parse_method_args
 from . import comfy_env, live
+from .comfy_families import presets_help
 from .store_nodes import PAIRS
 
 CATEGORY = "preference/train"
-DEFAULT_TARGETS = "to_q, to_k, to_v, to_out.0"
+AUTO = "auto"  # target_modules / timestep_sampling: the model family's preset (comfy_families.py)
+FAMILY_GUIDANCE = -1.0  # the guidance input's "the family's default"
 
 
 LEARNING_RATES = (1e-8, 1.0)  # the range the learning_rate input accepts (paper full fine-tunes .. far too big)
@@ -69,15 +72,20 @@ class TrainPreferenceLoRA:
         except Exception:  # the registry failed to import: show the error when the node runs
             table = {"dpo": {"defaults": {}, "paper": ""}}
         names = list(table)
-        help_lines = "; ".join(f"{n}: {format_args(t['defaults']).replace(chr(10), ', ') or 'no options'}" for n, t in table.items())
+        help_lines = "; ".join(f"{n}: {format_args(t['defaults'], t.get('per_model')).replace(chr(10), ', ') or 'no options'}"
+                               for n, t in table.items())
+        flow = [n for n, t in table.items() if "flow" in t.get("prediction_types", ("flow",))]
         lo, hi = LEARNING_RATES
         return {"required": {
             "model": ("MODEL", {"tooltip": "The diffusion model to align; it is not changed (the LoRA is trained beside it)."}),
             "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP, to encode the prompts of the pairs."}),
             "vae": ("VAE", {"tooltip": "The checkpoint's VAE, to encode the images of the pairs."}),
             "pairs": (PAIRS, {"tooltip": "Preference pairs from a pair store or a dataset."}),
-            "method": (names, {"default": "dpo" if "dpo" in names else names[0], "tooltip": "Alignment method. " + " | ".join(f"{n}: {t['paper']}" for n, t in table.items())}),
-            "method_args": ("STRING", {"multiline": True, "default": format_args(table.get("dpo", {}).get("defaults", {})),
+            "method": (names, {"default": "dpo" if "dpo" in names else names[0], "tooltip": "Alignment method. " + " | ".join(f"{n}: {t['paper']}" for n, t in table.items())
+                               + f". SD1.5/SDXL (epsilon, v-prediction): every method. Flow models (SD3, Flux, Chroma, Qwen-Image, "
+                                 f"HiDream, Lumina 2, Wan): {', '.join(flow)}; another one stops before encoding and says why."}),
+            "method_args": ("STRING", {"multiline": True, "default": format_args(table.get("dpo", {}).get("defaults", {}),
+                                                                                 table.get("dpo", {}).get("per_model")),
                                        "tooltip": "The method's hyper-parameters, one `name = value` per line; a missing name keeps the default. "
                                                   "Changing the method fills in its defaults. Defaults: " + help_lines}),
             "steps": ("INT", {"default": 200, "min": 1, "max": 1_000_000, "tooltip": "Optimiser steps."}),
@@ -91,11 +99,18 @@ class TrainPreferenceLoRA:
             "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Training resolution in pixels (square; images are resized and centre-cropped)."}),
             "training_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed for LoRA initialisation, data order, noise and timesteps."}),
             "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 1_000_000, "tooltip": "Save a resumable checkpoint every N steps (0: only at the end)."}),
-            "target_modules": ("STRING", {"default": DEFAULT_TARGETS, "tooltip": "Comma-separated layer names that get a LoRA (suffixes of ComfyUI's diffusion_model paths)."}),
+            "target_modules": ("STRING", {"default": AUTO, "tooltip": "Comma-separated layer names that get a LoRA (suffixes of ComfyUI's diffusion_model paths), "
+                                                                      "or auto: the model family's attention and MLP layers. " + presets_help()}),
             "lora_name": ("STRING", {"default": "prefalign", "tooltip": "Prefix of the saved file; method, steps and time are appended, so each run gets a new file."}),
         }, "optional": {  # optional: graphs saved before these inputs existed still run
             "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute the UNet's activations in the backward pass instead of keeping them: a fraction of the training memory (for SDXL at high resolution), for one more forward per step."}),
             "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue the latest run with this lora_name and method from its last checkpoint (after Cancel, an error or a restart); steps is the total to reach."}),
+            "guidance": ("FLOAT", {"default": FAMILY_GUIDANCE, "min": FAMILY_GUIDANCE, "max": 100.0, "step": 0.1,
+                                   "tooltip": "Guidance-distilled models (Flux.1-dev, Chroma): the guidance value the model is trained at (use the one you "
+                                              "sample with). -1: the family's default (Flux 3.5, Chroma 0). Other models ignore it."}),
+            "timestep_sampling": ([AUTO, *TIMESTEP_SAMPLINGS], {"default": AUTO, "tooltip": "How training timesteps are drawn on the model's own (shifted) "
+                                                                                       "schedule. auto: as the family's reference training script (SD3: logit_normal; "
+                                                                                       "the others: uniform)."}),
         }}
 
     @classmethod
@@ -109,17 +124,18 @@ class TrainPreferenceLoRA:
 
     def train(self, model, clip, vae, pairs, method, method_args, steps, learning_rate, rank, alpha, batch_size,
               gradient_accumulation_steps, resolution, training_seed, checkpoint_every, target_modules, lora_name,
-              gradient_checkpointing=False, resume=False):
+              gradient_checkpointing=False, resume=False, guidance=FAMILY_GUIDANCE, timestep_sampling=AUTO):
         import torch
         from safetensors.torch import load_file
 
         from ..trainer.atomic import DiskFullError
         from ..trainer.config import make_config
         from ..trainer.loop import TrainHooks, train
-        from ..trainer.methods import method_class
+        from ..trainer.methods import build_method, method_class
         from ..trainer.metrics import logged_losses
         from ..trainer.models.lora import LoraSpec
-        from .comfy_backend import ComfyBackend
+        from .comfy_backend import ComfyBackend, prediction_type_of
+        from .comfy_families import architecture_of, default_targets, family_of
         from .images import pil_to_tensor
         from .loss_plot import plot_loss
 
@@ -128,11 +144,19 @@ class TrainPreferenceLoRA:
         state = live.start(node_id, prompt_id, steps, method)
         with live.ended_on_error(state):
             args = parse_method_args(method, method_args)
+            base = model.model
+            # a method that does not train this model's sampling stops here, with the trainer's message
+            build_method(method, args).for_model(prediction_type_of(model.get_model_object("model_sampling")),
+                                                 architecture_of(base))
             targets = [t.strip() for t in target_modules.split(",") if t.strip()]
             if not targets:
-                raise ValueError("target_modules is empty")
+                raise ValueError("target_modules is empty: write auto, or layer names such as to_q, to_k")
+            if targets == [AUTO]:
+                targets = list(default_targets(base))
             if len(pairs) == 0:
                 raise ValueError("no preference pairs to train on")
+            family = family_of(base)
+            family_guidance = family.guidance if family is not None else None
             stamp = time.strftime("%Y%m%d-%H%M%S")
             prefix = _slug(lora_name)
             root = comfy_env.output_dir() / "prefalign"
@@ -148,6 +172,8 @@ class TrainPreferenceLoRA:
                 "cache_dir": str(root / "cache"), "lr_warmup_steps": 0,
                 "log_every": 1,  # the live loss chart and progress bar move every step
                 "resume": "latest" if resume else None,
+                "timestep_sampling": None if timestep_sampling == AUTO else timestep_sampling,  # None: the family's
+                **({} if family_guidance is None else {"guidance": family_guidance if guidance == FAMILY_GUIDANCE else float(guidance)}),
             })
             metrics_file = run_dir / "metrics.jsonl"
             if resume:
@@ -175,7 +201,9 @@ class TrainPreferenceLoRA:
             try:
                 lora = LoraSpec.from_config(config)  # the one description of the LoRA: the config's
                 with torch.inference_mode(False), ComfyBackend(model, clip, vae, lora, seed=training_seed, model_name="comfyui",
-                                                               gradient_checkpointing=gradient_checkpointing) as backend:
+                                                               gradient_checkpointing=gradient_checkpointing,
+                                                               timestep_sampling=config.timestep_sampling,
+                                                               guidance=config.guidance) as backend:
                     holder["backend"] = backend
                     result = train(config, backend, pairs, TrainHooks(on_step=on_step, should_stop=should_stop))
             except DiskFullError as e:

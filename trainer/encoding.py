@@ -193,7 +193,7 @@ def cache_raw_batch(cache: EncodingCache, backend: Backend, keys: Sequence[str],
     latents = latents.reshape(b, k, *latents.shape[1:])
     text = {n: v.cpu() for n, v in backend.encode_prompts(raw["prompts"]).items()}
     image = {n: v.cpu().reshape(b, k, *v.shape[1:]) for n, v in image_features(backend, pixels).items()}
-    cache.add({key: CachedEntry(latents[i].clone(), {n: v[i : i + 1].clone() for n, v in text.items()},
+    cache.add({key: CachedEntry(latents[i].clone(), text_row(text, i),
                                 raw["time_ids"][i].clone(), raw["labels"][i].clone(), raw["prompts"][i],
                                 {n: v[i].clone() for n, v in image.items()})
                for i, key in enumerate(keys)}, flush=flush)
@@ -229,11 +229,44 @@ def encode_batches(cache: EncodingCache, backend: Backend, batches: Iterable[tup
         cache.flush()
 
 
+#: a backend's text tensor `size.<name>` [N, dims] gives each row's own size of `name` (ComfyUI: full-length prompts)
+SIZE = "size."
+
+
+def text_row(text: dict[str, Tensor], i: int) -> dict[str, Tensor]:
+    """Row i of a batch's text tensors, each cut to the row's own size where the backend gives one: the cache keeps
+    every prompt at its own length, whatever it was encoded beside."""
+    out = {}
+    for name, value in text.items():
+        row = value[i : i + 1]
+        sizes = text.get(SIZE + name)
+        if sizes is not None:
+            row = row[(slice(None), *[slice(0, int(d)) for d in sizes[i].tolist()])]
+        out[name] = row.clone()
+    return out
+
+
+def concat_rows(rows: Sequence[Tensor | None]) -> Tensor:
+    """Rows [1, ...] of one text tensor -> [N, ...]. Rows of different sizes (full-length T5/LLM conditioning
+    in ComfyUI) are zero-padded at the end of every axis to the largest; a missing row (None) is all zeros. A
+    backend that needs each row's own size gives it beside (`SIZE`)."""
+    present = [r for r in rows if r is not None]
+    shape = [max(sizes) for sizes in zip(*(r.shape[1:] for r in present))]
+    if all(r is not None and list(r.shape[1:]) == shape for r in rows):
+        return torch.cat(present)
+    out = present[0].new_zeros(len(rows), *shape)
+    for i, r in enumerate(rows):
+        if r is not None:
+            out[(i, *[slice(0, n) for n in r.shape[1:]])] = r[0]
+    return out
+
+
 def batch_from_cache(cache: EncodingCache, keys: Sequence[str]) -> TrainBatch:
     entries = [cache.get(k) for k in keys]
     latents = torch.stack([e.latents for e in entries])  # [B, K, ...]
     b, k = latents.shape[:2]
-    text = {n: torch.cat([e.text[n] for e in entries]) for n in entries[0].text}
+    names = dict.fromkeys(n for e in entries for n in e.text)  # in first-seen order
+    text = {n: concat_rows([e.text.get(n) for e in entries]) for n in names}
     batch = assemble(latents.transpose(0, 1).reshape(b * k, *latents.shape[2:]), text,
                      torch.stack([e.time_ids for e in entries]), torch.stack([e.labels for e in entries]),
                      [e.prompt for e in entries])

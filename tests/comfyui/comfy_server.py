@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,8 @@ def free_port() -> int:
 
 
 CHECKPOINTS = {"tiny_sd15.safetensors": "sd15", "tiny_sdxl.safetensors": "sdxl"}  # file -> family
+# models/ folder -> {file: what make_tiny_checkpoint.py makes}; the default server has the SD checkpoints
+SD_MODELS = {"checkpoints": CHECKPOINTS}
 PACK_FOLDER = "prefalign"  # the pack's folder name under custom_nodes/ (ComfyUI's module name for it)
 
 
@@ -45,26 +48,46 @@ def pack_import_report(log: str, pack_dir: Path) -> tuple[bool, list[str]]:
     return loaded, problems
 
 
+def checkpoint_nodes(ckpt: str, lora: str | None = None, strength: float = 1.0) -> tuple[dict, list, list, list]:
+    """API nodes `ckpt` (Load Checkpoint) and, when `lora` names a file, `lora` (stock LoraLoader on model and clip):
+    (nodes, model, clip, vae) outputs to wire into a sampler."""
+    nodes = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
+    model, clip = ["ckpt", 0], ["ckpt", 1]
+    if lora:
+        nodes["lora"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": lora,
+                                                                "strength_model": strength, "strength_clip": strength}}
+        model, clip = ["lora", 0], ["lora", 1]
+    return nodes, model, clip, ["ckpt", 2]
+
+
 class ComfyServer:
-    def __init__(self, base: Path, comfy_dir: Path, python: str, checkpoint_dir: Path | None = None) -> None:
-        """`checkpoint_dir` keeps the tiny checkpoints between runs (made there when missing)."""
+    def __init__(self, base: Path, comfy_dir: Path, python: str, checkpoint_dir: Path | None = None,
+                 models: dict[str, dict[str, str]] | None = None, extra_packs: tuple[Path, ...] = ()) -> None:
+        """`checkpoint_dir` keeps the tiny checkpoints between runs (made there when missing); `models` says which
+        go where (default: the SD1.5 and SDXL checkpoints); `extra_packs` are more custom-node folders to load."""
         self.base, self.comfy_dir, self.python = base, comfy_dir, python
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        for d in ("models/checkpoints", "models/loras", "custom_nodes", "output", "input", "temp", "user"):
+        models = SD_MODELS if models is None else models
+        for d in ("models/loras", "custom_nodes", "output", "input", "temp", "user", *(f"models/{m}" for m in models)):
             (base / d).mkdir(parents=True, exist_ok=True)
         self.pack_dir = base / "custom_nodes" / PACK_FOLDER
         if not self.pack_dir.exists():
             self.pack_dir.symlink_to(ROOT, target_is_directory=True)
-        store = checkpoint_dir or base / "models" / "checkpoints"
-        for name, family in CHECKPOINTS.items():
-            made = store / name
-            if not made.exists():
-                subprocess.run([python, str(HERE / "make_tiny_checkpoint.py"), str(comfy_dir), family, str(made)],
-                               check=True, cwd=base, timeout=900)
-            placed = base / "models" / "checkpoints" / name
-            if not placed.exists():
-                placed.symlink_to(made)
+        for extra in extra_packs:
+            link = base / "custom_nodes" / extra.name
+            if not link.exists():
+                link.symlink_to(extra, target_is_directory=True)
+        for folder, files in models.items():
+            store = checkpoint_dir or base / "models" / folder
+            for name, family in files.items():
+                made = store / name
+                if not made.exists():
+                    subprocess.run([python, str(HERE / "make_tiny_checkpoint.py"), str(comfy_dir), family, str(made)],
+                                   check=True, cwd=base, timeout=900)
+                placed = base / "models" / folder / name
+                if not placed.exists():
+                    placed.symlink_to(made)
         self.log_path = base / "server.log"
         self.proc = None
 
@@ -141,6 +164,21 @@ class ComfyServer:
         errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
         assert status.get("status_str") == "error" and errors, f"the prompt did not fail: {status}"
         return errors[0]["exception_message"]
+
+    def interrupt_at_step(self, prompt_id: str, step: int = 2, timeout: float = 300) -> threading.Thread:
+        """Press Cancel (POST /interrupt) once the Train node of `prompt_id` reports `step`; join the thread it runs in."""
+        def watch() -> None:
+            deadline = time.time() + timeout
+            while time.time() < deadline and prompt_id not in self.get(f"/history/{prompt_id}"):
+                runs = self.get("/prefalign/train/status")["runs"]
+                if any(r["prompt_id"] == prompt_id and r["step"] >= step for r in runs.values()):
+                    self.post("/interrupt", {})
+                    return
+                time.sleep(0.3)
+
+        thread = threading.Thread(target=watch)
+        thread.start()
+        return thread
 
     def run(self, prompt: dict, timeout: float = 300) -> dict:
         entry = self.wait(self.queue(prompt), timeout)

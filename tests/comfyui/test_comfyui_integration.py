@@ -16,7 +16,6 @@ import json
 import os
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -145,13 +144,8 @@ def sample(server, lora: str | None, seed: int = 7, strength: float = 1.0, ckpt:
     """One image from the checkpoint, through stock LoraLoader when `lora` names a file."""
     import numpy as np
 
-    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
-    model, clip = ["1", 0], ["1", 1]
-    if lora:
-        g["2"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": lora,
-                                                         "strength_model": strength, "strength_clip": strength}}
-        model, clip = ["2", 0], ["2", 1]
-    g.update(sampling_nodes(model, clip, ["1", 2], seed, f"it_{ckpt[:-12]}_{'lora' if lora else 'base'}_{strength}"))
+    g, model, clip, vae = cs.checkpoint_nodes(ckpt, lora, strength)
+    g.update(sampling_nodes(model, clip, vae, seed, f"it_{ckpt[:-12]}_{'lora' if lora else 'base'}_{strength}"))
     return np.asarray(_images(server, server.run(g), "s6")[0], dtype=np.float32)
 
 
@@ -337,18 +331,7 @@ def test_cancel_keeps_lora(server, info):
                                    gradient_accumulation_steps=1)
     loras = server.base / "models" / "loras" / "prefalign"
     pid = server.queue(api)
-
-    def cancel_when_running():
-        deadline = time.time() + 240
-        while time.time() < deadline and pid not in server.get(f"/history/{pid}"):
-            runs = server.get("/prefalign/train/status")["runs"]
-            if any(r["prompt_id"] == pid and r["step"] >= 2 for r in runs.values()):
-                server.post("/interrupt", {})
-                return
-            time.sleep(0.3)
-
-    t = threading.Thread(target=cancel_when_running)
-    t.start()
+    t = server.interrupt_at_step(pid, step=2, timeout=240)
     entry = server.wait(pid, timeout=300)
     t.join()
     assert entry["status"]["status_str"] == "error"

@@ -20,6 +20,9 @@ ROOT = HERE.parents[1]
 # that exists; this repository's examples/ (accelerate configs) would shadow a later name
 WORKFLOW_DIR = ROOT / "example_workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+NOTE = "MarkdownNote"  # the frontend's own note node: not in /object_info, never queued
+VIRTUAL = {NOTE, "Note"}
+MUTED = 2  # a node's `mode` when muted (Ctrl+M): kept in the graph, left out of the queued prompt
 
 
 def pack_object_info(mappings: dict, display: dict) -> dict:
@@ -102,9 +105,12 @@ class Graph:
                 else:
                     if name not in widgets:
                         opts = spec[1] if len(spec) > 1 else {}
-                        if "default" not in opts:
+                        if "default" in opts:
+                            widgets[name] = opts["default"]
+                        elif isinstance(spec[0], list) and spec[0]:  # a combo without a default: the frontend's first
+                            widgets[name] = spec[0][0]
+                        else:
                             raise ValueError(f"{type_}.{name} needs a value")
-                        widgets[name] = opts["default"]
                     values.append(widgets.pop(name))
                 if has_control(name, spec):
                     values.append(control)
@@ -126,6 +132,19 @@ class Graph:
                 self.nodes[link[1] - 1]["outputs"][link[2]]["links"].append(link[0])
         return node_id
 
+    def note(self, pos, text: str, size=(420, 300)) -> int:
+        """A Markdown note on the canvas (the frontend's MarkdownNote: text only, nothing runs)."""
+        node_id = len(self.nodes) + 1
+        self.nodes.append({"id": node_id, "type": NOTE, "pos": list(pos), "size": list(size), "flags": {},
+                           "order": node_id - 1, "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                           "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
+        return node_id
+
+    def mute(self, *node_ids: int) -> None:
+        """Start these nodes muted: the user unmutes them (Ctrl+M) when it is their turn."""
+        for node_id in node_ids:
+            self.nodes[node_id - 1]["mode"] = MUTED
+
     def _link(self, src, dst: int, dst_slot: int, type_) -> int:
         src_node, src_slot = src
         link_id = len(self.links) + 1
@@ -146,6 +165,8 @@ def validate(ui: dict, info: dict) -> list[str]:
     links = {l[0]: l for l in ui["links"]}
     for n in ui["nodes"]:
         t = n["type"]
+        if t in VIRTUAL:
+            continue
         if t not in info:
             problems.append(f"node {n['id']}: missing node type {t}")
             continue
@@ -201,7 +222,7 @@ def to_api(ui: dict, info: dict) -> dict:
     links = {l[0]: l for l in ui["links"]}
     prompt = {}
     for n in ui["nodes"]:
-        if n.get("mode", 0) != 0:
+        if n.get("mode", 0) != 0 or n["type"] in VIRTUAL:
             continue
         defn = info[n["type"]]
         inputs = {}
@@ -245,7 +266,7 @@ def train(info: dict) -> dict:
         "method": "dpo", "method_args": "beta = 5000.0\nloss_type = \"sigmoid\"\nspace = \"latent\"", "steps": 200,
         "learning_rate": "1e-4", "rank": 8, "alpha": 8.0, "batch_size": 1, "gradient_accumulation_steps": 4,
         "resolution": 512, "training_seed": 0, "checkpoint_every": 50, "target_modules": "to_q, to_k, to_v, to_out.0",
-        "lora_name": "my_pairs"}, {"model": (ckpt, 0), "clip": (ckpt, 1), "vae": (ckpt, 2), "pairs": (store, 0)}, size=[400, 700])
+        "lora_name": "my_pairs"}, {"model": (ckpt, 0), "clip": (ckpt, 1), "vae": (ckpt, 2), "pairs": (store, 0)}, size=[400, 780])
     # the Train node itself saves the file, with its metadata, into models/loras/prefalign/: no Save LoRA node
     g.add("PreviewImage", (860, 60), {}, {"images": (tr, 2)}, title="Loss curve", size=[360, 380])
     pos = g.add("CLIPTextEncode", (860, 480), {"text": PROMPT}, {"clip": (ckpt, 1)}, title="Positive")
@@ -304,8 +325,8 @@ def generate_score_train(info: dict) -> dict:
     g.add("PrefAlignGalleryPicker", (1120, 820), {"store": "scored_pairs"}, {"images": (score, 0), "prompt": (text, 0)},
           title="Review: auto-mark, compare, or mark by hand", size=[520, 560])
     tr = g.add("PrefAlignTrainLoRA", (1960, 60), {"steps": 100, "lora_name": "scored_pairs"},
-               {"model": (ckpt, 0), "clip": (ckpt, 1), "vae": (ckpt, 2), "pairs": (pairs, 0)}, size=[400, 700])
-    lat1 = g.add("EmptyLatentImage", (1960, 820), {"width": 512, "height": 512, "batch_size": 1})
+               {"model": (ckpt, 0), "clip": (ckpt, 1), "vae": (ckpt, 2), "pairs": (pairs, 0)}, size=[400, 780])
+    lat1 = g.add("EmptyLatentImage", (1960, 900), {"width": 512, "height": 512, "batch_size": 1})
     ks2 = g.add("KSampler", (2400, 60), {"seed": 2, "steps": 25, "cfg": 7.0, "sampler_name": "euler",
                                          "scheduler": "normal", "denoise": 1.0},
                 {"model": (tr, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (lat1, 0)},
@@ -315,9 +336,95 @@ def generate_score_train(info: dict) -> dict:
     return g.ui("Generate -> score -> pairs -> train: AI-feedback pairs from a scorer, reviewed in the gallery")
 
 
+FLUX_FILES = """## Flux.1: which file goes where
+- `models/diffusion_models/`: `flux1-dev.safetensors` (or `flux1-schnell`; an fp8 file works too). **Load Diffusion
+  Model**'s `weight_dtype` **fp8_e4m3fn** halves the weights' memory (Flux's 11.9B parameters: 12 GB instead of
+  24 GB); the LoRA still trains in float32.
+- `models/text_encoders/`: `clip_l.safetensors` and `t5xxl_fp8_e4m3fn.safetensors` (or `t5xxl_fp16`), type *flux*.
+- `models/vae/`: `ae.safetensors`.
+
+Memory to train at 1024 px, one pair, rank 16, gradient_checkpointing on: about 18 GB with fp8 weights (a 24 GB
+GPU), 30 GB in bf16; the Train node says so when the GPU is too small. docs/memory.md has the table."""
+
+FLUX_STEPS = """## Curate, then train
+1. **Queue**: 4 images per run (the seed randomizes: Run again for more). Click = chosen, right-click = rejected in
+   the **Preference Gallery Picker**; marks land in the store `flux_pairs`.
+2. When the store holds enough pairs (20+), select the muted (grey) training nodes and press **Ctrl+M**, and mute
+   the sampler above; Queue. `target_modules = auto` takes Flux's attention and MLP layers (double and single
+   blocks); `guidance = -1` trains at Flux-dev's 3.5 (set the value you sample with). Flow-DPO's beta is left to
+   the model (1000) unless you uncomment it.
+3. The LoRA lands in `models/loras/prefalign/`: **LoraLoaderModelOnly** or **Load LoRA** applies it, and diffusers'
+   `load_lora_weights` loads the same file."""
+
+SD35_FILES = """## SD3.5: which file goes where
+- `models/checkpoints/`: `sd3.5_medium.safetensors` (or `sd3.5_large`): **Load Checkpoint** gives MODEL and VAE.
+- `models/text_encoders/`: `clip_g.safetensors`, `clip_l.safetensors`, `t5xxl_fp16.safetensors` (or fp8) for
+  **TripleCLIPLoader**. Without T5 (a Load Checkpoint that includes CLIP-L/G), prompts are shorter but it trains.
+
+SD3.5-medium trains at 1024 px, one pair, rank 16 with gradient_checkpointing in about 8 GB (5 GB with its weights
+in fp8 through Load Diffusion Model); SD3.5-large in 21 GB (13 GB). docs/memory.md has the table."""
+
+SD35_STEPS = """## Curate, then train
+1. **Queue** to generate 4 images; pick in the **Preference Gallery Picker** (store `sd35_pairs`).
+2. With enough pairs, unmute the grey training nodes (select, **Ctrl+M**), mute the sampler above, Queue.
+   `target_modules = auto`: the MMDiT's attention (both attentions of SD3.5-medium) and MLP layers; timesteps are
+   drawn logit-normal as SD3 trains. Long prompts keep all their tokens.
+3. The file is in diffusers' names: stock **Load LoRA** and diffusers both load it."""
+
+
+def flow_curate_and_train(info: dict, family: str) -> dict:
+    """Curate pairs on a diffusion transformer and train on them in one graph: stock loaders, the gallery, then the
+    training nodes (muted until the store holds pairs), notes on which file goes where."""
+    g = Graph(info)
+    flux = family == "flux"
+    if flux:
+        unet = g.add("UNETLoader", (40, 60), {"unet_name": "flux1-dev.safetensors", "weight_dtype": "fp8_e4m3fn"}, size=[320, 90])
+        te = g.add("DualCLIPLoader", (40, 190), {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp8_e4m3fn.safetensors",
+                                                 "type": "flux"}, size=[320, 110])
+        ae = g.add("VAELoader", (40, 340), {"vae_name": "ae.safetensors"}, size=[320, 60])
+        model, clip, vae = (unet, 0), (te, 0), (ae, 0)
+    else:
+        ckpt = g.add("CheckpointLoaderSimple", (40, 60), {"ckpt_name": "sd3.5_medium.safetensors"}, size=[320, 100])
+        te = g.add("TripleCLIPLoader", (40, 200), {"clip_name1": "clip_g.safetensors", "clip_name2": "clip_l.safetensors",
+                                                   "clip_name3": "t5xxl_fp16.safetensors"}, size=[320, 110])
+        model, clip, vae = (ckpt, 0), (te, 0), (ckpt, 2)
+    text = g.add("PrimitiveStringMultiline", (40, 440), {"value": PROMPT}, title="Prompt", size=[320, 120])
+    pos = g.add("CLIPTextEncode", (400, 60), {}, {"clip": clip, "text": (text, 0)}, title="Positive")
+    neg = g.add("CLIPTextEncode", (400, 260), {"text": "" if flux else NEGATIVE}, {"clip": clip}, title="Negative")
+    positive = (pos, 0)
+    if flux:
+        positive = (g.add("FluxGuidance", (400, 460), {"guidance": 3.5}, {"conditioning": (pos, 0)}, size=[320, 60]), 0)
+    lat = g.add("EmptySD3LatentImage", (400, 560), {"width": 1024, "height": 1024, "batch_size": 4}, size=[320, 110])
+    sampler = ({"seed": 1, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0} if flux else
+               {"seed": 1, "steps": 28, "cfg": 4.5, "sampler_name": "dpmpp_2m", "scheduler": "sgm_uniform", "denoise": 1.0})
+    ks = g.add("KSampler", (760, 60), sampler, {"model": model, "positive": positive, "negative": (neg, 0),
+                                                "latent_image": (lat, 0)}, size=[320, 270], control="randomize")
+    dec = g.add("VAEDecode", (1120, 60), {}, {"samples": (ks, 0), "vae": vae}, size=[200, 50])
+    store = f"{family}_pairs"
+    g.add("PrefAlignGalleryPicker", (1120, 160), {"store": store}, {"images": (dec, 0), "prompt": (text, 0)}, size=[520, 560])
+    load = g.add("PrefAlignLoadStore", (40, 800), {"store": store}, size=[320, 80])
+    tr = g.add("PrefAlignTrainLoRA", (400, 800), {
+        "method": "dpo", "steps": 500, "learning_rate": "1e-4", "rank": 16, "alpha": 16.0, "batch_size": 1,
+        "gradient_accumulation_steps": 4, "resolution": 1024, "checkpoint_every": 100, "lora_name": store,
+        "gradient_checkpointing": True}, {"model": model, "clip": clip, "vae": vae, "pairs": (load, 0)}, size=[400, 820])
+    preview = g.add("PreviewImage", (860, 800), {}, {"images": (tr, 2)}, title="Loss curve", size=[360, 380])
+    lat1 = g.add("EmptySD3LatentImage", (860, 1220), {"width": 1024, "height": 1024, "batch_size": 1}, size=[320, 110])
+    ks2 = g.add("KSampler", (1240, 800), {**sampler, "seed": 2}, {"model": (tr, 0), "positive": positive, "negative": (neg, 0),
+                                                                   "latent_image": (lat1, 0)}, title="Sample with the new LoRA", size=[320, 270])
+    dec2 = g.add("VAEDecode", (1600, 800), {}, {"samples": (ks2, 0), "vae": vae}, size=[200, 50])
+    out = g.add("PreviewImage", (1600, 900), {}, {"images": (dec2, 0)}, title="With the LoRA", size=[320, 320])
+    g.mute(load, tr, preview, lat1, ks2, dec2, out)
+    g.note((1680, 60), FLUX_FILES if flux else SD35_FILES, size=[460, 330])
+    g.note((1680, 420), FLUX_STEPS if flux else SD35_STEPS, size=[460, 340])
+    title = "Flux.1: curate pairs, then train a preference LoRA" if flux else "SD3.5: curate pairs, then train a preference LoRA"
+    return g.ui(title)
+
+
 CURATE, TRAIN, COMPARE = "Curate preference pairs.json", "Train a preference LoRA.json", "Compare with and without the LoRA.json"
 SCORED = "Generate, score, pair and train.json"
-WORKFLOWS = {CURATE: curate, TRAIN: train, COMPARE: compare, SCORED: generate_score_train}
+FLUX, SD35 = "Flux curate and train.json", "SD3.5 curate and train.json"
+WORKFLOWS = {CURATE: curate, TRAIN: train, COMPARE: compare, SCORED: generate_score_train,
+             FLUX: lambda info: flow_curate_and_train(info, "flux"), SD35: lambda info: flow_curate_and_train(info, "sd35")}
 
 
 def build_all(info: dict) -> dict[str, dict]:

@@ -96,10 +96,25 @@ def parse_method_args(method: str, text: str | Sequence[str] | None) -> dict[str
 
 
 def method_table() -> dict[str, dict]:
-    """Every method's defaults and paper."""
-    return {n: {"defaults": method_class(n).defaults(), "paper": method_class(n).paper} for n in method_names()}
+    """Every method's defaults, paper, the prediction types it trains (`flow`: SD3, Flux and the other
+    rectified-flow models) and its defaults that depend on the model (`per_model`: name -> {ddpm, flow})."""
+    table = {}
+    for n in method_names():
+        cls = method_class(n)
+        per_model = {f.name: f.metadata["by_prediction"] for f in dataclasses.fields(cls.Config)
+                     if "by_prediction" in f.metadata}
+        table[n] = {"defaults": cls.defaults(), "paper": cls.paper, "prediction_types": sorted(cls.prediction_types),
+                    "per_model": per_model}
+    return table
 
 
-def format_args(defaults: dict) -> str:
-    """A method's defaults as `name = value` lines (an automatic value as a comment)."""
-    return "\n".join(f"# {k} = (automatic)" if v is None else f"{k} = {json.dumps(v)}" for k, v in defaults.items())
+def format_args(defaults: dict, per_model: dict | None = None) -> str:
+    """A method's defaults as `name = value` lines. An automatic value, and one that depends on the model
+    (`per_model`), is a comment: left unset, the run picks it (a flow model gets its own beta)."""
+    def line(k, v):
+        if k in (per_model or {}):
+            values = per_model[k]
+            return f"# {k} = {json.dumps(v)} (flow models: {json.dumps(values['flow'])}): set by the model unless you uncomment it"
+        return f"# {k} = (automatic)" if v is None else f"{k} = {json.dumps(v)}"
+
+    return "\n".join(line(k, v) for k, v in defaults.items())

@@ -102,15 +102,24 @@ def kohya_state_dict(model: nn.Module, alpha: float, prefix: str = "lora_unet") 
     return out
 
 
+def diffusers_lora_tensors(module: str, down: Tensor, up: Tensor, scale: float,
+                           prefix: str = TRANSFORMER_PREFIX) -> dict[str, Tensor]:
+    """One layer's LoRA under diffusers/PEFT names, `transformer.<module>.lora_A.weight` (down) and `.lora_B.weight`
+    (up), with the scale alpha/rank folded into lora_B (both loaders then apply scale 1). The ComfyUI backend
+    writes SD3/Flux files through this too."""
+    return {f"{prefix}.{module}.lora_A.weight": down.detach().float().cpu().contiguous(),
+            f"{prefix}.{module}.lora_B.weight": (up.detach().float().cpu() * scale).contiguous()}
+
+
 def diffusers_state_dict(model: nn.Module, spec: LoraSpec, prefix: str = TRANSFORMER_PREFIX) -> dict[str, Tensor]:
-    """diffusers/PEFT names `transformer.<module>.lora_A.weight` / `.lora_B.weight`, alpha/rank folded into lora_B."""
-    scale = spec.alpha / spec.rank
-    out: dict[str, Tensor] = {}
+    """Every adapted layer of a PEFT model as `diffusers_lora_tensors`."""
+    parts: dict[str, dict[str, Tensor]] = {}
     for name, param in lora_parameters(model).items():
         module, kind = name.split(".lora_", 1)
-        part = kind.split(".", 1)[0]
-        value = param.detach().float().cpu() * (scale if part == "B" else 1.0)
-        out[f"{prefix}.{module}.lora_{part}.weight"] = value.contiguous()
+        parts.setdefault(module, {})[kind.split(".", 1)[0]] = param
+    out: dict[str, Tensor] = {}
+    for module, ab in parts.items():
+        out.update(diffusers_lora_tensors(module, ab["A"], ab["B"], spec.alpha / spec.rank, prefix))
     return out
 
 
