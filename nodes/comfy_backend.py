@@ -97,6 +97,8 @@ class ComfyBackend:
         base = self.patcher.model
         self.base = base
         self.family = family_of(base)
+        # unknown families: assumed to have one (a missing vector then stops at the first step, with RPO's message)
+        self.embeddings = frozenset({"prompt"}) if self.family is None or self.family.pooled else frozenset()
         self.sampling = self.patcher.get_model_object("model_sampling")  # with object patches (ModelSampling* nodes)
         self.prediction_type = prediction_type_of(self.sampling)
         # the model's own sigma table (flow models: shifted, as their schedulers train), else uniform flow sigmas

@@ -20,6 +20,8 @@ SSD-1B are SDXL, FluxSchnell is Flux, WAN22_T2V is WAN21_T2V) share its preset. 
   ComfyUI's defaults: Flux 3.5 in `model_base.Flux`, Chroma 0 in `model_base.Chroma`); None: no such input.
 - `in_place`: ComfyUI's code for the family updates activations in place (Flux's `+=`, Chroma's `addcmul_`), so
   training takes snapshots of what autograd saves (`comfy_checkpointing`); unknown families are treated so too.
+- `pooled`: its text encoder gives a pooled vector (`pooled_output`; CLIP-L/G do, the T5 and LLM encoders of
+  Chroma, Qwen-Image, Lumina 2 and Wan do not): RPO's prompt distances use it.
 - `diffusers`: ComfyUI's converter from diffusers names (`comfy.utils.mmdit_to_diffusers` for SD3,
   `flux_to_diffusers` for Flux, the maps its LoRA loader uses): the file uses diffusers names, so it also loads
   with diffusers' `load_lora_weights`; the other families use kohya `lora_unet_` names.
@@ -44,6 +46,7 @@ class Family:
     timestep_sampling: str = "uniform"
     guidance: float | None = None
     in_place: bool = False
+    pooled: bool = True
     diffusers: str | None = None
 
 
@@ -59,19 +62,19 @@ FAMILIES = (
     Family("sd3", "SD3/SD3.5", ("SD3",), MMDIT, timestep_sampling="logit_normal",
            diffusers="mmdit_to_diffusers"),
     Family("flux", "Flux.1 dev/schnell", ("Flux",), FLUX, guidance=3.5, in_place=True, diffusers="flux_to_diffusers"),
-    Family("chroma", "Chroma", ("Chroma",), FLUX, guidance=0.0, in_place=True),
+    Family("chroma", "Chroma", ("Chroma",), FLUX, guidance=0.0, in_place=True, pooled=False),
     Family("qwen_image", "Qwen-Image", ("QwenImage",),
            ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
             "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
-            "txt_mlp.net.2")),
+            "txt_mlp.net.2"), pooled=False),
     Family("hidream", "HiDream", ("HiDream",),
            ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out", "attn1.to_q_t", "attn1.to_k_t", "attn1.to_v_t",
             "attn1.to_out_t", "w1", "w2", "w3")),
     Family("lumina2", "Lumina 2", ("Lumina2",),
-           ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")),
+           ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"), pooled=False),
     Family("wan", "Wan 2.x text-to-image (one frame)", ("WAN21_T2V",),
            ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k", "cross_attn.v",
-            "cross_attn.o", "ffn.0", "ffn.2")),
+            "cross_attn.o", "ffn.0", "ffn.2"), pooled=False),
 )
 _BY_CONFIG = {config: family for family in FAMILIES for config in family.configs}
 

@@ -74,6 +74,18 @@ def test_rpo_trains_with_image_embeddings_in_chosen_first_order(tmp_path, tiny_c
     assert out.prompt_emb.shape == (4, 16)  # the CLIP text embedding, not the pipeline's pooled one
 
 
+@pytest.mark.parametrize("embedding", ["image", "both"])
+def test_rpo_image_embeddings_without_an_embedder_stop_before_encoding(tmp_path, embedding):
+    """Image embeddings come only from a CLIP embedder: without one, RPO is refused before any encoding or output,
+    where it used to fail at the first step."""
+    config = tiny_config(tmp_path, method="rpo", max_steps=1, method_args={"embedding": embedding})
+    backend = make_backend(config, torch.device("cpu"))
+    backend.encode_prompts = lambda prompts: pytest.fail("encoded before refusing")
+    with pytest.raises(ValueError, match="rpo.*compares CLIP image embeddings, which need a CLIP model: set embedder"):
+        train(config, backend, make_pairs(2))
+    assert not Path(config.output_dir).exists()
+
+
 def test_embedding_backend_delegates_everything_else(tmp_path, tiny_clip):
     backend = make_backend(tiny_config(tmp_path), torch.device("cpu"))
     wrapped = EmbeddingBackend(backend, str(tiny_clip))

@@ -59,9 +59,20 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def check_compatible(method: Method, examples: Sequence[PreferenceExample], backend: Backend) -> None:
+def check_compatible(method: Method, examples: Sequence[PreferenceExample], backend: Backend,
+                     embedder: str | None = None) -> None:
     """Refuse, before any encoding, a method that cannot train on this data or model."""
-    method.for_model(backend.prediction_type, backend.model_info().get("architecture", "this"))  # refuses unsupported
+    architecture = backend.model_info().get("architecture", "this")
+    method.for_model(backend.prediction_type, architecture)  # refuses unsupported
+    missing = frozenset() if embedder else method.embeddings - backend.embeddings
+    if "image" in missing:
+        raise ValueError(f"method {method.name!r} with these method_args compares CLIP image embeddings, which need a "
+                         "CLIP model: set embedder (headless: --embedder, a CLIP folder or hub id), or use "
+                         "method_args embedding = 'prompt'")
+    if "prompt" in missing:
+        raise ValueError(f"method {method.name!r} compares the prompts' pooled text vectors, and the text encoder of "
+                         f"this {architecture} model gives none: set embedder (headless: --embedder, a CLIP folder or "
+                         "hub id), or choose another method")
     if method.error_space == "ncp" and backend.alphas_cumprod is None:
         raise ValueError("method_args.space = 'ncp' takes a DDPM posterior step, which needs a model with a discrete "
                          f"noise schedule (SD1.5/SDXL family); this one has none (prediction: {backend.prediction_type}). "
@@ -82,7 +93,7 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
     hooks = hooks or TrainHooks()
     ranks = ranks or Ranks.single()
     method = build_method(config.method, config.method_args)
-    check_compatible(method, examples, backend)
+    check_compatible(method, examples, backend, config.embedder)
     method = method.for_model(backend.prediction_type, backend.model_info().get("architecture", ""))
     config = dataclasses.replace(config, method_args=method.options())  # model-dependent defaults as used (flow betas)
     plan = plan_output_dir(config)  # refuses a folder that another run owns, before any work

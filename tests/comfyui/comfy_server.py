@@ -5,6 +5,7 @@ ComfyUI's requirements + this pack's requirements; default: the current interpre
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -20,6 +21,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+
+
+def load_module(name: str, path: Path):
+    """The module in the file at `path` under `name`: for test helpers outside this folder (tests/nodes has no
+    __init__.py and is on sys.path only when one of its own tests ran in this process)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def workflow_tools():
+    """tests/nodes/workflow_tools.py, which builds the pack's API graphs."""
+    return sys.modules.get("prefalign_workflow_tools") or load_module(
+        "prefalign_workflow_tools", ROOT / "tests" / "nodes" / "workflow_tools.py")
 
 
 def free_port() -> int:

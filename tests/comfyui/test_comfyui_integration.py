@@ -10,7 +10,7 @@ keys and it changes the generated image; Cancel during training keeps a LoRA.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import io
 import json
 import os
@@ -25,19 +25,10 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the integration tests")
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cs = _load("prefalign_comfy_server", HERE / "comfy_server.py")
-wt = _load("prefalign_workflow_tools_it", ROOT / "tests" / "nodes" / "workflow_tools.py")
+cs = importlib.import_module("comfy_server")  # tests/comfyui is on the path of its own tests
+wt = cs.workflow_tools()
 STORE = "it_store"
 
 

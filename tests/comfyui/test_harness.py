@@ -1,15 +1,10 @@
 """The integration harness's own logic, without ComfyUI (runs in the normal suite)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-spec = importlib.util.spec_from_file_location("prefalign_comfy_server_harness", HERE / "comfy_server.py")
-cs = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = cs
-spec.loader.exec_module(cs)
+cs = importlib.import_module("comfy_server")  # tests/comfyui is on the path of its own tests
 
 PACK = Path("/tmp/pytest-7/comfy0/custom_nodes/prefalign")
 

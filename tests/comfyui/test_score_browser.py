@@ -11,7 +11,7 @@ and reads the result text through the pack's text widget (both from the pack-ui 
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import shutil
@@ -25,23 +25,14 @@ from conftest import build_tiny_clip
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the integration tests")
 STORE = "browser_scored"
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    cs = _load("prefalign_comfy_server_scores", HERE / "comfy_server.py")
+    cs = importlib.import_module("comfy_server")  # tests/comfyui is on the path of its own tests
     base = tmp_path_factory.mktemp("comfy_scores")
     cached = os.environ.get("PREFALIGN_CKPT_DIR")
     s = cs.ComfyServer(base, Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", sys.executable),
@@ -54,7 +45,7 @@ def server(tmp_path_factory):
 
 
 def test_score_node_text_automark_and_comparison_mode(server, tmp_path):
-    workflow = _load("prefalign_workflow_tools_scores", ROOT / "tests" / "nodes" / "workflow_tools.py")
+    workflow = importlib.import_module("comfy_server").workflow_tools()
     info = server.get("/object_info")
     assert info["PrefAlignLoadScorer"]["input"]["required"]["clip_model"][0] == ["(none)", "tiny-pick"]
     shots = Path(os.environ.get("PREFALIGN_SCREENSHOTS", tmp_path / "shots"))

@@ -219,6 +219,28 @@ def test_methods_without_a_flow_form_stop_before_anything_loads(pack, comfy_fold
     assert comfy_folders["calls"]["loads"] == 0
 
 
+@pytest.mark.parametrize("family", ["chroma", "qwen_image", "lumina2", "wan"])
+def test_rpo_stops_before_encoding_on_a_text_encoder_without_a_pooled_vector(pack, comfy_folders, family):
+    """RPO's prompt distances compare pooled text vectors; T5/LLM-only families have none: refused up front, where it
+    used to fail at the first step after every image was encoded."""
+    patcher, clip, vae = ff.make(family)
+    clip.encode_from_tokens = lambda *a, **k: pytest.fail("encoded before refusing")
+    with pytest.raises(ValueError, match=rf"method 'rpo' compares the prompts' pooled text vectors, and the text "
+                                         rf"encoder of this {family} model gives none"):
+        pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]().train(patcher, clip, vae, pairs_of(pack, "r"),
+                                                               **train_args(method="rpo"))
+
+
+def test_rpo_trains_on_the_pooled_vector_and_refuses_image_embeddings(pack, converters):
+    """Flux's CLIP-L gives the pooled vector RPO compares; image embeddings need a CLIP model the node does not load."""
+    patcher, clip, vae = ff.make("flux")
+    node = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]()
+    with pytest.raises(ValueError, match="compares CLIP image embeddings, which need a CLIP model"):
+        node.train(patcher, clip, vae, pairs_of(pack, "ri"), **train_args(method="rpo", method_args="embedding = 'both'"))
+    out = node.train(patcher, clip, vae, pairs_of(pack, "rp"), **train_args(method="rpo"))
+    assert any(v.abs().max() > 0 for k, v in out["result"][1].items() if "lora_B" in k or "lora_up" in k)
+
+
 def test_method_list_says_which_methods_train_flow_models(pack):
     inputs = pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"].INPUT_TYPES()
     tooltip = inputs["required"]["method"][1]["tooltip"]

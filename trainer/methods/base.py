@@ -138,6 +138,7 @@ class Method:
     - `paired`: needs chosen/rejected pairs; False accepts single labelled images (KTO).
     - `shared_noise`: both images of a pair share timestep and noise.
     - `needs`: extras from `KNOWN_NEEDS`.
+    - `embeddings` (with EMBEDDINGS): which CLIP-space embeddings the loss reads, `prompt` and/or `image`.
     - `wants_related_prompts`: batches should mix semantically related prompts (RPO's cross-pair terms).
     - `negative_branch`: the LoRA is meant for the unconditional branch of classifier-free guidance (NPO).
     - `prediction_types`: what the network may predict (`epsilon`, `v_prediction`, `flow`); on any other
@@ -159,6 +160,10 @@ class Method:
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
+
+    @property
+    def embeddings(self) -> frozenset[str]:
+        return frozenset()
 
     @property
     def error_space(self) -> str:

@@ -69,6 +69,10 @@ class RPO(Guarded):
     needs = frozenset({EMBEDDINGS})
     wants_related_prompts = True
 
+    @property
+    def embeddings(self) -> frozenset[str]:
+        return frozenset({"prompt", "image"}) if self.config.embedding == "both" else frozenset({self.config.embedding})
+
     def distances(self, out: StepOutputs) -> Tensor:
         """[B, B] distances between winner i and loser j."""
         terms = []

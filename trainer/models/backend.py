@@ -23,6 +23,9 @@ class Backend(Protocol):
     prediction_type: str  # "epsilon", "v_prediction" or "flow" (rectified flow: SD3, Flux)
     alphas_cumprod: Tensor | None  # DDPM schedule [num_train_timesteps] (NCP's posterior step); None for flow
     timestep_sampling: TimestepSampling  # how the family draws training timesteps
+    # CLIP-space embeddings its encodings carry without a separate embedder (RPO's distances): "prompt" when the
+    # text encoder gives a pooled vector; image embeddings always need the embedder (models/embedder.py)
+    embeddings: frozenset[str]
     device: torch.device
 
     @property

@@ -22,6 +22,8 @@ from .offload import Offloadable
 class DiffusersBackend:
     """Implements `Backend` over diffusers components loaded by `load_components`; subclasses per family."""
 
+    #: every diffusers family here (SD1.5, SDXL, SD3, Flux) has a pooled CLIP text vector
+    embeddings = frozenset({"prompt"})
     #: timestep sampling the family trains with when the config leaves it to the family (see forward_process)
     default_timestep_sampling = "uniform"
 
