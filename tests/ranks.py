@@ -21,7 +21,13 @@ def free_port() -> int:
 def _enter(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ACCELERATE_USE_CPU="1")
-    fn(*args)
+    try:
+        fn(*args)
+    finally:  # as trainer.run does: a process group left to interpreter exit can abort the rank (gloo)
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_ranks(fn: Callable, args: tuple = (), world: int = 2) -> None:

@@ -102,3 +102,10 @@ class Ranks:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group. Left to interpreter exit, gloo's threads can be torn down unjoined and the
+        rank aborts ("terminate called without an active exception") after a finished run, which torchrun
+        then reports as a failure."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()

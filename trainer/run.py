@@ -62,11 +62,14 @@ def run(config: TrainConfig, hooks: TrainHooks | None = None, examples: list[Pre
         except DataError as e:
             raise ConfigError("data", str(e)) from None
     ranks = make_ranks()
-    for note in plan_output_dir(config).notes if ranks.is_main else ():  # refuses a folder another run owns
-        print(note, file=sys.stderr)
-    torch.manual_seed(config.seed)
-    backend = make_backend(config, ranks.device)
-    result = train(config, backend, examples, hooks, ranks)
+    try:
+        for note in plan_output_dir(config).notes if ranks.is_main else ():  # refuses a folder another run owns
+            print(note, file=sys.stderr)
+        torch.manual_seed(config.seed)
+        backend = make_backend(config, ranks.device)
+        result = train(config, backend, examples, hooks, ranks)
+    finally:
+        ranks.close()
     if ranks.is_main:
         print(summary(result, resume_hint))
         if result.stopped and resume_hint:
