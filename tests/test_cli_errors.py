@@ -84,7 +84,7 @@ def test_data_that_does_not_exist_names_the_path(run_folder, tmp_path, capsys, m
     path = {"missing": str(tmp_path / "nope"), "empty": str(tmp_path / "empty")}.get(data, data)
     (tmp_path / "empty").mkdir()
     before = snapshot(run_folder)
-    line = error_line(capsys, train(run_folder, "--data", path), "config key 'data'", path)
+    line = error_line(capsys, train(run_folder, "--data", path), "--data: ", path)
     assert ("the folder is empty" if data == "empty" else "no such file or folder") in line
     assert snapshot(run_folder) == before
 
@@ -128,7 +128,7 @@ def test_missing_image_is_skipped_and_counted_on_the_cached_path(tmp_path, capsy
 @pytest.mark.parametrize("model", ["toyy", "./no/such/model"])
 def test_model_typo_or_missing_path_is_named_at_once(run_folder, capsys, model):
     before = snapshot(run_folder)
-    line = error_line(capsys, train(run_folder, "--data", "tiny", "--model", model), "config key 'model'", model)
+    line = error_line(capsys, train(run_folder, "--data", "tiny", "--model", model), "--model: ", model)
     assert "no such file or folder" in line and "not a hub id" in line
     assert snapshot(run_folder) == before
 
@@ -162,18 +162,18 @@ def test_tensorboard_without_the_extra_says_how_to_install_it(run_folder, capsys
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     before = snapshot(run_folder)
     error_line(capsys, train(run_folder, "--data", "tiny", "--tensorboard"),
-               "config key 'tensorboard'", 'pip install "prefalign[tensorboard]"')
+               "--tensorboard: ", 'pip install "prefalign[tensorboard]"')
     assert snapshot(run_folder) == before
 
 
 # --- 5: bad values, checked before anything loads --------------------------------------------------
 
 @pytest.mark.parametrize("flag, value, key", [
-    ("--learning-rate", "-1", "config key 'learning_rate'"), ("--learning-rate", "nan", "config key 'learning_rate'"),
-    ("--adam-beta1", "1.5", "config key 'adam_beta1'"), ("--alpha", "0", "config key 'alpha'"),
-    ("--seed", "-1", "config key 'seed'"), ("--num-workers", "-2", "config key 'num_workers'"),
-    ("--max-examples", "0", "config key 'max_examples'"), ("--max-grad-norm", "-0.5", "config key 'max_grad_norm'"),
-    ("--weight-decay", "inf", "config key 'weight_decay'"), ("--method-args", "beta=abc", "method_args.beta"),
+    ("--learning-rate", "-1", "--learning-rate: "), ("--learning-rate", "nan", "--learning-rate: "),
+    ("--adam-beta1", "1.5", "--adam-beta1: "), ("--alpha", "0", "--alpha: "),
+    ("--seed", "-1", "--seed: "), ("--num-workers", "-2", "--num-workers: "),
+    ("--max-examples", "0", "--max-examples: "), ("--max-grad-norm", "-0.5", "--max-grad-norm: "),
+    ("--weight-decay", "inf", "--weight-decay: "), ("--method-args", "beta=abc", "method_args.beta"),
     ("--method", "dpoo", "unknown method 'dpoo'"),
 ])
 def test_bad_value_stops_before_the_run_folder_is_touched(run_folder, capsys, monkeypatch, flag, value, key):
@@ -188,6 +188,16 @@ def test_bad_value_stops_before_the_run_folder_is_touched(run_folder, capsys, mo
     before = snapshot(run_folder)
     error_line(capsys, train(run_folder, "--data", "tiny", flag, value), key)
     assert snapshot(run_folder) == before
+
+
+def test_a_bad_value_is_named_as_the_user_wrote_it(run_folder, tmp_path, capsys):
+    """Typed as a flag, the message names the flag; from a TOML config file, the file's key."""
+    config = tmp_path / "run.toml"
+    config.write_text("learning_rate = -1.0\n")
+    line = error_line(capsys, train(run_folder, "--data", "tiny", "--config", str(config)), "config key 'learning_rate'")
+    assert "--learning-rate" not in line
+    line = error_line(capsys, train(run_folder, "--data", "tiny", "--learning-rate=-1"), "error: --learning-rate: ")
+    assert "config key" not in line
 
 
 def test_eval_scorer_model_errors_name_the_option(tmp_path, capsys):

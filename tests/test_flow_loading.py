@@ -81,13 +81,13 @@ def test_single_file_without_model_config_names_the_option(single_files, tmp_pat
 
 def test_drop_t5_is_refused_for_flux_before_loading(tmp_path, capsys):
     code, err = run_cli(tmp_path, capsys, "--model", "tiny-flux", "--drop-t5")
-    assert code == 2 and err.strip() == "error: config key 'drop_t5': only SD3/SD3.5 can run without T5; this model is flux"
+    assert code == 2 and err.strip() == "error: --drop-t5: only SD3/SD3.5 can run without T5; this model is flux"
     assert not (tmp_path / "out").exists()
 
 
 def test_quantize_refusals_name_the_option(tmp_path, capsys, monkeypatch):
     code, err = run_cli(tmp_path, capsys, "--model", "tiny-sd", "--quantize", "nf4")
-    assert code == 2 and "config key 'quantize'" in err and "SD3/Flux" in err
+    assert code == 2 and "--quantize: " in err and "SD3/Flux" in err
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     code, err = run_cli(tmp_path, capsys, "--model", "tiny-flux", "--quantize", "nf4")

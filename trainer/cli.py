@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shlex
 import signal
 import sys
@@ -171,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             return _train(args, argv)
     except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {as_typed(str(e), argv)}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, DiskFullError) as e:  # the message says what was kept and what to do
         print(f"error: {e}", file=sys.stderr)
@@ -180,6 +181,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 1
+
+
+CONFIG_KEY = re.compile(r"config key '([a-z0-9_]+)'")
+
+
+def as_typed(message: str, argv: Sequence[str]) -> str:
+    """Messages name config keys (as a TOML config spells them); a value typed on this command line is named
+    by its flag instead (`config key 'learning_rate'` -> `--learning-rate`)."""
+    def name(key: re.Match) -> str:
+        flag = "--" + key[1].replace("_", "-")
+        typed = any(a in (flag, "--no-" + flag[2:]) or a.startswith(flag + "=") for a in argv)
+        return flag if typed else key[0]
+
+    return CONFIG_KEY.sub(name, message)
 
 
 def _quiet_libraries() -> None:
