@@ -7,6 +7,8 @@
     POST /prefalign/mark   {store, batch, index, mark}  mark an image chosen / rejected / none; saved at once
     GET  /prefalign/train/status                        live training state (loss curve) per node
     GET  /prefalign/methods                             methods with their default hyper-parameters
+    GET  /prefalign/model_methods?folder=F&name=N&sampling=S
+                                                        which methods train the model file a loader names
 
 ComfyUI serves each at `/x` and `/api/x`. Store names are checked against a strict pattern and the
 resolved folder must sit directly in the stores folder; batch ids are 32 hex digits; indexes plain decimal
@@ -116,6 +118,18 @@ def make_routes(stores_base: Callable[[], Path], busy_timeout: float = ROUTE_BUS
         table = method_table()
         return web.json_response({n: {**t, "text": format_args(t["defaults"], t["per_model"])} for n, t in table.items()})
 
+    async def model_methods(request: web.Request) -> web.Response:
+        from .model_probe import ProbeError, probe
+
+        q = request.query
+        try:  # reads a file header and builds a model on the meta device: off the loop
+            return web.json_response(await off_loop(lambda: probe(q.get("folder", ""), q.get("name", ""),
+                                                                  q.get("sampling", ""))))
+        except ProbeError as e:
+            return _json_error(400, str(e))
+        except Exception as e:  # not a readable safetensors file, or ComfyUI's detection failed on it
+            return _json_error(400, f"cannot read this model file's header ({type(e).__name__})")
+
     return [
         web.get("/prefalign/stores", stores),
         web.get("/prefalign/store", store_info),
@@ -124,6 +138,7 @@ def make_routes(stores_base: Callable[[], Path], busy_timeout: float = ROUTE_BUS
         web.post("/prefalign/mark", mark),
         web.get("/prefalign/train/status", train_status),
         web.get("/prefalign/methods", methods),
+        web.get("/prefalign/model_methods", model_methods),
     ]
 
 

@@ -22,6 +22,7 @@ from .data.records import PreferenceExample
 from .distributed import Ranks
 from .export import lora_metadata, write_lora
 from .methods import EMBEDDINGS, Method, build_method
+from .methods.fit import ModelTraits, model_refusal
 from .metrics import MetricsLog, MetricsMeter, Progress
 from .models.backend import Backend
 from .optim import make_lr_scheduler, make_optimizer
@@ -62,21 +63,11 @@ class NonFiniteLossError(RuntimeError):
 def check_compatible(method: Method, examples: Sequence[PreferenceExample], backend: Backend,
                      embedder: str | None = None) -> None:
     """Refuse, before any encoding, a method that cannot train on this data or model."""
-    architecture = backend.model_info().get("architecture", "this")
-    method.for_model(backend.prediction_type, architecture)  # refuses unsupported
-    missing = frozenset() if embedder else method.embeddings - backend.embeddings
-    if "image" in missing:
-        raise ValueError(f"method {method.name!r} with these method_args compares CLIP image embeddings, which need a "
-                         "CLIP model: set embedder (headless: --embedder, a CLIP folder or hub id), or use "
-                         "method_args embedding = 'prompt'")
-    if "prompt" in missing:
-        raise ValueError(f"method {method.name!r} compares the prompts' pooled text vectors, and the text encoder of "
-                         f"this {architecture} model gives none: set embedder (headless: --embedder, a CLIP folder or "
-                         "hub id), or choose another method")
-    if method.error_space == "ncp" and backend.alphas_cumprod is None:
-        raise ValueError("method_args.space = 'ncp' takes a DDPM posterior step, which needs a model with a discrete "
-                         f"noise schedule (SD1.5/SDXL family); this one has none (prediction: {backend.prediction_type}). "
-                         "Use space = 'latent'.")
+    model = ModelTraits(backend.prediction_type, backend.model_info().get("architecture", "this"),
+                        backend.embeddings, backend.alphas_cumprod is not None)
+    refusal = model_refusal(method, model, embedder)
+    if refusal:
+        raise ValueError(refusal)
     if hasattr(examples, "__len__") and len(examples) == 0:
         raise ValueError("the dataset is empty")
     paired = getattr(examples, "paired", None)

@@ -2,8 +2,8 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
-  acceptsTrainMessage, chartGeometry, clickMark, createMarkSender, gridLayout, imageUrl, keyAction, markBody, MAX_TILES,
-  mergePoints, moveCursor, nextMark, nodeQueueError, progressText, queueTransition, sanitizeBatch, smooth, summary,
+  acceptsTrainMessage, chartGeometry, clickMark, createMarkSender, fitText, gridLayout, imageUrl, keyAction, markBody, MAX_TILES,
+  mergePoints, modelSource, moveCursor, nextMark, nodeQueueError, progressText, queueTransition, sanitizeBatch, smooth, summary,
   textLines, textRows,
 } from "./prefalign_logic.js";
 import { attachScoring } from "./prefalign_compare.js";
@@ -25,6 +25,8 @@ const STYLE = `
 .prefalign-gallery .pa-status { opacity:.85; }
 .prefalign-gallery .pa-error { color:#f66; }
 .prefalign-chart { width:100%; height:100%; display:flex; flex-direction:column; font:11px sans-serif; color:var(--fg-color,#ddd); }
+.prefalign-chart .pa-fit { white-space:pre-wrap; overflow-wrap:anywhere; opacity:.85; margin-bottom:3px; max-height:60px; overflow:auto; }
+.prefalign-chart .pa-fit.pa-refused { color:#ff8a8a; opacity:1; }
 .prefalign-chart canvas { flex:1; width:100%; min-height:80px; background:rgba(0,0,0,.25); border-radius:4px; }
 .prefalign-text.pa-stale { opacity:.45; }
 .prefalign-text { font:12px sans-serif; color:var(--fg-color,#ddd); white-space:pre-wrap; overflow-wrap:anywhere; overflow:auto; height:100%; box-sizing:border-box; padding:4px 6px; background:rgba(0,0,0,.2); border-radius:4px; user-select:text; }
@@ -269,10 +271,18 @@ class LossChart {
     this.state = { step: 0, total: 0, points: [], status: "" };
     this.el = document.createElement("div");
     this.el.className = "prefalign-chart";
+    this.fit = document.createElement("div"); // which methods train the connected model (see refreshFit)
+    this.fit.className = "pa-fit";
     this.label = document.createElement("div");
     this.label.textContent = "loss: waiting for training";
     this.canvas = document.createElement("canvas");
-    this.el.append(this.label, this.canvas);
+    this.el.append(this.label, this.fit, this.canvas); // the label first: `.prefalign-chart div` is the progress line
+  }
+
+  showFit({ text, refused }, method) {
+    this.fit.textContent = refused ? `${text}\n${method} does not: ${refused}` : text;
+    this.fit.classList.toggle("pa-refused", Boolean(refused));
+    this.fit.title = this.fit.textContent;
   }
 
   update(detail) {
@@ -316,6 +326,37 @@ class LossChart {
   }
 }
 
+// ---------------------------------------------------------------- the connected model's methods
+/** The node feeding `node`'s input `inputName`, or null (links are a Map in newer frontends, an object before). */
+function upstreamOf(node, inputName) {
+  const graph = node.graph || app.graph;
+  const input = (node.inputs || []).find((i) => i.name === inputName);
+  if (!graph || !input || input.link == null) return null;
+  const links = graph.links;
+  const link = links && (typeof links.get === "function" ? links.get(input.link) : links[input.link]);
+  return link ? graph.getNodeById(link.origin_id) : null;
+}
+
+const probes = new Map(); // JSON of {folder, name, sampling} -> promise of the server's answer
+function probeOf(source) {
+  const key = JSON.stringify(source);
+  if (!probes.has(key)) {
+    probes.set(key, jsonFetch(`/prefalign/model_methods?${new URLSearchParams(source)}`)
+      .catch((e) => ({ label: source.name, prediction_type: null, error: e.message })));
+  }
+  return probes.get(key);
+}
+
+/** Show which methods train the model the graph connects (read from its loader's file; no run needed). */
+async function refreshFit(node, method) {
+  const source = modelSource(node, upstreamOf);
+  const key = `${JSON.stringify(source)}|${method.value}`;
+  if (key === node.prefalignFitKey) return;
+  node.prefalignFitKey = key;
+  const fit = source ? fitText(await probeOf(source), method.value) : { text: "", refused: "" };
+  if (node.prefalignFitKey === key) node.prefalignChart.showFit(fit, method.value); // unless it changed meanwhile
+}
+
 let methodTable = null;
 async function methods() {
   if (!methodTable) methodTable = await jsonFetch("/prefalign/methods");
@@ -326,7 +367,7 @@ function setupTrain(node) {
   injectStyle();
   const chart = new LossChart(node);
   node.prefalignChart = chart;
-  const widget = node.addDOMWidget("prefalign_loss", "prefalign_loss", chart.el, { serialize: false, getMinHeight: () => 140 });
+  const widget = node.addDOMWidget("prefalign_loss", "prefalign_loss", chart.el, { serialize: false, getMinHeight: () => 170 });
   widget.beforeQueued = () => chart.transition("queued"); // the previous run's "done" must not stand for this one
   node.setSize([Math.max(node.size[0], 360), node.size[1] + 150]);
   const method = node.widgets && node.widgets.find((w) => w.name === "method");
@@ -341,6 +382,11 @@ function setupTrain(node) {
       } catch (err) { console.warn("PrefAlign: could not read method defaults", err); }
       return r;
     };
+  }
+  if (method) {  // the graph above the node changes without telling it: look every second (a fetch only on change)
+    const timer = setInterval(() => refreshFit(node, method).catch(() => {}), 1000);
+    const removed = node.onRemoved;
+    node.onRemoved = function () { clearInterval(timer); return removed ? removed.apply(this, arguments) : undefined; };
   }
   // a reloaded page recovers the curve of a run that is still going (or just finished)
   jsonFetch("/prefalign/train/status").then((s) => {

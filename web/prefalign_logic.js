@@ -233,3 +233,47 @@ export function gridLayout(count, width, height, gap = 4) {
   }
   return best;
 }
+
+// ---------------------------------------------------------------- which methods fit the connected model
+// loader node type -> [widget naming the file, ComfyUI models folder]
+export const MODEL_LOADERS = {
+  CheckpointLoaderSimple: ["ckpt_name", "checkpoints"],
+  UNETLoader: ["unet_name", "diffusion_models"],
+};
+const FLOW_PATCHES = new Set(["ModelSamplingSD3", "ModelSamplingFlux", "ModelSamplingAuraFlow"]);
+const DISCRETE_SAMPLINGS = { eps: "epsilon", v_prediction: "v_prediction" };
+
+/** Follow `node`'s `model` input up to the loader of the file. `upstream(node, inputName)` gives the node feeding
+ *  that input, or null. Returns {folder, name, sampling} or null when no known loader is reached. Sampling patches
+ *  are applied in graph order, so the one nearest the Train node (met first here) decides. */
+export function modelSource(node, upstream, maxHops = 32) {
+  let sampling = "";
+  let current = upstream(node, "model");
+  for (let hop = 0; current && hop < maxHops; hop++) {
+    const widget = (name) => (current.widgets || []).find((w) => w.name === name);
+    const loader = MODEL_LOADERS[current.type];
+    if (loader) {
+      const file = widget(loader[0]);
+      return file && typeof file.value === "string" && file.value ? { folder: loader[1], name: file.value, sampling } : null;
+    }
+    if (!sampling && FLOW_PATCHES.has(current.type)) sampling = "flow";
+    if (!sampling && current.type === "ModelSamplingDiscrete") sampling = DISCRETE_SAMPLINGS[(widget("sampling") || {}).value] || "";
+    const input = (current.inputs || []).find((i) => i.type === "MODEL");
+    current = input ? upstream(current, input.name) : null;
+  }
+  return null;
+}
+
+/** The line the Train node shows for the probe of its model (`/prefalign/model_methods`) and the chosen method:
+ *  {text, refused} where `refused` is the reason the chosen method does not train this model, or "". */
+export function fitText(probe, method) {
+  if (!probe || typeof probe !== "object") return { text: "", refused: "" };
+  const label = String(probe.label || "this model").slice(0, 80);
+  if (!probe.prediction_type) return { text: `${label}: ${String(probe.error || "not a model the trainer trains").slice(0, 300)}`, refused: "" };
+  const methods = probe.methods && typeof probe.methods === "object" ? probe.methods : {};
+  const fit = Object.keys(methods).filter((m) => methods[m] === null);
+  const not = Object.keys(methods).filter((m) => methods[m] !== null);
+  const text = `${label} (${probe.prediction_type}): ${fit.join(", ") || "no method"} train it` + (not.length ? `; ${not.join(", ")} do not` : "");
+  const reason = methods[method];
+  return { text, refused: typeof reason === "string" ? reason.slice(0, 400) : "" };
+}

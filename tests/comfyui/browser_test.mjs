@@ -153,6 +153,9 @@ result.learningRate = await page.evaluate(async (id) => (await window.app.graphT
 await typeIntoWidget(page, trainId, "learning_rate", "0.05"); // big enough for 4 steps to move
 const chart = ".prefalign-chart div";
 const chartText = () => page.textContent(chart).catch(() => null);
+// before any run: which methods train the checkpoint the graph loads (read from the file's header)
+await page.waitForFunction(() => /train it/.test((document.querySelector(".prefalign-chart .pa-fit") || {}).textContent || ""), null, { timeout: 30000 }).catch(() => {});
+result.fit = await page.textContent(".prefalign-chart .pa-fit").catch(() => null);
 await queue(page);
 await page.waitForFunction((sel) => {
   // this run's file ("browser_..."): the chart may first show an earlier run of the same node id
@@ -205,8 +208,11 @@ await shot("compare.png");
 await page.evaluate(() => window.app.graph.clear());
 result.search = {};
 for (const query of ["dpo", "preference"]) {
-  await page.mouse.dblclick(900, 500);
-  await page.waitForSelector("input:focus", { timeout: 10000 });
+  for (let attempt = 0; ; attempt++) {  // the previous search box may still be closing: a double click can land on it
+    await page.mouse.dblclick(900, 500);
+    try { await page.waitForSelector("input:focus", { timeout: 5000 }); break; } catch (e) { if (attempt === 2) throw e; }
+    await page.keyboard.press("Escape");
+  }
   await page.keyboard.type(query);
   await page.waitForTimeout(1200);
   result.search[query] = await page.$$eval(".p-autocomplete-option", (els) => els.map((e) => e.textContent));

@@ -142,6 +142,24 @@ def cached_token_lengths(server) -> set[int]:
     return lengths
 
 
+def test_the_train_node_knows_the_methods_of_a_loaders_file_before_a_run(server):
+    """ComfyUI's own detection on the file's header (nothing loaded): a Load Checkpoint SD3 and a Load Diffusion
+    Model Flux are flow models that MaPO and DSPO do not train; a graph's sampling patch is honoured."""
+    from urllib.parse import urlencode
+
+    def methods(folder: str, name: str, sampling: str = "") -> dict:
+        return server.get("/prefalign/model_methods?" + urlencode({"folder": folder, "name": name, "sampling": sampling}))
+
+    for folder, name, family in [("checkpoints", SD3, "sd3"), ("diffusion_models", FLUX, "flux")]:
+        answer = methods(folder, name)
+        assert answer["family"] == family and answer["prediction_type"] == "flow", answer
+        assert {m for m, why in answer["methods"].items() if why} == {"mapo", "dspo"}
+        assert "does not train" in answer["methods"]["mapo"]
+    assert not any(methods("checkpoints", SD3, "epsilon")["methods"].values())  # ModelSamplingDiscrete eps
+    with pytest.raises(Exception, match="400"):
+        methods("checkpoints", "../" + SD3)
+
+
 def test_sd3_trains_and_stock_load_lora_applies_it(server):
     import numpy as np
 

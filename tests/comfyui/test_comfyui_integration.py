@@ -380,6 +380,9 @@ def test_browser_gallery_and_loss_chart(server, tmp_path):
     assert seen["crafted"]["tiles"] == 4 and seen["crafted"]["requests"] <= 4, seen["crafted"]  # cached images: no request
     # training: the typed rate reaches the graph unrounded; the chart and the node's text show the result
     assert seen["learningRate"] == "5e-7"
+    # before the run the node said which methods train the connected SD1.5 checkpoint: all of them
+    assert seen["fit"].startswith("SD1.5 (epsilon): ") and seen["fit"].endswith(" train it"), seen["fit"]
+    assert "mapo" in seen["fit"] and "do not" not in seen["fit"]
     assert seen["trained"] and "step 4/4" in seen["chart"]
     text = seen["trainText"]
     assert re.fullmatch(r"saved models/loras/prefalign/browser_dpo_4steps_\d{8}-\d{6}\.safetensors \(4 steps\)", text["text"])

@@ -3,8 +3,8 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import {
-  acceptsTrainMessage, chartGeometry, clickMark, createMarkSender, gridLayout, imageUrl, keyAction, markBody, MAX_TEXT_CHARS,
-  MAX_TEXT_LINES, MAX_TILES, mergePoints, moveCursor, nextMark, nodeQueueError, pairsFromMarks, progressText,
+  acceptsTrainMessage, chartGeometry, clickMark, createMarkSender, fitText, gridLayout, imageUrl, keyAction, markBody, MAX_TEXT_CHARS,
+  MAX_TEXT_LINES, MAX_TILES, mergePoints, modelSource, moveCursor, nextMark, nodeQueueError, pairsFromMarks, progressText,
   queueTransition, sanitizeBatch, smooth, summary, textLines, textRows,
 } from "../../web/prefalign_logic.js";
 
@@ -175,4 +175,47 @@ test("this node's queue errors, bounded", () => {
   assert.equal(nodeQueueError(null, 12), null);
   assert.equal(nodeQueueError({ 12: { errors: "junk" } }, 12), null);
   assert.ok(nodeQueueError({ 12: { errors: [{ message: "m".repeat(5000) }] } }, 12).length <= 300);
+});
+
+// ------------------------------------------------------------ the connected model's methods
+function graphOf(nodes, links) {
+  // links: [fromId, toId, inputName]
+  const byId = Object.fromEntries(nodes.map((n) => [n.id, n]));
+  return (node, input) => {
+    const link = links.find(([, to, name]) => to === node.id && name === input);
+    return link ? byId[link[0]] : null;
+  };
+}
+
+test("modelSource follows the model input through LoRA and sampling patches to the loader", () => {
+  const train = { id: 1, type: "PrefAlignTrainLoRA", inputs: [{ name: "model", type: "MODEL" }] };
+  const lora = { id: 2, type: "LoraLoader", inputs: [{ name: "model", type: "MODEL" }, { name: "clip", type: "CLIP" }] };
+  const near = { id: 3, type: "ModelSamplingDiscrete", inputs: [{ name: "model", type: "MODEL" }], widgets: [{ name: "sampling", value: "v_prediction" }] };
+  const far = { id: 4, type: "ModelSamplingSD3", inputs: [{ name: "model", type: "MODEL" }], widgets: [{ name: "shift", value: 3 }] };
+  const unet = { id: 5, type: "UNETLoader", widgets: [{ name: "unet_name", value: "flux1-dev.safetensors" }, { name: "weight_dtype", value: "fp8_e4m3fn" }] };
+  const upstream = graphOf([train, lora, near, far, unet], [[2, 1, "model"], [3, 2, "model"], [4, 3, "model"], [5, 4, "model"]]);
+  assert.deepEqual(modelSource(train, upstream), { folder: "diffusion_models", name: "flux1-dev.safetensors", sampling: "v_prediction" });
+  const direct = graphOf([train, far, unet], [[4, 1, "model"], [5, 4, "model"]]);
+  assert.deepEqual(modelSource(train, direct), { folder: "diffusion_models", name: "flux1-dev.safetensors", sampling: "flow" });
+  const ckpt = { id: 6, type: "CheckpointLoaderSimple", widgets: [{ name: "ckpt_name", value: "sd15.safetensors" }] };
+  assert.deepEqual(modelSource(train, graphOf([train, ckpt], [[6, 1, "model"]])), { folder: "checkpoints", name: "sd15.safetensors", sampling: "" });
+});
+
+test("modelSource gives up on unknown loaders, missing links and cycles", () => {
+  const train = { id: 1, type: "PrefAlignTrainLoRA", inputs: [{ name: "model", type: "MODEL" }] };
+  const gguf = { id: 2, type: "UnetLoaderGGUF", widgets: [{ name: "unet_name", value: "x.gguf" }] };
+  assert.equal(modelSource(train, graphOf([train, gguf], [[2, 1, "model"]])), null);
+  assert.equal(modelSource(train, graphOf([train], [])), null);
+  const a = { id: 2, type: "LoraLoader", inputs: [{ name: "model", type: "MODEL" }] };
+  const b = { id: 3, type: "LoraLoader", inputs: [{ name: "model", type: "MODEL" }] };
+  assert.equal(modelSource(train, graphOf([train, a, b], [[2, 1, "model"], [3, 2, "model"], [2, 3, "model"]])), null);
+});
+
+test("fitText lists the methods that train the model and says why the chosen one does not", () => {
+  const probe = { label: "Flux.1 dev/schnell", prediction_type: "flow", methods: { dpo: null, mapo: "MaPO's score needs a DDPM SNR", sft: null } };
+  assert.deepEqual(fitText(probe, "dpo"), { text: "Flux.1 dev/schnell (flow): dpo, sft train it; mapo do not", refused: "" });
+  assert.equal(fitText(probe, "mapo").refused, "MaPO's score needs a DDPM SNR");
+  assert.equal(fitText({ label: "Cosmos", prediction_type: null, error: "model sampling EDM is not supported" }, "dpo").text,
+    "Cosmos: model sampling EDM is not supported");
+  assert.deepEqual(fitText(null, "dpo"), { text: "", refused: "" });
 });
