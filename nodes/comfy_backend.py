@@ -38,7 +38,7 @@ from ..trainer.encoding import SIZE, concat_rows
 from ..trainer.forward_process import Schedule, TimestepSampling
 from ..trainer.models.lora import LoraSpec
 from .comfy_checkpointing import checkpointed, outermost_blocks, snapshot_saved_tensors
-from .comfy_families import architecture_of, family_of, layer_names
+from .comfy_families import architecture_of, family_of, layer_names, text_embeddings
 from .comfy_lora import PREFIX, LoraWeight, diffusers_parts, export_names, linear_layers, matches_target
 
 __all__ = ["ComfyBackend", "architecture_of", "own_inference_tensors"]
@@ -97,8 +97,7 @@ class ComfyBackend:
         base = self.patcher.model
         self.base = base
         self.family = family_of(base)
-        # unknown families: assumed to have one (a missing vector then stops at the first step, with RPO's message)
-        self.embeddings = frozenset({"prompt"}) if self.family is None or self.family.pooled else frozenset()
+        self.embeddings = text_embeddings(self.family)
         self.sampling = self.patcher.get_model_object("model_sampling")  # with object patches (ModelSampling* nodes)
         self.prediction_type = prediction_type_of(self.sampling)
         # the model's own sigma table (flow models: shifted, as their schedulers train), else uniform flow sigmas

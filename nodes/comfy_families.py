@@ -94,6 +94,12 @@ def architecture_of(base_model) -> str:
     return family.name if family is not None else type(getattr(base_model, "model_config", None)).__name__.lower()
 
 
+def text_embeddings(family: Family | None) -> frozenset[str]:
+    """The CLIP-space embeddings a family's encodings carry (`Backend.embeddings`): "prompt" when its text encoder
+    gives a pooled vector. Unknown families are assumed to (a missing vector then stops at RPO's first step)."""
+    return frozenset({"prompt"}) if family is None or family.pooled else frozenset()
+
+
 def default_targets(base_model) -> tuple[str, ...]:
     family = family_of(base_model)
     return family.targets if family is not None else UNET_TARGETS

@@ -10,13 +10,14 @@ refuses the others with the same messages when it runs.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from ..trainer.methods import build_method, method_names
 from ..trainer.methods.fit import ModelTraits, model_refusal
 from .comfy_backend import prediction_type_of
-from .comfy_families import architecture_of, family_of
+from .comfy_families import architecture_of, family_of, text_embeddings
 
 LOADER_FOLDERS = ("checkpoints", "diffusion_models")  # Load Checkpoint, Load Diffusion Model
 SAMPLINGS = ("epsilon", "v_prediction", "flow")
@@ -54,11 +55,8 @@ def header_state_dict(path: Path) -> dict[str, Any]:
         for key in f.keys():
             part = f.get_slice(key)
             shape = part.get_shape()
-            numel = 1
-            for n in shape:
-                numel *= n
             dtype = getattr(torch, DTYPES.get(part.get_dtype(), "float16"))
-            sd[key] = f.get_tensor(key) if numel <= SMALL_TENSOR else torch.empty(shape, dtype=dtype, device="meta")
+            sd[key] = f.get_tensor(key) if math.prod(shape) <= SMALL_TENSOR else torch.empty(shape, dtype=dtype, device="meta")
     return sd
 
 
@@ -99,8 +97,6 @@ def probe(folder: str, name: str, sampling: str = "") -> dict[str, Any]:
         prediction = sampling or prediction_type_of(model.model_sampling)
     except ValueError as e:  # a sampling the trainer does not train (EDM, ...)
         return {"family": architecture, "label": label, "prediction_type": None, "methods": {}, "error": str(e)}
-    traits = ModelTraits(prediction, architecture,
-                         frozenset({"prompt"}) if family is None or family.pooled else frozenset(),
-                         prediction != "flow")
+    traits = ModelTraits(prediction, architecture, text_embeddings(family), prediction != "flow")
     return {"family": architecture, "label": label, "prediction_type": prediction,
             "methods": {m: model_refusal(build_method(m, {}), traits) for m in method_names()}}

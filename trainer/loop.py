@@ -61,8 +61,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 def check_compatible(method: Method, examples: Sequence[PreferenceExample], backend: Backend,
-                     embedder: str | None = None) -> None:
-    """Refuse, before any encoding, a method that cannot train on this data or model."""
+                     embedder: str | None = None) -> Method:
+    """Refuse, before any encoding, a method that cannot train on this data or model; else the method configured
+    for the model (flow defaults)."""
     model = ModelTraits(backend.prediction_type, backend.model_info().get("architecture", "this"),
                         backend.embeddings, backend.alphas_cumprod is not None)
     refusal = model_refusal(method, model, embedder)
@@ -76,6 +77,7 @@ def check_compatible(method: Method, examples: Sequence[PreferenceExample], back
     if method.paired and not paired:
         raise ValueError(f"method {method.name!r} trains on chosen/rejected pairs, but the dataset holds single "
                          "labelled images; use a pairwise dataset or an unpaired method such as kto")
+    return method.for_model(model.prediction_type, model.architecture)
 
 
 def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceExample],
@@ -83,9 +85,7 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
     """Train the backend's adapter on `examples` with `config.method`; write the LoRA and checkpoints."""
     hooks = hooks or TrainHooks()
     ranks = ranks or Ranks.single()
-    method = build_method(config.method, config.method_args)
-    check_compatible(method, examples, backend, config.embedder)
-    method = method.for_model(backend.prediction_type, backend.model_info().get("architecture", ""))
+    method = check_compatible(build_method(config.method, config.method_args), examples, backend, config.embedder)
     config = dataclasses.replace(config, method_args=method.options())  # model-dependent defaults as used (flow betas)
     plan = plan_output_dir(config)  # refuses a folder that another run owns, before any work
     if EMBEDDINGS in method.needs and config.embedder:
