@@ -55,6 +55,12 @@ class Schedule:
             return cls(alphas_cumprod=scheduler.alphas_cumprod.detach().float().cpu().clone())
         return cls(sigmas=scheduler.sigmas.detach().float().cpu().flip(0).clone())  # sampling order -> ascending t
 
+    def to(self, device: torch.device) -> "Schedule":
+        """This schedule with its table on `device`: indexed there every step, with no host-to-device copy (a copy
+        from pageable memory would wait for the queued GPU work)."""
+        return Schedule(alphas_cumprod=None if self.alphas_cumprod is None else self.alphas_cumprod.to(device),
+                        sigmas=None if self.sigmas is None else self.sigmas.to(device))
+
     @property
     def flow(self) -> bool:
         return self.sigmas is not None

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..forward_process import Schedule, TimestepSampling
+from ..forward_process import PREDICTION_TYPES, Schedule, TimestepSampling
 from .backend import Cond
 from .loading import Components
 from .lora import LoraSpec, adapter_disabled, attach_lora, export_state_dict, lora_parameters
@@ -33,12 +33,12 @@ class DiffusersBackend:
         self.parts = parts
         self.lora = lora
         self.device = torch.device(device)
-        self.schedule = Schedule.from_scheduler(parts.scheduler)
+        self.schedule = Schedule.from_scheduler(parts.scheduler).to(self.device)
         self.num_train_timesteps = self.schedule.num_train_timesteps
         self.prediction_type = "flow" if self.schedule.flow else parts.scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction", "flow"):
+        if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not supported (epsilon, v_prediction)")
-        self.alphas_cumprod = None if self.schedule.flow else self.schedule.alphas_cumprod.to(self.device)
+        self.alphas_cumprod = self.schedule.alphas_cumprod  # None for flow
         self.timestep_sampling = timestep_sampling or TimestepSampling(self.num_train_timesteps,
                                                                        self.default_timestep_sampling)
         denoiser = parts.denoiser

@@ -32,11 +32,11 @@ def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
     return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
 
 
-def image_ids(h: int, w: int) -> Tensor:
-    """(0, row, column) of each packed token (FluxPipeline._prepare_latent_image_ids)."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] = torch.arange(h // 2)[:, None]
-    ids[..., 2] = torch.arange(w // 2)[None, :]
+def image_ids(h: int, w: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+    """(0, row, column) of each packed token (FluxPipeline._prepare_latent_image_ids), built on `device`."""
+    ids = torch.zeros(h // 2, w // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(h // 2, device=device)[:, None]
+    ids[..., 2] = torch.arange(w // 2, device=device)[None, :]
     return ids.reshape(-1, 3)
 
 
@@ -69,6 +69,6 @@ class FluxBackend(DiffusersBackend):
                             encoder_hidden_states=embeds.to(self.weight_dtype),
                             pooled_projections=cond["pooled"].to(self.weight_dtype),
                             timestep=self.schedule.sigma(timesteps).to(self.weight_dtype), guidance=guidance,
-                            img_ids=image_ids(h, w).to(noisy.device, self.weight_dtype),
+                            img_ids=image_ids(h, w, noisy.device, self.weight_dtype),
                             txt_ids=embeds.new_zeros(embeds.shape[1], 3).to(self.weight_dtype), return_dict=False)[0]
         return unpack_latents(out.float(), h, w)
