@@ -18,9 +18,11 @@ BACKENDS: dict[str, type[DiffusersBackend]] = {"unet": UNetBackend, "sd3": SD3Ba
 
 
 def load_model_components(model: str, vae: str | None = None, model_config: str | None = None, drop_t5: bool = False,
-                          quantize: str = "no", weight_dtype: torch.dtype = torch.float32) -> Components:
-    """The frozen components of any family the trainer knows (the family decides the loader)."""
-    family = model_family(model)
+                          quantize: str = "no", weight_dtype: torch.dtype = torch.float32,
+                          family: str | None = None) -> Components:
+    """The frozen components of any family the trainer knows (the family decides the loader; `family`: already
+    known from `model_family(model)`, which reads the pipeline index or the file's header)."""
+    family = family or model_family(model)
     if family == "unet":
         return load_components(model, vae, model_config=model_config)
     return load_flow_components(model, family, vae, model_config, drop_t5, quantize, weight_dtype)
@@ -32,7 +34,7 @@ def make_backend(config: TrainConfig, device: torch.device) -> DiffusersBackend:
     check_family_options(family, config.drop_t5, config.quantize, device)
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision] if device.type == "cuda" else torch.float32
     parts = load_model_components(config.model, config.vae, config.model_config, config.drop_t5, config.quantize,
-                                  weight_dtype)
+                                  weight_dtype, family)
     cls = BACKENDS[family]
     lora = LoraSpec.from_config(config, parts.architecture)
     sampling = TimestepSampling(int(parts.scheduler.config.num_train_timesteps),

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..fingerprint import file_fingerprint
-from .loading import Components, resolve_model
+from .loading import Components, freeze, resolve_model
 from .single_file import SINGLE_FILE_SUFFIXES, checkpoint_keys
 
 FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
@@ -110,7 +110,8 @@ def load_flow_components(model: str, family: str, vae: str | None = None, model_
             raise ValueError(f"config key 'model_config': {path} is a single-file {family} transformer; pass the "
                              f"diffusers pipeline it was fine-tuned from (folder or hub id) for its VAE, text encoders "
                              "and scheduler")
-        if _pipeline_index(model_config) and FLOW_PIPELINES.get(_pipeline_index(model_config).get("_class_name")) != family:
+        index = _pipeline_index(model_config)
+        if index and FLOW_PIPELINES.get(index.get("_class_name")) != family:
             raise ValueError(f"config key 'model_config': {path} is a {family} transformer but {model_config} is not a "
                              f"{family} pipeline")
         source = model_config
@@ -118,13 +119,7 @@ def load_flow_components(model: str, family: str, vae: str | None = None, model_
     extra: dict[str, Any] = {"local_files_only": True} if local else {}
     parts = _encoders(family, source, drop_t5, extra)
     parts["denoiser"] = _transformer(family, path if single else None, source, quantize, weight_dtype, extra)
-    if vae is not None:
-        from diffusers import AutoencoderKL
-
-        parts["vae"] = AutoencoderKL.from_pretrained(vae)
-    for module in [parts["denoiser"], parts["vae"], *parts["text_encoders"]]:
-        module.requires_grad_(False)
-        module.eval()
+    freeze(parts, vae)
     return Components(name=model, architecture=family, hash=file_fingerprint(location), quantized=quantize != "no",
                       **parts)
 

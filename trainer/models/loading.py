@@ -65,6 +65,13 @@ def load_components(model: str, vae: str | None = None, model_config: str | None
         raise ValueError(f"config key 'model': {path} is a folder but not a diffusers pipeline (no model_index.json)")
     else:
         parts = _from_pretrained(location)
+    freeze(parts, vae)
+    sdxl = getattr(parts["denoiser"].config, "addition_embed_type", None) == "text_time"
+    return Components(name=model, architecture="sdxl" if sdxl else "sd15", hash=file_fingerprint(location), **parts)
+
+
+def freeze(parts: dict[str, Any], vae: str | None) -> None:
+    """Load the `vae` override (a diffusers folder or hub id) into `parts`, then freeze every module in eval mode."""
     if vae is not None:
         from diffusers import AutoencoderKL
 
@@ -72,8 +79,6 @@ def load_components(model: str, vae: str | None = None, model_config: str | None
     for module in [parts["denoiser"], parts["vae"], *parts["text_encoders"]]:
         module.requires_grad_(False)
         module.eval()
-    sdxl = getattr(parts["denoiser"].config, "addition_embed_type", None) == "text_time"
-    return Components(name=model, architecture="sdxl" if sdxl else "sd15", hash=file_fingerprint(location), **parts)
 
 
 def _from_pretrained(location: str) -> dict[str, Any]:
