@@ -32,7 +32,7 @@ from .config import TIMESTEP_SAMPLINGS
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
 
-def _view(x: Tensor, like: Tensor) -> Tensor:
+def per_sample(x: Tensor, like: Tensor) -> Tensor:
     """A per-sample vector broadcast over the other dimensions of `like`, in its dtype and device."""
     return x.view(-1, *[1] * (like.dim() - 1)).to(like.device, like.dtype)
 
@@ -71,7 +71,7 @@ class Schedule:
         return int(table.shape[0])
 
     def _alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
-        return _view(self.alphas_cumprod.to(t.device)[t.long()], like)
+        return per_sample(self.alphas_cumprod.to(t.device)[t.long()], like)
 
     def sigma(self, t: Tensor) -> Tensor:
         """Flow: s_t per sample (the model's timestep is s_t, or s_t * T for SD3)."""
@@ -80,7 +80,7 @@ class Schedule:
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """x_t of the forward process (see the module docstring)."""
         if self.flow:
-            s = _view(self.sigma(t), x0)
+            s = per_sample(self.sigma(t), x0)
             return (1 - s) * x0 + s * noise
         a = self._alpha_bar(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -97,7 +97,7 @@ class Schedule:
     def output_from_x0(self, x_t: Tensor, x0: Tensor, t: Tensor, prediction_type: str) -> Tensor:
         """The network output that denoises x_t to x0 (for samplers that predict x0, as ComfyUI's models do)."""
         if prediction_type == "flow":
-            return (x_t - x0) / _view(self.sigma(t), x_t)  # x_t = x0 + s (eps - x0)
+            return (x_t - x0) / per_sample(self.sigma(t), x_t)  # x_t = x0 + s (eps - x0)
         a = self._alpha_bar(t, x_t)
         eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
         if prediction_type == "epsilon":

@@ -12,23 +12,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .forward_process import Schedule
+from .forward_process import Schedule, per_sample
 from .models.backend import Backend, Cond
-
-
-def _expand(x: Tensor, like: Tensor) -> Tensor:
-    return x.view(-1, *[1] * (like.dim() - 1)).to(like.dtype)
 
 
 def posterior_step(alphas_cumprod: Tensor, x_t: Tensor, eps: Tensor, t: Tensor, variance_noise: Tensor) -> Tensor:
     """DDPM ancestral step x_t -> x_{t-1} given predicted noise (no noise added at t = 0)."""
-    a_t = _expand(alphas_cumprod[t], x_t)
-    a_prev = _expand(torch.where(t > 0, alphas_cumprod[(t - 1).clamp(min=0)], torch.ones_like(alphas_cumprod[t])), x_t)
+    a_t = per_sample(alphas_cumprod[t], x_t)
+    a_prev = per_sample(torch.where(t > 0, alphas_cumprod[(t - 1).clamp(min=0)], torch.ones_like(alphas_cumprod[t])), x_t)
     beta = 1 - a_t / a_prev
     x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     mean = a_prev.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * x_t
     std = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=0).sqrt()
-    return mean + std * variance_noise * _expand((t > 0).float(), x_t)
+    return mean + std * variance_noise * per_sample((t > 0).float(), x_t)
 
 
 def ncp_errors(backend: Backend, x_t: Tensor, t: Tensor, cond: Cond, pred: Tensor, ref_pred: Tensor | None,

@@ -13,15 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
 from typing import Any, Sequence
 
+from ..config import tomllib
 from .registry import method_class, method_names
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 #: A value that is not TOML but reads as a string: `space=ncp`, `loss_type=hinge`.
 _BARE_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..forward_process import PREDICTION_TYPES, TimestepSampling
@@ -67,6 +68,15 @@ class StepOutputs:
     @property
     def ref_err_l(self) -> Tensor:
         return self.rejected(_required(self.ref_err, "ref_err"))
+
+
+def rank_mean(x: Tensor) -> Tensor:
+    """The mean of `x` over the ranks of a data-parallel run (`x` itself in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x = x / dist.get_world_size()
+    return x
 
 
 def _required(x: Tensor | None, name: str) -> Tensor:

@@ -36,15 +36,15 @@ Xu et al. 2024; SimpleTuner's `sft_loss_weight`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .base import RESIDUALS, Method, MethodConfig, StepOutputs, _required
+from .base import RESIDUALS, Method, MethodConfig, StepOutputs, _required, rank_mean
 
 #: SimpleTuner's auto-beta range: [1e-3, 1] x the configured multiplier.
 MIN_BETA_RATIO = 1e-3
@@ -62,8 +62,7 @@ class GuardrailConfig(MethodConfig):
     sft_weight: float = 0.0
 
 
-GUARDRAIL_FIELDS = ("safeguard", "safeguard_mu", "adaptive_beta", "adaptive_beta_target", "adaptive_beta_decay",
-                    "sft_weight")
+GUARDRAIL_FIELDS = tuple(f.name for f in dataclasses.fields(GuardrailConfig))
 
 
 def check_guardrails(config: GuardrailConfig) -> None:
@@ -106,14 +105,6 @@ def preference_margin(out: StepOutputs) -> Tensor:
     return ((out.ref_err_w - out.err_w) - (out.ref_err_l - out.err_l)).detach()
 
 
-def _rank_mean(x: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-        x = x / dist.get_world_size()
-    return x
-
-
 class Guardrails:
     """The guardrails of one method instance; holds adaptive beta's margin average between steps (a tensor on
     the training device: no host sync per step; a plain number in checkpoints)."""
@@ -141,7 +132,7 @@ class Guardrails:
 
     def adapt_beta(self, mean_abs_margin: Tensor, beta: float, factor: float) -> Tensor:
         """Update the margin EMA with this micro-batch and return the adapted beta (module docstring)."""
-        a = _rank_mean(mean_abs_margin.detach().double())
+        a = rank_mean(mean_abs_margin.detach().double())
         decay = self.config.adaptive_beta_decay
         ema = a if self.margin_ema is None else decay * self.margin_ema.to(a) + (1.0 - decay) * a
         self.margin_ema = ema

@@ -21,10 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .base import Method, MethodConfig, StepOutputs, _required, by_prediction
+from .base import Method, MethodConfig, StepOutputs, _required, by_prediction, rank_mean
 from .dpo import FLOW_SCALE
 from .registry import register
 
@@ -38,11 +37,7 @@ class KTOConfig(MethodConfig):
 
 def reference_point(g: Tensor) -> Tensor:
     """Detached batch mean of g, averaged over ranks, clamped at 0."""
-    z0 = g.detach().mean()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(z0)
-        z0 = z0 / dist.get_world_size()
-    return z0.clamp(min=0.0)
+    return rank_mean(g.detach().mean()).clamp(min=0.0)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
