@@ -9,8 +9,9 @@ from pathlib import Path
 from huggingface_hub import constants
 from huggingface_hub.utils import build_hf_headers, get_session
 
-#: owner/name, as the hub spells repository ids.
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
+#: owner/name, as the hub spells repository ids: each part starts with a letter or digit (and `..` is
+#: refused by `looks_like_hub_id`).
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 #: Seconds to wait for the hub before calling it unreachable.
 PROBE_TIMEOUT = 5.0
 
