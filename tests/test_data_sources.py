@@ -212,3 +212,17 @@ def test_unsupported_file_is_refused(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="unsupported file type"):
         open_examples(DataSpec(str(tmp_path / "x.csv")))
+
+
+def test_data_and_model_give_one_hub_refusal(monkeypatch):
+    """The sentence for a hub id the hub cannot serve is written once (trainer/hub.py), with each caller's prefix."""
+    import trainer.hub
+    from trainer.models.loading import check_model_source
+
+    monkeypatch.setattr(trainer.hub, "hub_problem", lambda repo_id, repo_type="model": f"no {repo_type} here")
+    with pytest.raises(DataError) as data:
+        open_examples(DataSpec("someone/pairs"))
+    assert str(data.value) == "someone/pairs is not a local file or folder; as a hub id: no dataset here"
+    with pytest.raises(ValueError) as model:
+        check_model_source("someone/model")
+    assert str(model.value) == "config key 'model': someone/model is not a local file or folder; as a hub id: no model here"

@@ -51,3 +51,9 @@ def hub_problem(repo_id: str, repo_type: str = "model") -> str | None:
     if status in (401, 404):
         return f"no such {repo_type} on {constants.ENDPOINT} (a typo? a private one needs `hf auth login`)"
     return None
+
+
+def hub_refusal(location: str, repo_type: str = "model") -> str | None:
+    """Why `location`, which names no local file or folder, cannot be loaded as a hub id now (a sentence), or None."""
+    problem = hub_problem(location, repo_type)
+    return None if problem is None else f"{location} is not a local file or folder; as a hub id: {problem}"
