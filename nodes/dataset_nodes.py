@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,8 +10,6 @@ from . import paths
 from .store_nodes import PAIRS, PreferencePairs
 
 CATEGORY = "preference/data"
-#: `owner/name`: what may be a Hugging Face dataset id when no local file or folder has that name.
-HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".arrow")
 
 
@@ -44,7 +41,9 @@ def resolve_source(source: str) -> str:
     found = paths.find_data_path(text)
     if found is not None:
         return str(found)
-    if HUB_ID_RE.fullmatch(text) and not text.lower().endswith(LOCAL_SUFFIXES):
+    from ..trainer.hub import looks_like_hub_id
+
+    if looks_like_hub_id(text) and not text.lower().endswith(LOCAL_SUFFIXES):
         return "hf:" + text
     raise ValueError(f"dataset {text!r} not found in {paths.searched()}; a Hugging Face dataset id is owner/name "
                      "(or hf:name)")

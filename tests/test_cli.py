@@ -34,6 +34,16 @@ def test_train_help_documents_every_config_key_once(capsys):
     assert re.search(r"--model MODEL\s+.*\(required\)", " ".join(text.split()))
 
 
+def test_field_default_is_the_value_a_key_takes_when_unset():
+    from trainer.config import config_fields, field_default
+
+    fields = {name: f for name, (f, _) in config_fields().items()}
+    assert field_default(fields["model"]) is dataclasses.MISSING  # required
+    assert field_default(fields["seed"]) == TrainConfig(model="m", data="d").seed
+    method_args = field_default(fields["method_args"])  # from its factory: a fresh dict each time
+    assert method_args == {} and method_args is not field_default(fields["method_args"])
+
+
 def test_underscore_spellings_still_parse():
     args = build_parser().parse_args(["train", *REQUIRED, "--keep_ties", "--max_steps", "3", "--no-center_crop"])
     config = config_from_args(args)

@@ -125,7 +125,7 @@ def test_missing_image_is_skipped_and_counted_on_the_cached_path(tmp_path, capsy
 
 # --- 3: a model that is not there -----------------------------------------------------------------
 
-@pytest.mark.parametrize("model", ["toyy", "./no/such/model"])
+@pytest.mark.parametrize("model", ["toyy", "./no/such/model", "owner/.model"])
 def test_model_typo_or_missing_path_is_named_at_once(run_folder, capsys, model):
     before = snapshot(run_folder)
     line = error_line(capsys, train(run_folder, "--data", "tiny", "--model", model), "--model: ", model)

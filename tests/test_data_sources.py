@@ -212,3 +212,34 @@ def test_unsupported_file_is_refused(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="unsupported file type"):
         open_examples(DataSpec(str(tmp_path / "x.csv")))
+
+
+def test_data_and_model_give_one_hub_refusal(monkeypatch):
+    """The sentence for a hub id the hub cannot serve is written once (trainer/hub.py), with each caller's prefix."""
+    import trainer.hub
+    from trainer.models.loading import check_model_source
+
+    monkeypatch.setattr(trainer.hub, "hub_problem", lambda repo_id, repo_type="model": f"no {repo_type} here")
+    with pytest.raises(DataError) as data:
+        open_examples(DataSpec("someone/pairs"))
+    assert str(data.value) == "someone/pairs is not a local file or folder; as a hub id: no dataset here"
+    with pytest.raises(ValueError) as model:
+        check_model_source("someone/model")
+    assert str(model.value) == "config key 'model': someone/model is not a local file or folder; as a hub id: no model here"
+
+
+def test_image_paths_may_point_inside_the_dataset_folder_or_the_hub_caches(tmp_path):
+    import datasets as hf_datasets
+    from huggingface_hub import constants
+
+    from trainer.data.hf import image_places
+
+    file = write_parquet(tmp_path / "parts" / "d.parquet", pickapic_rows(2))
+    assert ParquetSource(file).roots == (tmp_path / "parts",)
+    assert ParquetSource(tmp_path / "parts").roots == (tmp_path / "parts",)
+    assert ParquetSource(file, allow_outside_paths=True).roots is None
+    assert image_places(str(tmp_path), False) == (tmp_path, (tmp_path,))
+    assert image_places(str(tmp_path), True) == (tmp_path, None)
+    hub_caches = (Path(constants.HF_HUB_CACHE), Path(hf_datasets.config.HF_DATASETS_CACHE))
+    assert image_places("someone/pairs", False) == (None, hub_caches)
+    assert image_places("someone/pairs", True) == (None, None)

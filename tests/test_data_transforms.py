@@ -60,6 +60,13 @@ def test_corrupt_image_names_source_and_role():
         ImageTransform(8)(pair(good[: len(good) // 2], good), False, None)
 
 
+def test_transform_names_an_image_the_way_its_row_does(monkeypatch):
+    monkeypatch.setattr(PreferenceExample, "image_where", lambda self, k: f"<{self.source}, image {k}>")
+    good = encode(Image.new("RGB", (8, 8)))
+    with pytest.raises(BadImageError, match=r"<data.parquet row 7, image 1>: image does not decode"):
+        ImageTransform(8)(pair(good, b"not an image"), False, None)
+
+
 def test_decompression_bomb_is_refused():
     bomb = encode(Image.new("1", (9000, 9000)), "PNG")  # 81 Mpx in a few kB
     assert len(bomb) < 100_000

@@ -8,7 +8,7 @@ from conftest import make_pairs, tiny_config
 from trainer import encoding
 from trainer.batches import BatchStream
 from trainer.distributed import Ranks
-from trainer.encoding import EncodingCache, cache_setting, encode_batches, entry_key
+from trainer.encoding import EncodingCache, cache_setting, encode_batches, entry_keys_by_flip
 from trainer.methods import build_method
 
 
@@ -148,13 +148,60 @@ def test_cache_key_covers_crop_seed_and_vae(tmp_path):
 
     def key(**kw):
         args = dict(resolution=32, center_crop=True, seed=0, vae=None) | kw
-        return entry_key(pair, False, cache_setting(backend, **args))
+        return entry_keys_by_flip(pair, (False,), cache_setting(backend, **args))[False]
 
     assert key(seed=1) == key(seed=0)  # a centre crop does not depend on the seed
     assert key(center_crop=False, seed=1) != key(center_crop=False, seed=0)  # a random crop does
     assert key(vae="madebyollin/sdxl-vae-fp16-fix") != key()
     assert key(resolution=64) != key()
-    assert entry_key(pair, True, cache_setting(backend, 32, True, 0)) != key()
+    assert entry_keys_by_flip(pair, (True,), cache_setting(backend, 32, True, 0))[True] != key()
+
+
+def pairs_on_disk(folder, n):
+    """make_pairs(n) with each image in its own file."""
+    from dataclasses import replace
+
+    folder.mkdir()
+    rows = []
+    for i, pair in enumerate(make_pairs(n)):
+        paths = (folder / f"{i}-chosen.png", folder / f"{i}-rejected.png")
+        for path, data in zip(paths, pair.images):
+            path.write_bytes(data)
+        rows.append(replace(pair, images=tuple(str(p) for p in paths)))
+    return rows
+
+
+def test_cache_keys_hash_setting_prompt_flip_and_image_bytes(tmp_path):
+    """The keys of existing cache folders: sha256 of setting, prompt, flip byte, images' bytes; first 32 hex digits."""
+    import hashlib
+
+    on_disk, in_memory = pairs_on_disk(tmp_path / "images", 1)[0], make_pairs(1)[0]
+    for flip in (False, True):
+        want = hashlib.sha256(b"model|32|True" + in_memory.prompt.encode() + bytes([flip]) + b"".join(in_memory.images))
+        for pair in (on_disk, in_memory):
+            assert entry_keys_by_flip(pair, (False, True), "model|32|True")[flip] == want.hexdigest()[:32]
+
+
+def test_filling_the_cache_with_random_flip_fetches_each_row_and_reads_each_image_once(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    rows = pairs_on_disk(tmp_path / "images", 3)
+    stream(tmp_path, rows, random_flip=True)  # fills the cache: the next stream only computes the keys
+
+    class Counted(list):
+        fetched: list[int] = []
+
+        def __getitem__(self, i):
+            self.fetched.append(i)
+            return super().__getitem__(i)
+
+    reads, read_bytes = [], Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or read_bytes(self))
+    backend, examples = FakeBackend(), Counted(rows)
+    again = stream(tmp_path, examples, backend=backend, random_flip=True)
+    assert backend.image_calls == [] and len(again.loader.dataset) == 3
+    assert examples.fetched == [0, 1, 2]
+    assert sorted(reads) == sorted(Path(p).name for row in rows for p in row.images)
 
 
 def test_out_of_memory_while_caching_splits_the_batch(tmp_path):

@@ -232,6 +232,8 @@ def test_only_the_listed_formats_are_opened():
     for fmt in ("TIFF", "BMP", "GIF"):
         with pytest.raises(Image.UnidentifiedImageError):
             open_image(encode(Image.new("RGB", (4, 4)), fmt))
+    with pytest.raises(TypeError):  # the list is not widened per call
+        open_image(encode(Image.new("RGB", (4, 4)), "TIFF"), ("TIFF",))
 
 
 # --- 2. parquet cells: checked from the page headers before they are read ---------------------------------

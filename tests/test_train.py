@@ -55,6 +55,20 @@ def test_resume_continues_exactly(tmp_path, pairs):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
 
+def test_resume_latest_reads_the_checkpoint_tensors_once_to_check_and_once_to_load(tmp_path, pairs, monkeypatch):
+    import trainer.checkpoint as checkpoint
+
+    first = tiny_config(tmp_path, max_steps=2, checkpoint_every=1)
+    train(first, backend_for(first), pairs)
+    reads = []
+    monkeypatch.setattr(checkpoint, "load_file", lambda path: reads.append(Path(path).parent.name) or load_file(path))
+    resumed = tiny_config(tmp_path, max_steps=3, resume="latest")
+    result = train(resumed, backend_for(resumed), pairs)
+    # the plan's finite check of step-2's two tensor files, then load_checkpoint's read of them
+    assert reads == ["step-2"] * 4
+    assert result.checkpoint is not None and result.checkpoint.name == "step-3"
+
+
 def test_stop_request_ends_at_a_step_boundary_and_keeps_a_checkpoint(tmp_path, pairs):
     config = tiny_config(tmp_path, max_steps=10)
     steps = []

@@ -30,7 +30,8 @@ from .data.loader import ResumableLoader, make_loader, make_sampler, one_line_er
 from .data.records import PreferenceExample, TrainBatch
 from .data.transforms import ImageTransform
 from .distributed import Ranks
-from .encoding import EncodingCache, batch_from_cache, cache_setting, encode_batches, encode_collated, entry_key
+from .encoding import (EncodingCache, batch_from_cache, cache_setting, encode_batches, encode_collated,
+                       entry_keys_by_flip)
 from .methods import Method
 from .models.backend import Backend
 from .models.tiny import cache_root
@@ -134,7 +135,8 @@ class BatchStream:
         entry_keys: dict[Key, str] = {}
         for row in range(len(examples)):
             try:
-                entry_keys.update({(row, flip): entry_key(examples[row], flip, setting) for flip in flips})
+                keys = entry_keys_by_flip(examples[row], flips, setting)
+                entry_keys.update({(row, flip): key for flip, key in keys.items()})
             except BadImageError:  # an image file that does not read
                 if not config.skip_bad_rows:
                     raise

@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import Any, Sequence
 
-from .config import ConfigError, config_fields, load_toml, make_config
+from .config import ConfigError, config_fields, field_default, load_toml, make_config
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program stopped by Ctrl-C
 
@@ -32,10 +32,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML file with any of the options below; flags override it")
     for name, (f, annotation) in config_fields().items():
         text = str(annotation)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            shown = "required"
-        else:
-            shown = f"default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()}"
+        default = field_default(f)
+        shown = "required" if default is dataclasses.MISSING else f"default: {default}"
         kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} ({shown})")
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

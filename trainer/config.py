@@ -143,6 +143,11 @@ def config_fields() -> dict[str, tuple[dataclasses.Field, Any]]:
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(TrainConfig)}
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """A config field's default (a fresh one from its factory), or `dataclasses.MISSING` when the field is required."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check (and widen int -> float) one value against its annotated type; errors name the key."""
     text = str(annotation)
@@ -186,7 +191,7 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
             raise ConfigError(key, "unknown option (see `python -m trainer train --help`)")
         checked[key] = coerce(key, value, fields[key][1])
     for key, (f, _) in fields.items():
-        if key not in checked and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if key not in checked and field_default(f) is dataclasses.MISSING:
             raise ConfigError(key, f"required (--{key.replace('_', '-')}, or {key} = ... in the --config file): "
                                    f"{f.metadata['help']}. `python -m trainer demo` shows the toy world end to end")
     return TrainConfig(**checked)
@@ -241,7 +246,7 @@ def config_differences(recorded: dict[str, Any], config: TrainConfig, ignore: tu
     for key, (f, _) in config_fields().items():
         if key in ACTIONS or key in ignore:
             continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = field_default(f)
         old, new = before.get(key, None if default is dataclasses.MISSING else default), now.get(key)
         if key == "method_args" and before.get("method", config.method) != config.method:
             continue  # another method: its options differ as a whole, and `method` already says so

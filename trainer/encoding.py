@@ -75,18 +75,23 @@ def cache_setting(backend: Backend, resolution: int, center_crop: bool, seed: in
     return "|".join(parts)
 
 
-def entry_key(example: PreferenceExample, flip: bool, setting: str) -> str:
-    """Content hash of one row as it will be encoded. An image file that cannot be read raises the
-    error an undecodable image raises (naming the row and the image), so `skip_bad_rows` skips it."""
-    h = hashlib.sha256(setting.encode())
-    h.update(example.prompt.encode())
-    h.update(bytes([flip]))
+def entry_keys_by_flip(example: PreferenceExample, flips: Sequence[bool], setting: str) -> dict[bool, str]:
+    """Content hash of one row as it will be encoded, for each flip; each image is read once. An image file
+    that cannot be read raises the error an undecodable image raises (naming the row and the image), so
+    `skip_bad_rows` skips it."""
+    hashes = {}
+    for flip in flips:  # the flip is hashed before the images: one hash per flip
+        h = hashes[flip] = hashlib.sha256(setting.encode())
+        h.update(example.prompt.encode())
+        h.update(bytes([flip]))
     for k, image in enumerate(example.images):
         try:
-            h.update(image if isinstance(image, bytes) else Path(image).read_bytes())
+            data = image if isinstance(image, bytes) else Path(image).read_bytes()
         except OSError as e:
             raise BadImageError(f"{example.image_where(k)}: cannot read {image}: {e.strerror or e}") from None
-    return h.hexdigest()[:32]
+        for h in hashes.values():
+            h.update(data)
+    return {flip: h.hexdigest()[:32] for flip, h in hashes.items()}
 
 
 @dataclass

@@ -9,8 +9,9 @@ from pathlib import Path
 from huggingface_hub import constants
 from huggingface_hub.utils import build_hf_headers, get_session
 
-#: owner/name, as the hub spells repository ids.
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
+#: owner/name, as the hub spells repository ids: each part starts with a letter or digit (and `..` is
+#: refused by `looks_like_hub_id`).
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 #: Seconds to wait for the hub before calling it unreachable.
 PROBE_TIMEOUT = 5.0
 
@@ -50,3 +51,9 @@ def hub_problem(repo_id: str, repo_type: str = "model") -> str | None:
     if status in (401, 404):
         return f"no such {repo_type} on {constants.ENDPOINT} (a typo? a private one needs `hf auth login`)"
     return None
+
+
+def hub_refusal(location: str, repo_type: str = "model") -> str | None:
+    """Why `location`, which names no local file or folder, cannot be loaded as a hub id now (a sentence), or None."""
+    problem = hub_problem(location, repo_type)
+    return None if problem is None else f"{location} is not a local file or folder; as a hub id: {problem}"

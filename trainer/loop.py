@@ -121,7 +121,8 @@ def train(config: TrainConfig, backend: Backend, examples: Sequence[PreferenceEx
     autocast = _autocast(config.mixed_precision, backend.device)
     scaler = torch.amp.GradScaler(backend.device.type, enabled=config.mixed_precision == "fp16")
     accum = config.gradient_accumulation_steps
-    last_good = latest_checkpoint(ckpt_root)
+    # resume latest: the plan's checkpoint is the newest good one (load_checkpoint checked its tensors again)
+    last_good = plan.resume_from if config.resume == "latest" else latest_checkpoint(ckpt_root)
     stopped = False
 
     def checkpoint() -> Path | None:

@@ -186,7 +186,8 @@ def hub_calls(pack, monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("typo", ["pickapic.parquet", "my_pairs", "data/pairs.jsonl", "a/b/c", "./owner/name"])
+@pytest.mark.parametrize("typo", ["pickapic.parquet", "my_pairs", "data/pairs.jsonl", "a/b/c", "./owner/name",
+                                  "owner/a..b"])
 def test_dataset_typo_says_where_it_looked_without_asking_the_hub(nodes, comfy_folders, hub_calls, typo):
     """A local path typo waited 26 s for the hub and showed its error; now: the folders searched, at once."""
     with pytest.raises(ValueError, match=rf"^dataset '{re.escape(typo)}' not found in ComfyUI's input folder; "

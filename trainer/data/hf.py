@@ -53,14 +53,18 @@ def load_hf(source: str, split: str, streaming: bool) -> datasets.Dataset | data
     return ds
 
 
-def image_roots(source: str) -> tuple[Path, ...]:
-    """Where the image paths of a dataset may point: its folder, or for a hub id the Hugging Face caches."""
-    if Path(source).is_dir():
-        return (Path(source),)
+def image_places(source: str, allow_outside_paths: bool) -> tuple[Path | None, tuple[Path, ...] | None]:
+    """The dataset's folder (None for a hub id), which relative image paths start from, and where its image paths
+    may point (None: anywhere): that folder, or for a hub id the Hugging Face caches."""
+    folder = Path(source) if Path(source).is_dir() else None
+    if allow_outside_paths:
+        return folder, None
+    if folder is not None:
+        return folder, (folder,)
     import datasets
     from huggingface_hub import constants
 
-    return Path(constants.HF_HUB_CACHE), Path(datasets.config.HF_DATASETS_CACHE)
+    return None, (Path(constants.HF_HUB_CACHE), Path(datasets.config.HF_DATASETS_CACHE))
 
 
 def _columns(ds: datasets.Dataset | datasets.IterableDataset, name: str) -> list[str]:
@@ -79,8 +83,7 @@ class HFSource(MapSource):
                  allow_outside_paths: bool = False):
         self.name = f"{source} [{split}]"
         self.stats = DataStats()
-        self.folder = Path(source) if Path(source).is_dir() else None
-        self.roots = None if allow_outside_paths else image_roots(source)
+        self.folder, self.roots = image_places(source, allow_outside_paths)
         ds = load_hf(source, split, streaming=False)
         self.schema: Schema = detect_schema(_columns(ds, self.name), self.name)
         self.ds = ds.select_columns(list(self.schema.columns))
@@ -122,8 +125,7 @@ class HFStreamSource(StreamSource):
         self.name = f"{source} [{split}]"
         self.stats = DataStats()
         self.keep_ties = keep_ties
-        self.folder = Path(source) if Path(source).is_dir() else None
-        self.roots = None if allow_outside_paths else image_roots(source)
+        self.folder, self.roots = image_places(source, allow_outside_paths)
         ds = load_hf(source, split, streaming=True)
         self.schema: Schema = detect_schema(_columns(ds, self.name), self.name)
         self.paired = self.schema.paired

@@ -22,9 +22,9 @@ from .errors import BadImageError
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
-def open_image(image: bytes | Path, formats: tuple[str, ...] = IMAGE_FORMATS) -> Image.Image:
-    """`Image.open` that offers the bytes to the plugins of `formats` only (header read, pixels not decoded)."""
-    return Image.open(io.BytesIO(image) if isinstance(image, bytes) else Path(image), formats=list(formats))
+def open_image(image: bytes | Path) -> Image.Image:
+    """`Image.open` that offers the bytes to the plugins of IMAGE_FORMATS only (header read, pixels not decoded)."""
+    return Image.open(io.BytesIO(image) if isinstance(image, bytes) else Path(image), formats=list(IMAGE_FORMATS))
 
 
 def decoded_bytes(img: Image.Image) -> int:

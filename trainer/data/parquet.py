@@ -82,12 +82,12 @@ class ParquetSource(MapSource):
                  allow_outside_paths: bool = False):
         self.name = str(path)
         self.files = parquet_files(Path(path))
-        self.root = Path(path) if Path(path).is_dir() else Path(path).parent
+        root = Path(path) if Path(path).is_dir() else Path(path).parent
+        self.roots = None if allow_outside_paths else (root,)  # where image path cells may point (None: anywhere)
         self.keep_ties = keep_ties
         self.cache_bytes = cache_bytes
         self.block_bytes = BLOCK_BYTES
         self.max_cell_bytes = max_cell_bytes
-        self.allow_outside_paths = allow_outside_paths
         self.stats = DataStats()
         self._handles: dict[int, pq.ParquetFile] = {}
         self._cache: OrderedDict[tuple[int, int, int], pa.Table] = OrderedDict()
@@ -212,7 +212,7 @@ class ParquetSource(MapSource):
         values: dict[str, Any] = {c: table.column(c)[row - start].as_py() for c in self.schema.columns}
         path = self.files[group.file]
         example = row_to_example(values, self.schema, f"{path} row {group.first_row + row}", True, path.parent,
-                                 None if self.allow_outside_paths else (self.root,))
+                                 self.roots)
         assert example is not None
         return example
 

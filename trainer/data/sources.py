@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..limits import MAX_CELL_BYTES
-from ..hub import hub_problem, looks_like_hub_id
+from ..hub import hub_refusal, looks_like_hub_id
 from .base import DataStats, ExampleSource, MapSource, StreamSource
 from .errors import DataError
 from .folder import JsonlFolderSource, find_jsonl
@@ -64,9 +64,9 @@ def open_examples(spec: DataSpec) -> ExampleSource:
     path = Path(spec.source)
     if not path.exists():
         if looks_like_hub_id(spec.source):
-            problem = hub_problem(spec.source, "dataset")
-            if problem is not None:
-                raise DataError(f"{spec.source} is not a local file or folder; as a hub id: {problem}")
+            refusal = hub_refusal(spec.source, "dataset")
+            if refusal is not None:
+                raise DataError(refusal)
             return _open_hf(spec.source, spec)
         raise DataError(f"{spec.source}: no such file or folder (looked at {path.absolute()}); data is a parquet file "
                         "or folder, a folder with pairs.jsonl, or a Hugging Face dataset id (owner/name, or hf:NAME)")

@@ -105,8 +105,7 @@ class ImageTransform:
             fy, fx = crop_rng.random(), crop_rng.random()
         pixels, time_ids = [], []
         for k, image in enumerate(example.images):
-            role = ("chosen", "rejected")[k] if example.is_pair else "image"
-            where = f"{example.source} ({role} image)"
+            where = example.image_where(k)
             img, original = decode_image(image, where, self.max_pixels, self.resolution, self.max_bytes)
             tensor, ids = self._resize_crop(img, original, fy, fx, flip, where)
             pixels.append(tensor)

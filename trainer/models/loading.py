@@ -40,16 +40,16 @@ def resolve_model(model: str) -> str:
 def check_model_source(location: str, label: str = "config key 'model'") -> None:
     """Refuse, before anything loads, a model that is neither built in, an existing file or folder, nor a
     hub id the hub can serve now (`label` names the option in the message)."""
-    from ..hub import hub_problem, looks_like_hub_id
+    from ..hub import hub_refusal, looks_like_hub_id
 
     if location in TINY_MODELS or location == "toy" or Path(location).exists():
         return
     if not looks_like_hub_id(location):
         raise ValueError(f"{label}: {location}: no such file or folder (looked at {Path(location).absolute()}), and "
                          f"not a hub id (owner/name); built in: toy, {', '.join(TINY_MODELS)}")
-    problem = hub_problem(location)
-    if problem is not None:
-        raise ValueError(f"{label}: {location} is not a local file or folder; as a hub id: {problem}")
+    refusal = hub_refusal(location)
+    if refusal is not None:
+        raise ValueError(f"{label}: {refusal}")
 
 
 def load_components(model: str, vae: str | None = None, model_config: str | None = None) -> Components:
