@@ -132,12 +132,14 @@ class TrainPreferenceLoRA:
         from ..trainer.config import make_config
         from ..trainer.loop import TrainHooks, train
         from ..trainer.methods import build_method, method_class
+        from ..trainer.methods.fit import model_refusal
         from ..trainer.metrics import logged_losses
         from ..trainer.models.lora import LoraSpec
         from .comfy_backend import ComfyBackend, prediction_type_of
-        from .comfy_families import architecture_of, default_targets, family_of
+        from .comfy_families import default_targets, family_of
         from .images import pil_to_tensor
         from .loss_plot import plot_loss
+        from .model_probe import model_traits
 
         prompt_id, node_id = comfy_env.executing_context()
         # a new chart first: a run refused below must not leave the previous run's "done" showing
@@ -145,9 +147,11 @@ class TrainPreferenceLoRA:
         with live.ended_on_error(state):
             args = parse_method_args(method, method_args)
             base = model.model
-            # a method that does not train this model's sampling stops here, with the trainer's message
-            build_method(method, args).for_model(prediction_type_of(model.get_model_object("model_sampling")),
-                                                 architecture_of(base))
+            # a method that cannot train this model stops here, before it loads, with the trainer's message
+            refusal = model_refusal(build_method(method, args),
+                                    model_traits(base, prediction_type_of(model.get_model_object("model_sampling"))))
+            if refusal:
+                raise ValueError(refusal)
             targets = [t.strip() for t in target_modules.split(",") if t.strip()]
             if not targets:
                 raise ValueError("target_modules is empty: write auto, or layer names such as to_q, to_k")

@@ -229,6 +229,16 @@ def test_rpo_stops_before_encoding_on_a_text_encoder_without_a_pooled_vector(pac
                                          rf"encoder of this {family} model gives none"):
         pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]().train(patcher, clip, vae, pairs_of(pack, "r"),
                                                                **train_args(method="rpo"))
+    assert comfy_folders["calls"]["loads"] == 0  # refused from the model's family, before ComfyUI loads it
+
+
+def test_ncp_space_stops_before_anything_loads_on_a_flow_model(pack, comfy_folders):
+    """NCP's posterior step needs a DDPM schedule: the node refuses it on a flow model before loading the model."""
+    patcher, clip, vae = ff.make("flux")
+    with pytest.raises(ValueError, match="space = 'ncp'.*discrete noise schedule.*flow"):
+        pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]().train(patcher, clip, vae, pairs_of(pack, "n"),
+                                                               **train_args(method_args="space = 'ncp'"))
+    assert comfy_folders["calls"]["loads"] == 0
 
 
 def test_rpo_trains_on_the_pooled_vector_and_refuses_image_embeddings(pack, converters):
