@@ -504,15 +504,37 @@ class PairStore:
                 )
             return self._batch_state(con, batch)
 
+    def _batch_file(self, shas: list[str], batch: str, index: int) -> str:
+        """The content address of image `index` of a batch whose images are `shas`, its file checked."""
+        if not 0 <= index < len(shas):
+            raise StoreError(f"index {index} is outside the batch of {len(shas)}")
+        self._check_file(shas[index], f"batch {batch}, image {index}")
+        return shas[index]
+
     def batch_image(self, batch: str, index: int) -> bytes:
         """The bytes of one image of a batch (what the gallery shows)."""
         check_batch_id(batch)
         with self._read() as con:
             _, shas = self._batch(con, batch)
-        if not 0 <= index < len(shas):
-            raise StoreError(f"index {index} is outside the batch of {len(shas)}")
-        self._check_file(shas[index], f"batch {batch}, image {index}")
-        return self.image_path(shas[index]).read_bytes()
+        return self.image_path(self._batch_file(shas, batch, index)).read_bytes()
+
+    def batch_shas(self, batch: str) -> list[str]:
+        """The sha256 of each image of a batch, in order (its files are named by them); refused if a file is missing."""
+        check_batch_id(batch)
+        with self._read() as con:
+            _, shas = self._batch(con, batch)
+        return [self._batch_file(shas, batch, i) for i in range(len(shas))]
+
+    def add_batch_pair(self, batch: str, chosen: int, rejected: int, source: str = "manual") -> int:
+        """Add a pair of two images of a batch, with the batch's prompt (the images are in the store already).
+        Unlike a mark, the pair is not the batch's: marking the batch never deletes it. Returns the pair id."""
+        check_batch_id(batch)
+        with self._write() as con:
+            prompt, shas = self._batch(con, batch)
+            pair = (prompt, self._batch_file(shas, batch, chosen), self._batch_file(shas, batch, rejected))
+            cur = con.execute("INSERT INTO pairs (prompt, chosen, rejected, source, created) VALUES (?, ?, ?, ?, ?)",
+                              (*pair, source, time.time()))
+        return int(cur.lastrowid)
 
     # -- Pick-a-Pic parquet -------------------------------------------------------------------
     def export_parquet(self, path: str | Path) -> int:

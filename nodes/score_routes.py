@@ -12,7 +12,6 @@ store work runs in a worker thread, never on the event loop (a store another pro
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -59,10 +58,7 @@ def make_score_routes(stores_base: Callable[[], Path], busy_timeout: float = ROU
     def suggestions(name: str, batch: str, per_side: int, margin: float) -> dict:
         from ..trainer.pairs import suggest_marks
 
-        s = store(name)
-        count = s.batch_state(batch)["count"]
-        shas = tuple(hashlib.sha256(s.batch_image(batch, i)).hexdigest() for i in range(count))
-        scored = REGISTRY.find(shas)
+        scored = REGISTRY.find(tuple(store(name).batch_shas(batch)))
         if scored is None:
             return {"error": "no scores for this batch: put a Score Images for Preference node between the images and the picker "
                              "and run the graph again"}
@@ -88,8 +84,7 @@ def make_score_routes(stores_base: Callable[[], Path], busy_timeout: float = ROU
         batch, winner, loser = body["batch"], _index(body["winner"], "winner"), _index(body["loser"], "loser")
         if winner == loser:
             raise StoreError("winner and loser must be different images")
-        prompt = s.batch_state(batch)["prompt"]
-        pair = s.add_pair(prompt, s.batch_image(batch, winner), s.batch_image(batch, loser), source=COMPARE_SOURCE)
+        pair = s.add_batch_pair(batch, winner, loser, source=COMPARE_SOURCE)
         return {"pair": pair, "total_pairs": s.count()}
 
     def undo(body: dict) -> dict:

@@ -349,6 +349,35 @@ def test_tampered_records_are_refused(tmp_path):
         s.set_mark(batch, 0, "chosen")
 
 
+def test_batch_pairs_and_image_addresses_come_from_the_batch_record(tmp_path, monkeypatch):
+    """A batch's image addresses and a pair of two of its images are read from its record (the files are named by
+    their sha256 and were checked when the batch was added): no image is read back, decoded or hashed again."""
+    import hashlib
+
+    s = PairStore(tmp_path, "b")
+    batch = s.add_batch("a fox", [png(3), png(4), png(5)])
+    expected = [hashlib.sha256(png(i)).hexdigest() for i in (3, 4, 5)]
+    monkeypatch.setattr(store_mod, "check_image", lambda data: pytest.fail("an image was decoded again"))
+    monkeypatch.setattr(hashlib, "sha256", lambda data=b"": pytest.fail("an image was hashed again"))
+    assert s.batch_shas(batch) == expected
+    pid = s.add_batch_pair(batch, 2, 0, source="compare")
+    (pair,) = s.pairs()
+    assert (pair["id"], pair["prompt"], pair["source"], pair["batch"]) == (pid, "a fox", "compare", None)
+    assert s.image_path(pair["chosen"]).read_bytes() == png(5) and s.image_path(pair["rejected"]).read_bytes() == png(3)
+    s.set_mark(batch, 1, "chosen")
+    s.set_mark(batch, 1, "none")  # the batch's marks make and remove their own pairs only
+    assert [p["id"] for p in s.pairs()] == [pid]
+    with pytest.raises(StoreError, match="index 3 is outside the batch of 3"):
+        s.add_batch_pair(batch, 3, 0)
+    with pytest.raises(StoreError, match="no batch"):
+        s.add_batch_pair("0" * 32, 1, 0)
+    s.image_path(s.batch_shas(batch)[1]).unlink()
+    for missing in (lambda: s.batch_shas(batch), lambda: s.add_batch_pair(batch, 0, 1)):
+        with pytest.raises(store_mod.MissingImageError, match=rf"store 'b', batch {batch}, image 1: image file .* is missing"):
+            missing()
+    assert s.count() == 1
+
+
 @pytest.mark.parametrize("name", ["art\n", "art\r", "art\n\n", "\nart"])
 def test_store_names_are_matched_whole(tmp_path, name):
     """Issue 14 item 11: `$` accepted a trailing newline (`art%0a`)."""

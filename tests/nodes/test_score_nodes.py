@@ -205,6 +205,26 @@ def test_compare_records_each_judgement_as_a_pair(picked):
     assert store.image_path(kept[0]["rejected"]).read_bytes() == store.batch_image(batch, 1)
 
 
+def test_routes_take_the_batch_images_by_their_recorded_address(picked, monkeypatch):
+    """Suggestions and judgements use the content addresses the batch records: no image is read back, decoded or
+    hashed again (a batch of 4 took 4 file reads and hashes per suggestion, 2 reads and decodes per judgement)."""
+    base, batch, scored = picked
+    store_mod = prefalign_pack.nodes.pair_store
+    monkeypatch.setattr(PairStore, "batch_image", lambda *a: pytest.fail("an image was read back"))
+    monkeypatch.setattr(store_mod, "check_image", lambda data: pytest.fail("an image was decoded again"))
+
+    async def scenario(client):
+        r = await client.get("/prefalign/automark", params={"store": "art", "batch": batch})
+        assert r.status == 200 and (await r.json())["scorer"] == scored.scorer
+        r = await client.post("/prefalign/compare", json={"store": "art", "batch": batch, "winner": 1, "loser": 3})
+        assert r.status == 200, await r.text()
+        return (await r.json())["pair"]
+
+    pair = run(base, scenario)
+    shas = PairStore(base, "art").batch_shas(batch)
+    assert [(p["id"], p["chosen"], p["rejected"]) for p in PairStore(base, "art").pairs()] == [(pair, shas[1], shas[3])]
+
+
 def _hold_lock(db, seconds, ready):
     con = sqlite3.connect(db, isolation_level=None)
     con.execute("BEGIN EXCLUSIVE")
