@@ -386,9 +386,12 @@ class PairStore:
             rows = con.execute(f"SELECT {', '.join(keys)} FROM pairs ORDER BY id").fetchall()
         return [dict(zip(keys, row)) for row in rows]
 
-    def delete_pair(self, pair_id: int) -> bool:
+    def delete_pair(self, pair_id: int, source: str | None = None) -> bool:
+        """Delete one pair (only if it came from `source`, when given); False when no such pair was there."""
         with self._write() as con:
-            return con.execute("DELETE FROM pairs WHERE id = ?", (int(pair_id),)).rowcount > 0
+            if source is None:
+                return con.execute("DELETE FROM pairs WHERE id = ?", (int(pair_id),)).rowcount > 0
+            return con.execute("DELETE FROM pairs WHERE id = ? AND source = ?", (int(pair_id), source)).rowcount > 0
 
     def _check_pair_files(self, pairs: list[dict]) -> None:
         """Every image file the pairs name is there; else the first missing one is named, with a count."""

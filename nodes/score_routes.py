@@ -90,9 +90,8 @@ def make_score_routes(stores_base: Callable[[], Path], busy_timeout: float = ROU
     def undo(body: dict) -> dict:
         s = store(body["store"])
         pair = _index(body["pair"], "pair")
-        if not any(p["id"] == pair and p["source"] == COMPARE_SOURCE for p in s.pairs()):
+        if not s.delete_pair(pair, source=COMPARE_SOURCE):
             raise StoreError(f"pair {pair} is not a comparison judgement in store {s.name!r}")
-        s.delete_pair(pair)
         return {"deleted": pair, "total_pairs": s.count()}
 
     def handler(fn, keys: set[str]):

@@ -219,6 +219,14 @@ def test_fingerprint_changes(tmp_path):
     assert s.fingerprint() not in (b,)
 
 
+def test_delete_pair_only_from_its_source(tmp_path):
+    s = PairStore(tmp_path, "del")
+    manual, judged = s.add_pair("x", png(1), png(2)), s.add_pair("y", png(3), png(4), source="compare")
+    assert not s.delete_pair(manual, source="compare") and not s.delete_pair(99, source="compare")
+    assert s.delete_pair(judged, source="compare") and not s.delete_pair(judged)
+    assert [p["id"] for p in s.pairs()] == [manual]
+
+
 def pickapic(path: Path, n: int, bad_row: int | None = None, row_group_size: int = 8) -> Path:
     """A Pick-a-Pic style parquet of n distinct pairs (jpg_0 wins); `bad_row`'s loser does not decode."""
     import pyarrow as pa

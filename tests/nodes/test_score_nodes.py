@@ -225,6 +225,25 @@ def test_routes_take_the_batch_images_by_their_recorded_address(picked, monkeypa
     assert [(p["id"], p["chosen"], p["rejected"]) for p in PairStore(base, "art").pairs()] == [(pair, shas[1], shas[3])]
 
 
+def test_undo_deletes_one_judgement_without_reading_the_store(picked, monkeypatch):
+    """Undo deletes the judgement by id and source in one statement; it used to load every pair of the store."""
+    base, batch, _ = picked
+    store = PairStore(base, "art")
+    manual = store.add_pair("by hand", store.batch_image(batch, 0), store.batch_image(batch, 1))
+    judged = store.add_batch_pair(batch, 2, 0, source=score_routes.COMPARE_SOURCE)
+    monkeypatch.setattr(PairStore, "pairs", lambda self: pytest.fail("every pair was read"))
+
+    async def scenario(client):
+        r = await client.post("/prefalign/compare/undo", json={"store": "art", "pair": manual})
+        assert r.status == 400 and (await r.json())["error"] == f"pair {manual} is not a comparison judgement in store 'art'"
+        r = await client.post("/prefalign/compare/undo", json={"store": "art", "pair": judged})
+        assert (await r.json()) == {"deleted": judged, "total_pairs": 1}
+
+    run(base, scenario)
+    monkeypatch.undo()
+    assert [p["id"] for p in store.pairs()] == [manual]
+
+
 def _hold_lock(db, seconds, ready):
     con = sqlite3.connect(db, isolation_level=None)
     con.execute("BEGIN EXCLUSIVE")
