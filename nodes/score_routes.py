@@ -11,23 +11,18 @@ store work runs in a worker thread, never on the event loop (a store another pro
 """
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Callable
 
 from aiohttp import web
 
-from .pair_store import PairStore, StoreError
-from .routes import INDEX_RE, ROUTE_BUSY_TIMEOUT, _json_error, _status
+from .pair_store import StoreError
+from .routes import INDEX_RE, ROUTE_BUSY_TIMEOUT, _json_error, _status, answer, off_loop, store_opener
 from .score_nodes import REGISTRY
 
 MAX_BODY = 1024  # bytes: a judgement is a few dozen
 COMPARE_SOURCE = "compare"
-
-
-async def _off_loop(fn, *args):
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 async def _body(request: web.Request, keys: set[str]) -> dict:
@@ -50,10 +45,7 @@ def _index(value, name: str) -> int:
 
 
 def make_score_routes(stores_base: Callable[[], Path], busy_timeout: float = ROUTE_BUSY_TIMEOUT) -> list[web.RouteDef]:
-    def store(name) -> PairStore:
-        if not isinstance(name, str):
-            raise StoreError("missing store")
-        return PairStore(stores_base(), name, create=False, busy_timeout=busy_timeout)
+    store = store_opener(stores_base, busy_timeout)
 
     def suggestions(name: str, batch: str, per_side: int, margin: float) -> dict:
         from ..trainer.pairs import suggest_marks
@@ -72,12 +64,12 @@ def make_score_routes(stores_base: Callable[[], Path], busy_timeout: float = ROU
             margin = float(q.get("margin", "0"))
             if not margin >= 0:
                 raise StoreError("margin must be a number >= 0")
-            answer = await _off_loop(suggestions, q.get("store"), q.get("batch", ""), max(1, per_side), margin)
+            found = await off_loop(lambda: suggestions(q.get("store"), q.get("batch", ""), max(1, per_side), margin))
         except StoreError as e:
             return _json_error(_status(e), str(e))
         except ValueError as e:
             return _json_error(400, str(e))
-        return web.json_response(answer, status=404 if "error" in answer else 200)
+        return web.json_response(found, status=404 if "error" in found else 200)
 
     def record(body: dict) -> dict:
         s = store(body["store"])
@@ -97,9 +89,10 @@ def make_score_routes(stores_base: Callable[[], Path], busy_timeout: float = ROU
     def handler(fn, keys: set[str]):
         async def handle(request: web.Request) -> web.Response:
             try:
-                return web.json_response(await _off_loop(fn, await _body(request, keys)))
+                body = await _body(request, keys)
             except StoreError as e:
-                return _json_error(_status(e), str(e))
+                return _json_error(400, str(e))
+            return await answer(lambda: fn(body))
         return handle
 
     return [
@@ -108,18 +101,3 @@ def make_score_routes(stores_base: Callable[[], Path], busy_timeout: float = ROU
         web.post("/prefalign/compare/undo", handler(undo, {"store", "pair"})),
     ]
 
-
-def register() -> bool:
-    """Add the routes to ComfyUI's server; False outside ComfyUI."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return False
-    server = getattr(PromptServer, "instance", None)
-    if server is None or not hasattr(server, "routes"):
-        return False
-    from .comfy_env import stores_base
-
-    for route in make_score_routes(stores_base):
-        server.routes.route(route.method, route.path)(route.handler)
-    return True

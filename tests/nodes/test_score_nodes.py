@@ -29,7 +29,7 @@ if wt is None:  # loaded the way test_nodes_workflows.py loads it (tests/nodes i
     _spec.loader.exec_module(wt)
 
 score_nodes = prefalign_pack.nodes.score_nodes
-score_routes = prefalign_pack.nodes.score_routes
+import prefalign_pack.nodes.score_routes as score_routes  # noqa: E402  (ComfyUI's server loads it through routes.register)
 PairStore = prefalign_pack.nodes.pair_store.PairStore
 
 
