@@ -31,7 +31,7 @@ async def _body(request: web.Request, keys: set[str]) -> dict:
     raw = await request.content.read(MAX_BODY + 1)
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than Python's stack
         raise StoreError("body is not JSON") from None
     if not isinstance(body, dict) or set(body) != keys:
         raise StoreError(f"expected {{{', '.join(sorted(keys))}}}")

@@ -197,6 +197,10 @@ def test_compare_records_each_judgement_as_a_pair(picked):
         r = await client.post("/prefalign/compare", data=b"{" + b" " * 5000 + b"}",
                               headers={"Content-Type": "application/json"})
         assert r.status == 400
+        raw = b"[" * 1000  # under the size limit, nested deeper than Python's stack: RecursionError (was a 500)
+        assert len(raw) <= score_routes.MAX_BODY
+        r = await client.post("/prefalign/compare", data=raw, headers={"Content-Type": "application/json"})
+        assert r.status == 400 and (await r.json())["error"] == "body is not JSON"
 
     run(base, scenario)
     kept = [p for p in store.pairs() if p["source"] == "compare"]
