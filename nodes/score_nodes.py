@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import comfy_env
+from . import comfy_env, paths
 from .images import tensor_to_pils, tensor_to_pngs
 from .store_nodes import PAIRS, PreferencePairs, open_store
 
@@ -242,9 +242,10 @@ class PairsFromScores:
         text = [f"{len(examples)} pair(s) kept ({policy}, margin {margin:g}) by {scores.scorer}"]
         if store.strip():
             s = open_store(store)
-            for a, b in chosen:
-                s.add_pair(scores.prompt, pngs[a], pngs[b], source=f"scorer {scores.scorer}")
-            text.append(f"store {s.name!r} holds {s.count()} pairs")
+            with paths.shown_errors():
+                if chosen:  # no write for none: a store named here is not created empty
+                    s.add_pairs([(scores.prompt, pngs[a], pngs[b]) for a, b in chosen], source=f"scorer {scores.scorer}")
+                text.append(f"store {s.name!r} holds {s.count()} pairs")
         return {"ui": {"prefalign_text": text},
                 "result": (PreferencePairs(examples, f"scores:{scores.scorer}"), len(examples))}
 

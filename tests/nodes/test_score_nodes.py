@@ -110,6 +110,29 @@ def test_pairs_from_scores_select_and_fill_a_store(scorer_dir):
         node("PrefAlignPairsFromScores").pairs(batch[:5], scored, "all-pairs", 0.0, "")
 
 
+def test_pairs_from_scores_adds_all_or_none_and_shows_no_server_path(scorer_dir, monkeypatch):
+    """The pairs go into the store in one write: a failure on the second pair leaves none of them (each pair was its
+    own write), and the error names the store's folder as ComfyUI shows it, not the server's path."""
+    batch, _ = toy_batch(seeds=(3, 4, 5, 6, 7, 8))
+    _, scored, _ = node("PrefAlignScoreImages").score(batch, "a red circle", load("clip", "tiny-pick"))["result"]
+    stores = scorer_dir.parent / "stores"
+    save, saved = PairStore._save_file, []
+
+    def failing(self, image):
+        saved.append(image.sha)
+        if len(saved) == 3:  # the second pair's chosen image
+            raise prefalign_pack.nodes.pair_store.StoreError(f"cannot write {self.images_dir}")
+        save(self, image)
+
+    monkeypatch.setattr(PairStore, "_save_file", failing)
+    with pytest.raises(ValueError) as e:
+        node("PrefAlignPairsFromScores").pairs(batch, scored, "all-pairs", 0.0, "judged")
+    assert str(e.value) == "cannot write stores/judged/images"
+    assert PairStore(stores, "judged", create=False).count() == 0
+    node("PrefAlignPairsFromScores").pairs(batch, scored, "all-pairs", 1e6, "none_kept")  # no pair: no store made
+    assert not (stores / "none_kept").exists()
+
+
 def test_chained_loaders_vote_and_keep_only_agreed_pairs(scorer_dir):
     from trainer.toy import has_attribute
 
