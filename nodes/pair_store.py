@@ -16,7 +16,6 @@ anyone: they name the store, the pair or batch and files relative to the store f
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -159,12 +158,6 @@ def check_image(data: bytes) -> tuple[int, int]:
     except Exception as e:  # PIL raises many types on corrupt data
         raise StoreError(f"image does not decode: {e}") from None
     return w, h
-
-
-def encode_png(pil_image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    pil_image.save(buf, format="PNG", compress_level=4)
-    return buf.getvalue()
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..trainer.data.images import png_bytes
 from . import comfy_env, paths
 from .images import tensor_to_pils, tensor_to_pngs
 from .store_nodes import PAIRS, PreferencePairs, open_store
@@ -186,8 +187,9 @@ class ScoreImages:
         }}
 
     def score(self, images, prompt, scorer):
-        pngs = tensor_to_pngs(images)
-        judgement = scorer.judge(tensor_to_pils(images), [prompt] * len(pngs))
+        pils = tensor_to_pils(images)
+        pngs = [png_bytes(im) for im in pils]
+        judgement = scorer.judge(pils, [prompt] * len(pngs))
         scored = ScoredBatch(prompt, scorer.name, judgement, tuple(hashlib.sha256(p).hexdigest() for p in pngs))
         REGISTRY.add(scored)
         text = score_text(scored)

@@ -89,6 +89,23 @@ def test_score_images_shows_scores_and_previews(scorer_dir, comfy_folders):
         assert preview["type"] == "temp" and (comfy_folders["temp"] / preview["filename"]).is_file()
 
 
+def test_score_images_converts_each_image_once(scorer_dir, comfy_folders, monkeypatch):
+    """The batch becomes PIL images once: the scorer judges them and their PNGs are the previews and the batch's
+    content addresses (it converted the tensor twice)."""
+    import hashlib
+
+    from PIL import Image
+
+    batch, _ = toy_batch()
+    pngs = prefalign_pack.nodes.images.tensor_to_pngs(batch)
+    made = []
+    fromarray = Image.fromarray
+    monkeypatch.setattr(Image, "fromarray", lambda *a, **k: made.append(1) or fromarray(*a, **k))
+    _, scored, _ = node("PrefAlignScoreImages").score(batch, "a red circle", load("toy attribute"))["result"]
+    assert len(made) == len(batch) == 6
+    assert scored.shas == tuple(hashlib.sha256(p).hexdigest() for p in pngs)
+
+
 def test_pairs_from_scores_select_and_fill_a_store(scorer_dir):
     from trainer.pairs import select_pairs
 
