@@ -117,6 +117,7 @@ class ComfyBackend:
         self.guidance = None if family_guidance is None else float(family_guidance if guidance is None else guidance)
         self.frames = getattr(getattr(base, "latent_format", None), "latent_dimensions", 2) == 3  # video: [N, C, T, h, w]
         self.snapshots = self.family is None or self.family.in_place  # exact gradients through in-place updates
+        self._info: dict[str, str] | None = None  # model_info, once asked
 
         generator = torch.Generator().manual_seed(int(seed))
         self.adapters: dict[str, LoraWeight] = {}
@@ -380,6 +381,13 @@ class ComfyBackend:
         return export_names(self.adapters, parts)
 
     def model_info(self) -> dict[str, str]:
+        """Worked out once per backend (the trainer asks 3-4 times a run): the fingerprint hashes frozen weights only,
+        since the LoRA factors hang in comfy.ops' `weight_function` lists, which `state_dict` does not walk."""
+        if self._info is None:
+            self._info = self._model_info()
+        return dict(self._info)
+
+    def _model_info(self) -> dict[str, str]:
         # cheap fingerprint of the diffusion model, VAE and text encoder (it keys the trainer's latent/text cache):
         # names, shapes and a few values of up to 64 tensors of each
         h = hashlib.sha256()
