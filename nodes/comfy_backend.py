@@ -38,7 +38,7 @@ from ..trainer.encoding import SIZE, concat_rows
 from ..trainer.forward_process import Schedule, TimestepSampling
 from ..trainer.models.lora import LoraSpec
 from .comfy_checkpointing import checkpointed, outermost_blocks, snapshot_saved_tensors
-from .comfy_families import architecture_of, family_of, layer_names, text_embeddings
+from .comfy_families import architecture_of, family_of, layer_names, text_embeddings, trained_guidance
 from .comfy_lora import PREFIX, LoraWeight, diffusers_parts, export_names, linear_layers, matches_target
 
 __all__ = ["ComfyBackend", "architecture_of", "own_inference_tensors"]
@@ -113,8 +113,7 @@ class ComfyBackend:
             self.schedule = Schedule(sigmas=self._sigmas if self._sigmas is not None else steps)
         family_sampling = self.family.timestep_sampling if self.family is not None else "uniform"
         self.timestep_sampling = TimestepSampling(self.num_train_timesteps, timestep_sampling or family_sampling)
-        family_guidance = self.family.guidance if self.family is not None else None
-        self.guidance = None if family_guidance is None else float(family_guidance if guidance is None else guidance)
+        self.guidance = trained_guidance(base, guidance)
         self.frames = getattr(getattr(base, "latent_format", None), "latent_dimensions", 2) == 3  # video: [N, C, T, h, w]
         self.snapshots = self.family is None or self.family.in_place  # exact gradients through in-place updates
         self._info: dict[str, str] | None = None  # model_info, once asked

@@ -136,7 +136,7 @@ class TrainPreferenceLoRA:
         from ..trainer.metrics import logged_losses
         from ..trainer.models.lora import LoraSpec
         from .comfy_backend import ComfyBackend, prediction_type_of
-        from .comfy_families import default_targets, family_of
+        from .comfy_families import default_targets, trained_guidance
         from .images import pil_to_tensor
         from .loss_plot import plot_loss
         from .model_probe import model_traits
@@ -159,8 +159,7 @@ class TrainPreferenceLoRA:
                 targets = list(default_targets(base))
             if len(pairs) == 0:
                 raise ValueError("no preference pairs to train on")
-            family = family_of(base)
-            family_guidance = family.guidance if family is not None else None
+            trained = trained_guidance(base, None if guidance == FAMILY_GUIDANCE else guidance)
             stamp = time.strftime("%Y%m%d-%H%M%S")
             prefix = _slug(lora_name)
             root = comfy_env.output_dir() / "prefalign"
@@ -177,7 +176,7 @@ class TrainPreferenceLoRA:
                 "log_every": 1,  # the live loss chart and progress bar move every step
                 "resume": "latest" if resume else None,
                 "timestep_sampling": None if timestep_sampling == AUTO else timestep_sampling,  # None: the family's
-                **({} if family_guidance is None else {"guidance": family_guidance if guidance == FAMILY_GUIDANCE else float(guidance)}),
+                **({} if trained is None else {"guidance": trained}),
             })
             metrics_file = run_dir / "metrics.jsonl"
             if resume:

@@ -194,6 +194,17 @@ def test_node_guidance_and_timestep_sampling_inputs(pack, comfy_folders, convert
     assert "guidance = 2.0" in config and 'timestep_sampling = "mode"' in config
 
 
+def test_trained_guidance_is_the_family_default_unless_set(pack):
+    """One rule for the node's guidance input and the backend: guidance-distilled families train at the value given, or
+    their default; the others take no guidance, whatever is given."""
+    from prefalign_pack.nodes.comfy_families import trained_guidance
+
+    flux, chroma, sd3 = (ff.make(name)[0].model for name in ("flux", "chroma", "sd3"))
+    assert trained_guidance(flux, None) == 3.5 and trained_guidance(chroma, None) == 0.0
+    assert trained_guidance(flux, 2) == 2.0 and isinstance(trained_guidance(flux, 2), float)
+    assert trained_guidance(sd3, None) is None and trained_guidance(sd3, 2.0) is None
+
+
 def test_unknown_family_lists_its_linear_layers(pack, comfy_folders):
     """A model of no known family takes the generic path: the UNet targets match nothing, so the message lists the
     model's linear layers (block numbers folded) for the user to type; typed, they train."""
