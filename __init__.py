@@ -10,10 +10,9 @@ from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 WEB_DIRECTORY = "./web"
 
 try:
-    from .nodes import routes as _routes, score_routes as _score_routes
+    from .nodes import routes as _routes
 
     _routes.register()
-    _score_routes.register()
 except Exception as _e:  # routes need ComfyUI's server (aiohttp); the nodes work without them
     logging.getLogger(__name__).warning("PrefAlign: web routes not registered: %s", _e)
 

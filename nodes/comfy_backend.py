@@ -38,7 +38,7 @@ from ..trainer.encoding import SIZE, concat_rows
 from ..trainer.forward_process import Schedule, TimestepSampling
 from ..trainer.models.lora import LoraSpec
 from .comfy_checkpointing import checkpointed, outermost_blocks, snapshot_saved_tensors
-from .comfy_families import architecture_of, family_of, layer_names, text_embeddings
+from .comfy_families import architecture_of, family_of, layer_names, text_embeddings, trained_guidance
 from .comfy_lora import PREFIX, LoraWeight, diffusers_parts, export_names, linear_layers, matches_target
 
 __all__ = ["ComfyBackend", "architecture_of", "own_inference_tensors"]
@@ -113,10 +113,10 @@ class ComfyBackend:
             self.schedule = Schedule(sigmas=self._sigmas if self._sigmas is not None else steps)
         family_sampling = self.family.timestep_sampling if self.family is not None else "uniform"
         self.timestep_sampling = TimestepSampling(self.num_train_timesteps, timestep_sampling or family_sampling)
-        family_guidance = self.family.guidance if self.family is not None else None
-        self.guidance = None if family_guidance is None else float(family_guidance if guidance is None else guidance)
+        self.guidance = trained_guidance(base, guidance)
         self.frames = getattr(getattr(base, "latent_format", None), "latent_dimensions", 2) == 3  # video: [N, C, T, h, w]
         self.snapshots = self.family is None or self.family.in_place  # exact gradients through in-place updates
+        self._info: dict[str, str] | None = None  # model_info, once asked
 
         generator = torch.Generator().manual_seed(int(seed))
         self.adapters: dict[str, LoraWeight] = {}
@@ -380,6 +380,13 @@ class ComfyBackend:
         return export_names(self.adapters, parts)
 
     def model_info(self) -> dict[str, str]:
+        """Worked out once per backend (the trainer asks 3-4 times a run): the fingerprint hashes frozen weights only,
+        since the LoRA factors hang in comfy.ops' `weight_function` lists, which `state_dict` does not walk."""
+        if self._info is None:
+            self._info = self._model_info()
+        return dict(self._info)
+
+    def _model_info(self) -> dict[str, str]:
         # cheap fingerprint of the diffusion model, VAE and text encoder (it keys the trainer's latent/text cache):
         # names, shapes and a few values of up to 64 tensors of each
         h = hashlib.sha256()

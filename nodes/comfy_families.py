@@ -100,6 +100,15 @@ def text_embeddings(family: Family | None) -> frozenset[str]:
     return frozenset({"prompt"}) if family is None or family.pooled else frozenset()
 
 
+def trained_guidance(base_model, requested: float | None) -> float | None:
+    """The guidance value a guidance-distilled family trains at: `requested`, or (None) the family's default; None
+    for the other families, whose models take no guidance input."""
+    family = family_of(base_model)
+    if family is None or family.guidance is None:
+        return None
+    return float(family.guidance if requested is None else requested)
+
+
 def default_targets(base_model) -> tuple[str, ...]:
     family = family_of(base_model)
     return family.targets if family is not None else UNET_TARGETS

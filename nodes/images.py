@@ -1,11 +1,11 @@
 """Conversions between ComfyUI IMAGE tensors ([B, H, W, C] float in 0..1) and PNG bytes / PIL."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
 from PIL import Image
+
+from ..trainer.data.images import png_bytes
 
 
 def tensor_to_pils(images: torch.Tensor) -> list[Image.Image]:
@@ -21,12 +21,7 @@ def tensor_to_pils(images: torch.Tensor) -> list[Image.Image]:
 
 
 def tensor_to_pngs(images: torch.Tensor) -> list[bytes]:
-    result = []
-    for im in tensor_to_pils(images):
-        buf = io.BytesIO()
-        im.save(buf, format="PNG", compress_level=4)
-        result.append(buf.getvalue())
-    return result
+    return [png_bytes(im) for im in tensor_to_pils(images)]
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -36,6 +36,14 @@ def require_safetensors(lora_name: str, node: str) -> None:
                          "code); use a .safetensors copy")
 
 
+def lora_file(lora_name: str, node: str) -> tuple[Path, dict[str, str], str]:
+    """The chosen LoRA's path, metadata and description for the node's info; refused unless .safetensors."""
+    require_safetensors(lora_name, node)
+    path = comfy_env.lora_full_path(lora_name)
+    metadata = read_metadata(path)
+    return path, metadata, describe(lora_name, metadata)
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 
@@ -99,10 +107,10 @@ def module_features(lora: dict) -> dict[str, tuple[int, int]]:
     return features
 
 
-def check_fits(name: str, lora: dict, key_map: dict, weights: dict, metadata: dict[str, str]) -> list[str]:
+def check_fits(name: str, lora: dict, key_map: dict, weights: dict, metadata: dict[str, str]) -> str:
     """Refuse a LoRA whose modules do not fit the weights ComfyUI's key map puts them on, naming them (the
-    trainer's wrong-base check, `trainer.export.misfits`). Returns the modules the map does not place: ComfyUI
-    skips those ("lora key not loaded")."""
+    trainer's wrong-base check, `trainer.export.misfits`). Returns the line the node's info adds for the modules the
+    map does not place (ComfyUI skips those: "lora key not loaded"), or "" when it places them all."""
     from ..trainer.export import misfits
 
     have = module_features(lora)
@@ -118,7 +126,7 @@ def check_fits(name: str, lora: dict, key_map: dict, weights: dict, metadata: di
     if have and len(unplaced) == len(have):
         raise ValueError(f"{name} does not fit this model{hint}: none of its {len(have)} modules exists in it "
                          f"(e.g. {unplaced[0]})")
-    return unplaced
+    return f"\nnot applied: {len(unplaced)} modules this model does not have (e.g. {shown(unplaced[0])})" if unplaced else ""
 
 
 class LoadPreferenceLoRA:
@@ -145,14 +153,11 @@ class LoadPreferenceLoRA:
         }
 
     def load(self, model, lora_name, strength_model, clip=None, strength_clip=1.0):
-        require_safetensors(lora_name, "Load Preference LoRA")
+        path, metadata, info = lora_file(lora_name, "Load Preference LoRA")
         import comfy.lora
         import comfy.sd
         import comfy.utils
 
-        path = comfy_env.lora_full_path(lora_name)
-        metadata = read_metadata(path)
-        info = describe(lora_name, metadata)
         if strength_model == 0 and (clip is None or strength_clip == 0):
             return {"ui": {"prefalign_text": [info]}, "result": (model, clip, info)}
         lora = comfy.utils.load_torch_file(str(path), safe_load=True)
@@ -164,9 +169,7 @@ class LoadPreferenceLoRA:
             key_map = comfy.lora.model_lora_keys_clip(clip_in.cond_stage_model, key_map)
             weights.update(clip_in.cond_stage_model.state_dict())
         applied = {k: v for k, v in lora.items() if clip_in is not None or not k.startswith(TEXT_ENCODER_PREFIXES)}
-        unplaced = check_fits(lora_name, applied, key_map, weights, metadata)
-        if unplaced:
-            info += f"\nnot applied: {len(unplaced)} modules this model does not have (e.g. {shown(unplaced[0])})"
+        info += check_fits(lora_name, applied, key_map, weights, metadata)
         new_model, new_clip = comfy.sd.load_lora_for_models(model, clip_in, lora, strength_model, strength_clip if clip_in is not None else 0)
         return {"ui": {"prefalign_text": [info]}, "result": (new_model, new_clip if clip_in is not None else clip, info)}
 

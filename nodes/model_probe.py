@@ -82,6 +82,13 @@ def detect(path: Path) -> Any:
         return None
 
 
+def model_traits(base_model: Any, prediction_type: str) -> ModelTraits:
+    """What decides which methods train a ComfyUI model (`trainer/methods/fit.py`), known before it is loaded: its
+    family's text embeddings, and its sampling (every ComfyUI sampling but flow has a discrete sigma table)."""
+    return ModelTraits(prediction_type, architecture_of(base_model), text_embeddings(family_of(base_model)),
+                       prediction_type != "flow")
+
+
 def probe(folder: str, name: str, sampling: str = "") -> dict[str, Any]:
     """The model's family, sampling and, per method with its default options, None (it trains this model) or
     the reason it does not. `sampling`: set by a ModelSampling patch between the loader and the Train node."""
@@ -97,6 +104,6 @@ def probe(folder: str, name: str, sampling: str = "") -> dict[str, Any]:
         prediction = sampling or prediction_type_of(model.model_sampling)
     except ValueError as e:  # a sampling the trainer does not train (EDM, ...)
         return {"family": architecture, "label": label, "prediction_type": None, "methods": {}, "error": str(e)}
-    traits = ModelTraits(prediction, architecture, text_embeddings(family), prediction != "flow")
+    traits = model_traits(model, prediction)
     return {"family": architecture, "label": label, "prediction_type": prediction,
             "methods": {m: model_refusal(build_method(m, {}), traits) for m in method_names()}}

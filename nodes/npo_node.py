@@ -16,9 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import comfy_env
-from .lora_nodes import (TEXT_ENCODER_PREFIXES, check_fits, describe, lora_file_names, read_metadata,
-                         require_safetensors, shown)
+from .lora_nodes import TEXT_ENCODER_PREFIXES, check_fits, lora_file, lora_file_names
 
 CATEGORY = "preference/lora"
 UNCOND = 1  # comfy.samplers.calc_cond_batch: index 0 is the positive cond, 1 the negative
@@ -86,12 +84,14 @@ class NegativeBranchWrapper:
         return out
 
 
-def negative_branch_lora(model, lora: dict[str, Tensor], strength: float):
-    """A clone of `model` (a ModelPatcher) whose negative CFG branch runs with `lora` at `strength`."""
+def negative_branch_lora(model, lora: dict[str, Tensor], strength: float, key_map: dict | None = None):
+    """A clone of `model` (a ModelPatcher) whose negative CFG branch runs with `lora` at `strength`. `key_map`:
+    ComfyUI's LoRA key map of the model's diffusion model, when the caller has it already."""
     import comfy.lora
     import comfy.lora_convert
 
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    if key_map is None:
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map)
     patches: dict[str, list[tuple]] = {}  # ComfyUI's patch tuples by weight key, as ModelPatcher.add_patches builds them
     for k, adapter in loaded.items():
@@ -130,22 +130,18 @@ class NegativeBranchLoRA:
         }
 
     def apply(self, model, lora_name, strength):
-        require_safetensors(lora_name, "Negative-Branch Preference LoRA")
+        path, metadata, info = lora_file(lora_name, "Negative-Branch Preference LoRA")
         import comfy.lora
         import comfy.utils
 
-        path = comfy_env.lora_full_path(lora_name)
-        metadata = read_metadata(path)
-        info = describe(lora_name, metadata) + "\napplied to: the negative (unconditional) branch of guidance only"
+        info += "\napplied to: the negative (unconditional) branch of guidance only"
         if strength == 0:
             return {"ui": {"prefalign_text": [info]}, "result": (model, info)}
         lora = comfy.utils.load_torch_file(str(path), safe_load=True)
         lora = {k: v for k, v in lora.items() if not k.startswith(TEXT_ENCODER_PREFIXES)}  # the UNet's branch only
-        unplaced = check_fits(lora_name, lora, comfy.lora.model_lora_keys_unet(model.model, {}),
-                              model.model.state_dict(), metadata)
-        if unplaced:
-            info += f"\nnot applied: {len(unplaced)} modules this model does not have (e.g. {shown(unplaced[0])})"
-        return {"ui": {"prefalign_text": [info]}, "result": (negative_branch_lora(model, lora, strength), info)}
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        info += check_fits(lora_name, lora, key_map, model.model.state_dict(), metadata)
+        return {"ui": {"prefalign_text": [info]}, "result": (negative_branch_lora(model, lora, strength, key_map), info)}
 
 
 NODES = {"PrefAlignNegativeBranchLoRA": (NegativeBranchLoRA, "Negative-Branch Preference LoRA (NPO)")}

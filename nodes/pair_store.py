@@ -16,7 +16,6 @@ anyone: they name the store, the pair or batch and files relative to the store f
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -159,12 +158,6 @@ def check_image(data: bytes) -> tuple[int, int]:
     except Exception as e:  # PIL raises many types on corrupt data
         raise StoreError(f"image does not decode: {e}") from None
     return w, h
-
-
-def encode_png(pil_image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    pil_image.save(buf, format="PNG", compress_level=4)
-    return buf.getvalue()
 
 
 @dataclass(frozen=True)
@@ -386,9 +379,12 @@ class PairStore:
             rows = con.execute(f"SELECT {', '.join(keys)} FROM pairs ORDER BY id").fetchall()
         return [dict(zip(keys, row)) for row in rows]
 
-    def delete_pair(self, pair_id: int) -> bool:
+    def delete_pair(self, pair_id: int, source: str | None = None) -> bool:
+        """Delete one pair (only if it came from `source`, when given); False when no such pair was there."""
         with self._write() as con:
-            return con.execute("DELETE FROM pairs WHERE id = ?", (int(pair_id),)).rowcount > 0
+            if source is None:
+                return con.execute("DELETE FROM pairs WHERE id = ?", (int(pair_id),)).rowcount > 0
+            return con.execute("DELETE FROM pairs WHERE id = ? AND source = ?", (int(pair_id), source)).rowcount > 0
 
     def _check_pair_files(self, pairs: list[dict]) -> None:
         """Every image file the pairs name is there; else the first missing one is named, with a count."""
@@ -504,15 +500,37 @@ class PairStore:
                 )
             return self._batch_state(con, batch)
 
+    def _batch_file(self, shas: list[str], batch: str, index: int) -> str:
+        """The content address of image `index` of a batch whose images are `shas`, its file checked."""
+        if not 0 <= index < len(shas):
+            raise StoreError(f"index {index} is outside the batch of {len(shas)}")
+        self._check_file(shas[index], f"batch {batch}, image {index}")
+        return shas[index]
+
     def batch_image(self, batch: str, index: int) -> bytes:
         """The bytes of one image of a batch (what the gallery shows)."""
         check_batch_id(batch)
         with self._read() as con:
             _, shas = self._batch(con, batch)
-        if not 0 <= index < len(shas):
-            raise StoreError(f"index {index} is outside the batch of {len(shas)}")
-        self._check_file(shas[index], f"batch {batch}, image {index}")
-        return self.image_path(shas[index]).read_bytes()
+        return self.image_path(self._batch_file(shas, batch, index)).read_bytes()
+
+    def batch_shas(self, batch: str) -> list[str]:
+        """The sha256 of each image of a batch, in order (its files are named by them); refused if a file is missing."""
+        check_batch_id(batch)
+        with self._read() as con:
+            _, shas = self._batch(con, batch)
+        return [self._batch_file(shas, batch, i) for i in range(len(shas))]
+
+    def add_batch_pair(self, batch: str, chosen: int, rejected: int, source: str = "manual") -> int:
+        """Add a pair of two images of a batch, with the batch's prompt (the images are in the store already).
+        Unlike a mark, the pair is not the batch's: marking the batch never deletes it. Returns the pair id."""
+        check_batch_id(batch)
+        with self._write() as con:
+            prompt, shas = self._batch(con, batch)
+            pair = (prompt, self._batch_file(shas, batch, chosen), self._batch_file(shas, batch, rejected))
+            cur = con.execute("INSERT INTO pairs (prompt, chosen, rejected, source, created) VALUES (?, ?, ?, ?, ?)",
+                              (*pair, source, time.time()))
+        return int(cur.lastrowid)
 
     # -- Pick-a-Pic parquet -------------------------------------------------------------------
     def export_parquet(self, path: str | Path) -> int:

@@ -54,21 +54,30 @@ def _index(text: str | None) -> int:
     return int(text)
 
 
-def make_routes(stores_base: Callable[[], Path], busy_timeout: float = ROUTE_BUSY_TIMEOUT) -> list[web.RouteDef]:
+async def off_loop(work: Callable[[], Any]) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
+async def answer(work: Callable[[], Any]) -> web.Response:
+    """Run store work off the event loop and answer its result as JSON, or its error."""
+    try:
+        return web.json_response(await off_loop(work))
+    except StoreError as e:
+        return _json_error(_status(e), str(e))
+
+
+def store_opener(stores_base: Callable[[], Path], busy_timeout: float) -> Callable[[Any], PairStore]:
+    """Opens an existing store by the name a request gives."""
     def store(name: Any) -> PairStore:
         if name is None:
             raise StoreError("missing store")
         return PairStore(stores_base(), name, create=False, busy_timeout=busy_timeout)
 
-    async def off_loop(work: Callable[[], Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, work)
+    return store
 
-    async def answer(work: Callable[[], Any]) -> web.Response:
-        """Run store work off the event loop and answer its result as JSON, or its error."""
-        try:
-            return web.json_response(await off_loop(work))
-        except StoreError as e:
-            return _json_error(_status(e), str(e))
+
+def make_routes(stores_base: Callable[[], Path], busy_timeout: float = ROUTE_BUSY_TIMEOUT) -> list[web.RouteDef]:
+    store = store_opener(stores_base, busy_timeout)
 
     async def stores(request: web.Request) -> web.Response:
         return await answer(lambda: {"stores": list_stores(stores_base())})
@@ -143,7 +152,8 @@ def make_routes(stores_base: Callable[[], Path], busy_timeout: float = ROUTE_BUS
 
 
 def register() -> bool:
-    """Add the routes to ComfyUI's server; False outside ComfyUI."""
+    """Add these routes and the Gallery Picker's scorer routes (score_routes.py) to ComfyUI's server; False outside
+    ComfyUI."""
     try:
         from server import PromptServer
     except ImportError:
@@ -152,7 +162,8 @@ def register() -> bool:
     if server is None:
         return False
     from .comfy_env import stores_base
+    from .score_routes import make_score_routes  # it imports this module
 
-    for route in make_routes(stores_base):
+    for route in make_routes(stores_base) + make_score_routes(stores_base):
         server.routes.route(route.method, route.path)(route.handler)
     return True

@@ -15,7 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import comfy_env
+from ..trainer.data.images import png_bytes
+from . import comfy_env, paths
 from .images import tensor_to_pils, tensor_to_pngs
 from .store_nodes import PAIRS, PreferencePairs, open_store
 
@@ -186,8 +187,9 @@ class ScoreImages:
         }}
 
     def score(self, images, prompt, scorer):
-        pngs = tensor_to_pngs(images)
-        judgement = scorer.judge(tensor_to_pils(images), [prompt] * len(pngs))
+        pils = tensor_to_pils(images)
+        pngs = [png_bytes(im) for im in pils]
+        judgement = scorer.judge(pils, [prompt] * len(pngs))
         scored = ScoredBatch(prompt, scorer.name, judgement, tuple(hashlib.sha256(p).hexdigest() for p in pngs))
         REGISTRY.add(scored)
         text = score_text(scored)
@@ -242,9 +244,10 @@ class PairsFromScores:
         text = [f"{len(examples)} pair(s) kept ({policy}, margin {margin:g}) by {scores.scorer}"]
         if store.strip():
             s = open_store(store)
-            for a, b in chosen:
-                s.add_pair(scores.prompt, pngs[a], pngs[b], source=f"scorer {scores.scorer}")
-            text.append(f"store {s.name!r} holds {s.count()} pairs")
+            with paths.shown_errors():
+                if chosen:  # no write for none: a store named here is not created empty
+                    s.add_pairs([(scores.prompt, pngs[a], pngs[b]) for a, b in chosen], source=f"scorer {scores.scorer}")
+                text.append(f"store {s.name!r} holds {s.count()} pairs")
         return {"ui": {"prefalign_text": text},
                 "result": (PreferencePairs(examples, f"scores:{scores.scorer}"), len(examples))}
 

@@ -11,24 +11,18 @@ store work runs in a worker thread, never on the event loop (a store another pro
 """
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable
 
 from aiohttp import web
 
-from .pair_store import PairStore, StoreError
-from .routes import INDEX_RE, ROUTE_BUSY_TIMEOUT, _json_error, _status
+from .pair_store import StoreError
+from .routes import INDEX_RE, ROUTE_BUSY_TIMEOUT, _json_error, _status, answer, off_loop, store_opener
 from .score_nodes import REGISTRY
 
 MAX_BODY = 1024  # bytes: a judgement is a few dozen
 COMPARE_SOURCE = "compare"
-
-
-async def _off_loop(fn, *args):
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 async def _body(request: web.Request, keys: set[str]) -> dict:
@@ -37,7 +31,7 @@ async def _body(request: web.Request, keys: set[str]) -> dict:
     raw = await request.content.read(MAX_BODY + 1)
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than Python's stack
         raise StoreError("body is not JSON") from None
     if not isinstance(body, dict) or set(body) != keys:
         raise StoreError(f"expected {{{', '.join(sorted(keys))}}}")
@@ -51,18 +45,12 @@ def _index(value, name: str) -> int:
 
 
 def make_score_routes(stores_base: Callable[[], Path], busy_timeout: float = ROUTE_BUSY_TIMEOUT) -> list[web.RouteDef]:
-    def store(name) -> PairStore:
-        if not isinstance(name, str):
-            raise StoreError("missing store")
-        return PairStore(stores_base(), name, create=False, busy_timeout=busy_timeout)
+    store = store_opener(stores_base, busy_timeout)
 
     def suggestions(name: str, batch: str, per_side: int, margin: float) -> dict:
         from ..trainer.pairs import suggest_marks
 
-        s = store(name)
-        count = s.batch_state(batch)["count"]
-        shas = tuple(hashlib.sha256(s.batch_image(batch, i)).hexdigest() for i in range(count))
-        scored = REGISTRY.find(shas)
+        scored = REGISTRY.find(tuple(store(name).batch_shas(batch)))
         if scored is None:
             return {"error": "no scores for this batch: put a Score Images for Preference node between the images and the picker "
                              "and run the graph again"}
@@ -76,36 +64,35 @@ def make_score_routes(stores_base: Callable[[], Path], busy_timeout: float = ROU
             margin = float(q.get("margin", "0"))
             if not margin >= 0:
                 raise StoreError("margin must be a number >= 0")
-            answer = await _off_loop(suggestions, q.get("store"), q.get("batch", ""), max(1, per_side), margin)
+            found = await off_loop(lambda: suggestions(q.get("store"), q.get("batch", ""), max(1, per_side), margin))
         except StoreError as e:
             return _json_error(_status(e), str(e))
         except ValueError as e:
             return _json_error(400, str(e))
-        return web.json_response(answer, status=404 if "error" in answer else 200)
+        return web.json_response(found, status=404 if "error" in found else 200)
 
     def record(body: dict) -> dict:
         s = store(body["store"])
         batch, winner, loser = body["batch"], _index(body["winner"], "winner"), _index(body["loser"], "loser")
         if winner == loser:
             raise StoreError("winner and loser must be different images")
-        prompt = s.batch_state(batch)["prompt"]
-        pair = s.add_pair(prompt, s.batch_image(batch, winner), s.batch_image(batch, loser), source=COMPARE_SOURCE)
+        pair = s.add_batch_pair(batch, winner, loser, source=COMPARE_SOURCE)
         return {"pair": pair, "total_pairs": s.count()}
 
     def undo(body: dict) -> dict:
         s = store(body["store"])
         pair = _index(body["pair"], "pair")
-        if not any(p["id"] == pair and p["source"] == COMPARE_SOURCE for p in s.pairs()):
+        if not s.delete_pair(pair, source=COMPARE_SOURCE):
             raise StoreError(f"pair {pair} is not a comparison judgement in store {s.name!r}")
-        s.delete_pair(pair)
         return {"deleted": pair, "total_pairs": s.count()}
 
     def handler(fn, keys: set[str]):
         async def handle(request: web.Request) -> web.Response:
             try:
-                return web.json_response(await _off_loop(fn, await _body(request, keys)))
+                body = await _body(request, keys)
             except StoreError as e:
-                return _json_error(_status(e), str(e))
+                return _json_error(400, str(e))
+            return await answer(lambda: fn(body))
         return handle
 
     return [
@@ -114,18 +101,3 @@ def make_score_routes(stores_base: Callable[[], Path], busy_timeout: float = ROU
         web.post("/prefalign/compare/undo", handler(undo, {"store", "pair"})),
     ]
 
-
-def register() -> bool:
-    """Add the routes to ComfyUI's server; False outside ComfyUI."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return False
-    server = getattr(PromptServer, "instance", None)
-    if server is None or not hasattr(server, "routes"):
-        return False
-    from .comfy_env import stores_base
-
-    for route in make_score_routes(stores_base):
-        server.routes.route(route.method, route.path)(route.handler)
-    return True

@@ -132,12 +132,14 @@ class TrainPreferenceLoRA:
         from ..trainer.config import make_config
         from ..trainer.loop import TrainHooks, train
         from ..trainer.methods import build_method, method_class
+        from ..trainer.methods.fit import model_refusal
         from ..trainer.metrics import logged_losses
         from ..trainer.models.lora import LoraSpec
         from .comfy_backend import ComfyBackend, prediction_type_of
-        from .comfy_families import architecture_of, default_targets, family_of
+        from .comfy_families import default_targets, trained_guidance
         from .images import pil_to_tensor
         from .loss_plot import plot_loss
+        from .model_probe import model_traits
 
         prompt_id, node_id = comfy_env.executing_context()
         # a new chart first: a run refused below must not leave the previous run's "done" showing
@@ -145,9 +147,11 @@ class TrainPreferenceLoRA:
         with live.ended_on_error(state):
             args = parse_method_args(method, method_args)
             base = model.model
-            # a method that does not train this model's sampling stops here, with the trainer's message
-            build_method(method, args).for_model(prediction_type_of(model.get_model_object("model_sampling")),
-                                                 architecture_of(base))
+            # a method that cannot train this model stops here, before it loads, with the trainer's message
+            refusal = model_refusal(build_method(method, args),
+                                    model_traits(base, prediction_type_of(model.get_model_object("model_sampling"))))
+            if refusal:
+                raise ValueError(refusal)
             targets = [t.strip() for t in target_modules.split(",") if t.strip()]
             if not targets:
                 raise ValueError("target_modules is empty: write auto, or layer names such as to_q, to_k")
@@ -155,8 +159,7 @@ class TrainPreferenceLoRA:
                 targets = list(default_targets(base))
             if len(pairs) == 0:
                 raise ValueError("no preference pairs to train on")
-            family = family_of(base)
-            family_guidance = family.guidance if family is not None else None
+            trained = trained_guidance(base, None if guidance == FAMILY_GUIDANCE else guidance)
             stamp = time.strftime("%Y%m%d-%H%M%S")
             prefix = _slug(lora_name)
             root = comfy_env.output_dir() / "prefalign"
@@ -173,7 +176,7 @@ class TrainPreferenceLoRA:
                 "log_every": 1,  # the live loss chart and progress bar move every step
                 "resume": "latest" if resume else None,
                 "timestep_sampling": None if timestep_sampling == AUTO else timestep_sampling,  # None: the family's
-                **({} if family_guidance is None else {"guidance": family_guidance if guidance == FAMILY_GUIDANCE else float(guidance)}),
+                **({} if trained is None else {"guidance": trained}),
             })
             metrics_file = run_dir / "metrics.jsonl"
             if resume:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from typing import Sequence
 from PIL import Image
 
 from .atomic import atomic_path
+from .data.images import png_bytes
 from .owned_folder import OwnedFolder, differing
 from .scorers import Judgement, Scorer
 
@@ -177,12 +177,6 @@ def _schema():
         ("scores_0", pa.list_(pa.float64())), ("scores_1", pa.list_(pa.float64())), ("seed_0", pa.int64()),
         ("seed_1", pa.int64()), ("prompt_0", pa.string()), ("prompt_1", pa.string()), ("prompt_index", pa.int64()),
     ])
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=4)
-    return buf.getvalue()
 
 
 def pair_rows(index: int, caption: str, images: Sequence[Image.Image], seeds: Sequence[int],

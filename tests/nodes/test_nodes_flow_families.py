@@ -194,6 +194,17 @@ def test_node_guidance_and_timestep_sampling_inputs(pack, comfy_folders, convert
     assert "guidance = 2.0" in config and 'timestep_sampling = "mode"' in config
 
 
+def test_trained_guidance_is_the_family_default_unless_set(pack):
+    """One rule for the node's guidance input and the backend: guidance-distilled families train at the value given, or
+    their default; the others take no guidance, whatever is given."""
+    from prefalign_pack.nodes.comfy_families import trained_guidance
+
+    flux, chroma, sd3 = (ff.make(name)[0].model for name in ("flux", "chroma", "sd3"))
+    assert trained_guidance(flux, None) == 3.5 and trained_guidance(chroma, None) == 0.0
+    assert trained_guidance(flux, 2) == 2.0 and isinstance(trained_guidance(flux, 2), float)
+    assert trained_guidance(sd3, None) is None and trained_guidance(sd3, 2.0) is None
+
+
 def test_unknown_family_lists_its_linear_layers(pack, comfy_folders):
     """A model of no known family takes the generic path: the UNet targets match nothing, so the message lists the
     model's linear layers (block numbers folded) for the user to type; typed, they train."""
@@ -229,6 +240,16 @@ def test_rpo_stops_before_encoding_on_a_text_encoder_without_a_pooled_vector(pac
                                          rf"encoder of this {family} model gives none"):
         pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]().train(patcher, clip, vae, pairs_of(pack, "r"),
                                                                **train_args(method="rpo"))
+    assert comfy_folders["calls"]["loads"] == 0  # refused from the model's family, before ComfyUI loads it
+
+
+def test_ncp_space_stops_before_anything_loads_on_a_flow_model(pack, comfy_folders):
+    """NCP's posterior step needs a DDPM schedule: the node refuses it on a flow model before loading the model."""
+    patcher, clip, vae = ff.make("flux")
+    with pytest.raises(ValueError, match="space = 'ncp'.*discrete noise schedule.*flow"):
+        pack.NODE_CLASS_MAPPINGS["PrefAlignTrainLoRA"]().train(patcher, clip, vae, pairs_of(pack, "n"),
+                                                               **train_args(method_args="space = 'ncp'"))
+    assert comfy_folders["calls"]["loads"] == 0
 
 
 def test_rpo_trains_on_the_pooled_vector_and_refuses_image_embeddings(pack, converters):

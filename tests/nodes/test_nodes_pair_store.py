@@ -219,6 +219,14 @@ def test_fingerprint_changes(tmp_path):
     assert s.fingerprint() not in (b,)
 
 
+def test_delete_pair_only_from_its_source(tmp_path):
+    s = PairStore(tmp_path, "del")
+    manual, judged = s.add_pair("x", png(1), png(2)), s.add_pair("y", png(3), png(4), source="compare")
+    assert not s.delete_pair(manual, source="compare") and not s.delete_pair(99, source="compare")
+    assert s.delete_pair(judged, source="compare") and not s.delete_pair(judged)
+    assert [p["id"] for p in s.pairs()] == [manual]
+
+
 def pickapic(path: Path, n: int, bad_row: int | None = None, row_group_size: int = 8) -> Path:
     """A Pick-a-Pic style parquet of n distinct pairs (jpg_0 wins); `bad_row`'s loser does not decode."""
     import pyarrow as pa
@@ -347,6 +355,35 @@ def test_tampered_records_are_refused(tmp_path):
         con.execute("UPDATE batches SET images = ?", ("[" * 5000 + "]" * 5000,))  # deeper than Python's stack
     with pytest.raises(store_mod.StoreDamagedError):
         s.set_mark(batch, 0, "chosen")
+
+
+def test_batch_pairs_and_image_addresses_come_from_the_batch_record(tmp_path, monkeypatch):
+    """A batch's image addresses and a pair of two of its images are read from its record (the files are named by
+    their sha256 and were checked when the batch was added): no image is read back, decoded or hashed again."""
+    import hashlib
+
+    s = PairStore(tmp_path, "b")
+    batch = s.add_batch("a fox", [png(3), png(4), png(5)])
+    expected = [hashlib.sha256(png(i)).hexdigest() for i in (3, 4, 5)]
+    monkeypatch.setattr(store_mod, "check_image", lambda data: pytest.fail("an image was decoded again"))
+    monkeypatch.setattr(hashlib, "sha256", lambda data=b"": pytest.fail("an image was hashed again"))
+    assert s.batch_shas(batch) == expected
+    pid = s.add_batch_pair(batch, 2, 0, source="compare")
+    (pair,) = s.pairs()
+    assert (pair["id"], pair["prompt"], pair["source"], pair["batch"]) == (pid, "a fox", "compare", None)
+    assert s.image_path(pair["chosen"]).read_bytes() == png(5) and s.image_path(pair["rejected"]).read_bytes() == png(3)
+    s.set_mark(batch, 1, "chosen")
+    s.set_mark(batch, 1, "none")  # the batch's marks make and remove their own pairs only
+    assert [p["id"] for p in s.pairs()] == [pid]
+    with pytest.raises(StoreError, match="index 3 is outside the batch of 3"):
+        s.add_batch_pair(batch, 3, 0)
+    with pytest.raises(StoreError, match="no batch"):
+        s.add_batch_pair("0" * 32, 1, 0)
+    s.image_path(s.batch_shas(batch)[1]).unlink()
+    for missing in (lambda: s.batch_shas(batch), lambda: s.add_batch_pair(batch, 0, 1)):
+        with pytest.raises(store_mod.MissingImageError, match=rf"store 'b', batch {batch}, image 1: image file .* is missing"):
+            missing()
+    assert s.count() == 1
 
 
 @pytest.mark.parametrize("name", ["art\n", "art\r", "art\n\n", "\nart"])

@@ -145,6 +145,7 @@ def test_register_adds_routes_to_comfy_server(pack, monkeypatch):
     sys.modules["server"].PromptServer.instance.routes = Routes()
     assert routes.register() is True
     assert ("POST", "/prefalign/mark") in added and ("GET", "/prefalign/image") in added
+    assert ("GET", "/prefalign/automark") in added and ("POST", "/prefalign/compare/undo") in added  # one register
 
 
 def test_deep_json_is_a_bad_request(batch):

@@ -43,6 +43,22 @@ def test_backend_basics(pack):
     assert info["architecture"] == "sd15" and len(info["hash"]) == 16
 
 
+def test_model_info_fingerprints_the_frozen_model_once(pack):
+    """The fingerprint reads the three models' state dicts once per backend (the trainer asks 3-4 times a run); the
+    LoRA factors are in none of them (ComfyUI's weight wrappers hang in plain lists), so training cannot change it."""
+    _, b = backend()
+    b.patcher.load()  # the LoRA's wrappers attached, as for a forward pass
+    unet = b.base.diffusion_model
+    assert not any("lora" in k for k in unet.state_dict()) and unet.input_blocks[0].attn1.to_q.weight_function
+    first = b.model_info()
+    read = []
+    unet.state_dict = lambda *a, **k: read.append(1) or {}
+    randomize(b)
+    assert b.model_info() == first and not read
+    b.model_info()["hash"] = "changed"  # a caller's copy
+    assert b.model_info() == first
+
+
 def test_reference_is_base_and_grads_reach_adapter(pack):
     with torch.inference_mode(False):
         _, b = backend()

@@ -165,6 +165,22 @@ def test_node_strength_zero_returns_the_model_and_metadata(comfy_folders, monkey
     assert patched is not base and "model_function_wrapper" in patched.model_options
 
 
+def test_node_reads_the_model_key_map_once_and_names_modules_it_skips(comfy_folders, monkeypatch):
+    """The key map that checks the file's fit also places its weights (ComfyUI's model_lora_keys_unet ran twice);
+    a module this model does not have is named on the node, as Load Preference LoRA names it."""
+    install_comfy_lora(monkeypatch)
+    lora_mod, maps = sys.modules["comfy.lora"], []
+    keys = lora_mod.model_lora_keys_unet
+    monkeypatch.setattr(lora_mod, "model_lora_keys_unet", lambda model, key_map: maps.append(1) or keys(model, key_map))
+    base = Patcher(fake_comfy.make_model_patcher().model)
+    lora = random_lora(base)
+    lora["lora_unet_elsewhere.lora_up.weight"], lora["lora_unet_elsewhere.lora_down.weight"] = torch.ones(4, 2), torch.ones(2, 4)
+    save_file(lora, str(comfy_folders["loras"] / "npo.safetensors"))
+    patched, info = npo_node.NegativeBranchLoRA().apply(base, "npo.safetensors", 1.0)["result"]
+    assert len(maps) == 1 and "model_function_wrapper" in patched.model_options
+    assert info.endswith("\nnot applied: 1 modules this model does not have (e.g. lora_unet_elsewhere)")
+
+
 def test_lora_for_another_model_is_refused(comfy_folders, monkeypatch):
     install_comfy_lora(monkeypatch)
     base = Patcher(fake_comfy.make_model_patcher().model)

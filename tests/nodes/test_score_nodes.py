@@ -29,7 +29,7 @@ if wt is None:  # loaded the way test_nodes_workflows.py loads it (tests/nodes i
     _spec.loader.exec_module(wt)
 
 score_nodes = prefalign_pack.nodes.score_nodes
-score_routes = prefalign_pack.nodes.score_routes
+import prefalign_pack.nodes.score_routes as score_routes  # noqa: E402  (ComfyUI's server loads it through routes.register)
 PairStore = prefalign_pack.nodes.pair_store.PairStore
 
 
@@ -89,6 +89,23 @@ def test_score_images_shows_scores_and_previews(scorer_dir, comfy_folders):
         assert preview["type"] == "temp" and (comfy_folders["temp"] / preview["filename"]).is_file()
 
 
+def test_score_images_converts_each_image_once(scorer_dir, comfy_folders, monkeypatch):
+    """The batch becomes PIL images once: the scorer judges them and their PNGs are the previews and the batch's
+    content addresses (it converted the tensor twice)."""
+    import hashlib
+
+    from PIL import Image
+
+    batch, _ = toy_batch()
+    pngs = prefalign_pack.nodes.images.tensor_to_pngs(batch)
+    made = []
+    fromarray = Image.fromarray
+    monkeypatch.setattr(Image, "fromarray", lambda *a, **k: made.append(1) or fromarray(*a, **k))
+    _, scored, _ = node("PrefAlignScoreImages").score(batch, "a red circle", load("toy attribute"))["result"]
+    assert len(made) == len(batch) == 6
+    assert scored.shas == tuple(hashlib.sha256(p).hexdigest() for p in pngs)
+
+
 def test_pairs_from_scores_select_and_fill_a_store(scorer_dir):
     from trainer.pairs import select_pairs
 
@@ -108,6 +125,29 @@ def test_pairs_from_scores_select_and_fill_a_store(scorer_dir):
     assert [p.images for p in best_worst] == [(pngs[int(np.argmax(s))], pngs[int(np.argmin(s))])]
     with pytest.raises(ValueError, match="not the 6 that Score Images for Preference judged"):
         node("PrefAlignPairsFromScores").pairs(batch[:5], scored, "all-pairs", 0.0, "")
+
+
+def test_pairs_from_scores_adds_all_or_none_and_shows_no_server_path(scorer_dir, monkeypatch):
+    """The pairs go into the store in one write: a failure on the second pair leaves none of them (each pair was its
+    own write), and the error names the store's folder as ComfyUI shows it, not the server's path."""
+    batch, _ = toy_batch(seeds=(3, 4, 5, 6, 7, 8))
+    _, scored, _ = node("PrefAlignScoreImages").score(batch, "a red circle", load("clip", "tiny-pick"))["result"]
+    stores = scorer_dir.parent / "stores"
+    save, saved = PairStore._save_file, []
+
+    def failing(self, image):
+        saved.append(image.sha)
+        if len(saved) == 3:  # the second pair's chosen image
+            raise prefalign_pack.nodes.pair_store.StoreError(f"cannot write {self.images_dir}")
+        save(self, image)
+
+    monkeypatch.setattr(PairStore, "_save_file", failing)
+    with pytest.raises(ValueError) as e:
+        node("PrefAlignPairsFromScores").pairs(batch, scored, "all-pairs", 0.0, "judged")
+    assert str(e.value) == "cannot write stores/judged/images"
+    assert PairStore(stores, "judged", create=False).count() == 0
+    node("PrefAlignPairsFromScores").pairs(batch, scored, "all-pairs", 1e6, "none_kept")  # no pair: no store made
+    assert not (stores / "none_kept").exists()
 
 
 def test_chained_loaders_vote_and_keep_only_agreed_pairs(scorer_dir):
@@ -197,12 +237,55 @@ def test_compare_records_each_judgement_as_a_pair(picked):
         r = await client.post("/prefalign/compare", data=b"{" + b" " * 5000 + b"}",
                               headers={"Content-Type": "application/json"})
         assert r.status == 400
+        raw = b"[" * 1000  # under the size limit, nested deeper than Python's stack: RecursionError (was a 500)
+        assert len(raw) <= score_routes.MAX_BODY
+        r = await client.post("/prefalign/compare", data=raw, headers={"Content-Type": "application/json"})
+        assert r.status == 400 and (await r.json())["error"] == "body is not JSON"
 
     run(base, scenario)
     kept = [p for p in store.pairs() if p["source"] == "compare"]
     assert len(kept) == 1 and kept[0]["prompt"] == "a red circle"
     assert store.image_path(kept[0]["chosen"]).read_bytes() == store.batch_image(batch, 3)
     assert store.image_path(kept[0]["rejected"]).read_bytes() == store.batch_image(batch, 1)
+
+
+def test_routes_take_the_batch_images_by_their_recorded_address(picked, monkeypatch):
+    """Suggestions and judgements use the content addresses the batch records: no image is read back, decoded or
+    hashed again (a batch of 4 took 4 file reads and hashes per suggestion, 2 reads and decodes per judgement)."""
+    base, batch, scored = picked
+    store_mod = prefalign_pack.nodes.pair_store
+    monkeypatch.setattr(PairStore, "batch_image", lambda *a: pytest.fail("an image was read back"))
+    monkeypatch.setattr(store_mod, "check_image", lambda data: pytest.fail("an image was decoded again"))
+
+    async def scenario(client):
+        r = await client.get("/prefalign/automark", params={"store": "art", "batch": batch})
+        assert r.status == 200 and (await r.json())["scorer"] == scored.scorer
+        r = await client.post("/prefalign/compare", json={"store": "art", "batch": batch, "winner": 1, "loser": 3})
+        assert r.status == 200, await r.text()
+        return (await r.json())["pair"]
+
+    pair = run(base, scenario)
+    shas = PairStore(base, "art").batch_shas(batch)
+    assert [(p["id"], p["chosen"], p["rejected"]) for p in PairStore(base, "art").pairs()] == [(pair, shas[1], shas[3])]
+
+
+def test_undo_deletes_one_judgement_without_reading_the_store(picked, monkeypatch):
+    """Undo deletes the judgement by id and source in one statement; it used to load every pair of the store."""
+    base, batch, _ = picked
+    store = PairStore(base, "art")
+    manual = store.add_pair("by hand", store.batch_image(batch, 0), store.batch_image(batch, 1))
+    judged = store.add_batch_pair(batch, 2, 0, source=score_routes.COMPARE_SOURCE)
+    monkeypatch.setattr(PairStore, "pairs", lambda self: pytest.fail("every pair was read"))
+
+    async def scenario(client):
+        r = await client.post("/prefalign/compare/undo", json={"store": "art", "pair": manual})
+        assert r.status == 400 and (await r.json())["error"] == f"pair {manual} is not a comparison judgement in store 'art'"
+        r = await client.post("/prefalign/compare/undo", json={"store": "art", "pair": judged})
+        assert (await r.json()) == {"deleted": judged, "total_pairs": 1}
+
+    run(base, scenario)
+    monkeypatch.undo()
+    assert [p["id"] for p in store.pairs()] == [manual]
 
 
 def _hold_lock(db, seconds, ready):

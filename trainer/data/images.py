@@ -47,3 +47,10 @@ def check_image_size(img: Image.Image, where: str, max_pixels: int = MAX_PIXELS,
     if size > max_bytes:
         raise BadImageError(f"{where}: image is {w}x{h} {img.mode} and decodes to {size} bytes, above the limit "
                             f"of {max_bytes} (decompression bomb?); raise max_image_bytes to accept it")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """An image as PNG file bytes (what the pair store, the pack's previews and generated pair datasets hold)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=4)
+    return buf.getvalue()
