@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..trainer.encoding import SIZE, concat_rows
-from ..trainer.forward_process import Schedule, TimestepSampling
+from ..trainer.forward_process import Schedule, TimestepSampling, per_sample
 from ..trainer.models.lora import LoraSpec
 from .comfy_checkpointing import checkpointed, outermost_blocks, snapshot_saved_tensors
 from .comfy_families import architecture_of, family_of, layer_names, text_embeddings, trained_guidance
@@ -138,6 +138,10 @@ class ComfyBackend:
         self._load_fully()
         self.device = torch.device(self.patcher.load_device)
         self.lora_modules.to(self.device)
+        # the tables are indexed every step: on the device, with no host-to-device copy per step
+        self.schedule = self.schedule.to(self.device)
+        self.alphas_cumprod = self.schedule.alphas_cumprod
+        self._sigmas = None if self._sigmas is None else self._sigmas.to(self.device)
         self._exit = ExitStack()  # last: nothing below may fail and leave the shared model patched
         if gradient_checkpointing:
             self._exit.enter_context(checkpointed(outermost_blocks(base.diffusion_model)))
@@ -187,10 +191,6 @@ class ComfyBackend:
         if self.discrete:
             return self._sigmas.to(timesteps.device)[timesteps.long()]
         return self.schedule.sigma(timesteps)
-
-    @staticmethod
-    def _view(x: Tensor, like: Tensor) -> Tensor:
-        return x.view(-1, *[1] * (like.dim() - 1)).to(like.device, like.dtype)
 
     # -- encoding (no grad) -------------------------------------------------------------------------
     def _check_cancel(self) -> None:
@@ -288,7 +288,7 @@ class ComfyBackend:
         """Run ComfyUI's model on a DDPM/flow x_t: returns its denoised x0."""
         self._ensure_loaded()
         sigma = self._sigma(timesteps.to(noisy.device)).to(noisy.device).float()
-        s = self._view(sigma, noisy).float()
+        s = per_sample(sigma, noisy).float()
         x = noisy.float() * (1 + s ** 2).sqrt() if self.discrete else noisy.float()
         dtype = self.base.get_dtype()
         bf16 = (x.device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and torch.cuda.is_bf16_supported())
