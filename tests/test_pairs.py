@@ -151,6 +151,44 @@ def test_resume_after_a_crash_writes_exactly_the_uninterrupted_rows(tmp_path, mo
     assert not (tmp_path / "cut" / ".pending").exists()  # no stray pending rows
 
 
+def test_a_lora_is_loaded_once_per_run_and_applies_to_every_prompt(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.config import make_config
+    from trainer.demo import DEMO_TRAINING
+    from trainer.run import run
+    from trainer.toy import write_preference_dataset
+
+    data = write_preference_dataset(tmp_path / "data", "shaded", 8, seed=0)
+    lora = str(run(make_config({**DEMO_TRAINING, "data": str(data), "max_steps": 3, "batch_size": 4,
+                                "learning_rate": 5e-2, "output_dir": str(tmp_path / "run"),
+                                "cache_dir": str(tmp_path / "cache")})).lora_path)
+    loads = []
+    original = StableDiffusionPipeline.load_lora_weights
+
+    def counted(self, *args, **kwargs):
+        loads.append(args[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "load_lora_weights", counted)
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    make_pairs(small_settings(tmp_path / "p.txt", lora=lora), tmp_path / "out", progress=False)
+    assert loads == [lora]  # once for the run, not once per prompt
+    table = rows(tmp_path / "out")
+    assert table
+    moved = False
+    for index in sorted({r["prompt_index"] for r in table}):  # each prompt's 3 images, drawn as one batch
+        seeds = [index * 3 + k for k in range(3)]
+        tuned = sample_images(None, PROMPTS[index], seeds, steps=3, lora=lora)
+        plain = sample_images(None, PROMPTS[index], seeds, steps=3)
+        moved |= any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(tuned, plain))
+        for r in (r for r in table if r["prompt_index"] == index):
+            for side in ("0", "1"):
+                drawn = tuned[seeds.index(r[f"seed_{side}"])]
+                assert np.array_equal(np.asarray(drawn), np.asarray(image(r[f"jpg_{side}"])))
+    assert moved  # the LoRA changed the images the rows hold
+
+
 def test_a_second_run_on_a_locked_folder_stops(tmp_path, capsys):
     import fcntl
 

@@ -353,7 +353,7 @@ def make_pairs(settings: PairsSettings, output_dir: str | os.PathLike, resume: b
     """Generate, judge and pair every prompt into `output_dir`; `pipe`/`scorer` may be passed in already loaded."""
     from tqdm.auto import tqdm
 
-    from .generate import cpu_threads, generate
+    from .generate import cpu_threads, generate, sampling
     from .prompts import read_prompts
     from .scorers import make_scorer
 
@@ -381,30 +381,31 @@ def make_pairs(settings: PairsSettings, output_dir: str | os.PathLike, resume: b
                           "rejected_template": settings.rejected_template}}
     folder.start(manifest, fresh)
     k, start = settings.images_per_prompt, folder.manifest["next_prompt"]
-    sample = dict(steps=settings.sample_steps, guidance_scale=settings.guidance, lora=settings.lora,
-                  batch_size=batch_size or k, threads=cpu_threads(settings.model), size=settings.image_size)
+    sample = dict(steps=settings.sample_steps, guidance_scale=settings.guidance, batch_size=batch_size or k,
+                  threads=cpu_threads(settings.model), size=settings.image_size)
     bar = tqdm(total=len(prompts), initial=start, disable=not progress, desc="pairs", unit="prompt")
-    for index in range(start, len(prompts)):
-        prompt = prompts[index]
-        seeds = [settings.seed + index * k + j for j in range(k)]
-        if settings.policy == "contrast":
-            shown = [apply_template(settings.chosen_template, prompt, "--chosen-template"),
-                     apply_template(settings.rejected_template, prompt, "--rejected-template")]
-            images = generate(pipe, [shown[0]] * k, seeds, **sample) + generate(pipe, [shown[1]] * k, seeds, **sample)
-            judgement = scorer.judge(images, [prompt] * 2 * k) if scorer else None
-            candidates = [(j, k + j) for j in range(k)]  # chosen image j against rejected image j: same seed
-            pairs = [(a, b) for a, b in candidates if judgement is None
-                     or (judgement.prefers(a, b) and judgement.combined[a] - judgement.combined[b] >= settings.margin)]
-            rows = pair_rows(index, prompt, images, seeds * 2, [shown[0]] * k + [shown[1]] * k, pairs, judgement)
-        else:
-            images = generate(pipe, [prompt] * k, seeds, **sample)
-            judgement = scorer.judge(images, [prompt] * k)
-            pairs = select_pairs(judgement, settings.policy, settings.margin)
-            rows = pair_rows(index, prompt, images, seeds, [prompt] * k, pairs, judgement)
-        judged = {"best-worst": 1, "all-pairs": k * (k - 1) // 2, "contrast": k}[settings.policy]
-        folder.add_prompt(index, rows, judged, len(images))
-        bar.set_postfix(pairs=folder.manifest["pairs"], refresh=False)
-        bar.update(1)
+    with sampling(pipe, settings.lora):  # the LoRA is loaded once for the run; each `generate` keeps it
+        for index in range(start, len(prompts)):
+            prompt = prompts[index]
+            seeds = [settings.seed + index * k + j for j in range(k)]
+            if settings.policy == "contrast":
+                shown = [apply_template(settings.chosen_template, prompt, "--chosen-template"),
+                         apply_template(settings.rejected_template, prompt, "--rejected-template")]
+                images = generate(pipe, [shown[0]] * k, seeds, **sample) + generate(pipe, [shown[1]] * k, seeds, **sample)
+                judgement = scorer.judge(images, [prompt] * 2 * k) if scorer else None
+                candidates = [(j, k + j) for j in range(k)]  # chosen image j against rejected image j: same seed
+                pairs = [(a, b) for a, b in candidates if judgement is None
+                         or (judgement.prefers(a, b) and judgement.combined[a] - judgement.combined[b] >= settings.margin)]
+                rows = pair_rows(index, prompt, images, seeds * 2, [shown[0]] * k + [shown[1]] * k, pairs, judgement)
+            else:
+                images = generate(pipe, [prompt] * k, seeds, **sample)
+                judgement = scorer.judge(images, [prompt] * k)
+                pairs = select_pairs(judgement, settings.policy, settings.margin)
+                rows = pair_rows(index, prompt, images, seeds, [prompt] * k, pairs, judgement)
+            judged = {"best-worst": 1, "all-pairs": k * (k - 1) // 2, "contrast": k}[settings.policy]
+            folder.add_prompt(index, rows, judged, len(images))
+            bar.set_postfix(pairs=folder.manifest["pairs"], refresh=False)
+            bar.update(1)
     bar.close()
     folder.finish()
     return _result(folder.root, folder.manifest)
