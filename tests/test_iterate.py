@@ -17,11 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from trainer import generate
 from trainer.cli import main
 from trainer.export import read_lora
 from trainer.toy import open_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
+PIPELINE_LOADS: list[str] = []  # the models the reference run loaded as sampling pipelines
 
 
 def iterate_args(prompts: Path, out: Path) -> list[str]:
@@ -38,8 +40,16 @@ def reference(tmp_path_factory):
     (tmp / "prompts.txt").write_text("\n".join(open_prompts("shaded")) + "\n")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    load_pipeline = generate.load_pipeline
+
+    def counted(model, *args, **kwargs):
+        PIPELINE_LOADS.append(model)
+        return load_pipeline(model, *args, **kwargs)
+
     try:
-        assert main(iterate_args(tmp / "prompts.txt", tmp / "run")) == 0
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(generate, "load_pipeline", counted)
+            assert main(iterate_args(tmp / "prompts.txt", tmp / "run")) == 0
     finally:
         torch.set_num_threads(threads)
     return tmp
@@ -56,6 +66,8 @@ def test_two_rounds_raise_the_judged_score(reference, capsys):
     assert second["mean_lora"] > first["mean_lora"] > base["mean_base"]
     assert first["win_rate"]["low"] > 0.5 and second["win_rate"]["low"] > 0.5
     assert rows[1]["pairs"] > 0 and rows[2]["pairs"] > 0
+    # one pipeline serves an evaluation and the next round's pairs: loaded 1 + rounds times, let go for training
+    assert PIPELINE_LOADS == ["toy"] * 3
     table = (reference / "run" / "rounds.md").read_text()
     assert "| 2 | " in table and "attribute:shaded (labelled)" in table
     # round 2 generated with round 1's LoRA, on seeds of its own

@@ -157,6 +157,8 @@ def iterate(config: TrainConfig, settings: PairsSettings, rounds: int, resume: b
     threads = cpu_threads(settings.model)
 
     base_path = folder.root / "eval-base.json"
+    # one pipeline at a time: it serves the evaluation and the next round's pairs (a LoRA applied for sampling
+    # is removed afterwards, leaving the model as it was) and is let go while a round trains
     pipe = load_pipeline(settings.model, settings.vae, settings.model_config)  # a bad model fails before any write
     folder.root.mkdir(parents=True, exist_ok=True)
     folder.save(state)
@@ -168,8 +170,6 @@ def iterate(config: TrainConfig, settings: PairsSettings, rounds: int, resume: b
         base = judge_scores(judges, images, evaluation.prompts)
         write_text(base_path, json.dumps(base))
         del images
-    del pipe
-    release_memory()
     rows = [round_row(0, None, base, base, judges, labellers)]
     lora: Path | None = None
     for r in range(1, rounds + 1):
@@ -178,7 +178,6 @@ def iterate(config: TrainConfig, settings: PairsSettings, rounds: int, resume: b
             rows.append(state["rounds"][str(r)])
             lora = where / "train" / "lora.safetensors"
             continue
-        pipe = load_pipeline(settings.model, settings.vae, settings.model_config)
         round_settings = dataclasses.replace(settings, lora=str(lora) if lora else None,
                                              seed=settings.seed + (r - 1) * len(prompts) * settings.images_per_prompt)
         made = make_pairs(round_settings, where / "pairs", resume=True, progress=progress, pipe=pipe, scorer=judge)
@@ -192,14 +191,15 @@ def iterate(config: TrainConfig, settings: PairsSettings, rounds: int, resume: b
         images = generate(pipe, evaluation.prompts, evaluation.seeds, evaluation.steps, evaluation.guidance_scale,
                           lora=str(lora), threads=threads)
         row = round_row(r, made.pairs, judge_scores(judges, images, evaluation.prompts), base, judges, labellers)
-        del pipe, images
-        release_memory()
+        del images
         write_text(where / "eval.json", json.dumps(row, indent=1))
         state["rounds"][str(r)] = row
         folder.save(state)
         rows.append(row)
         write_text(folder.root / "rounds.json", json.dumps(rows, indent=1))
         write_text(folder.root / "rounds.md", table(rows))
+    del pipe
+    release_memory()
     write_text(folder.root / "rounds.json", json.dumps(rows, indent=1))
     write_text(folder.root / "rounds.md", table(rows))
     return rows
