@@ -48,11 +48,17 @@ def test_clip_scorer_is_logit_scale_times_cosine(tiny_clip, toy_images):
     assert scorer.name == f"clip:{tiny_clip}" and not scorer.binary
 
 
-def test_style_judge_zero_shot(tiny_clip, toy_images):
+def test_style_judge_zero_shot(tiny_clip, toy_images, monkeypatch):
     prompts, images = toy_images
-    flags = StyleJudge("shaded", tiny_clip, ["flat"]).score(images, prompts)
+    judge = StyleJudge("shaded", tiny_clip, ["flat"])
+    encoded = []
+    texts = judge.clip.texts
+    monkeypatch.setattr(judge.clip, "texts", lambda labels: encoded.append(labels) or texts(labels))
+    flags = judge.score(images, prompts)
     expected = clip_forward(tiny_clip, images, ["a shaded image", "a flat image"])[0].argmax(-1) == 0
     assert flags == [float(x) for x in expected.tolist()]
+    assert judge.score(images[::-1], prompts) == flags[::-1]
+    assert encoded == [["a shaded image", "a flat image"]]  # the fixed labels are encoded once, not per call
     with pytest.raises(ValueError, match="alternative"):
         StyleJudge("shaded", tiny_clip, ["shaded"])
 
