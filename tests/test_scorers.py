@@ -189,6 +189,9 @@ def test_pairing_policies_and_marks():
     assert sorted(select_pairs(j, "all-pairs", margin=0.3)) == [(1, 0), (1, 2), (1, 3), (3, 0), (3, 2)]
     assert sorted(select_pairs(j, "all-pairs", margin=0.5)) == [(1, 0), (1, 2)]
     assert select_pairs(Judgement([1.0, 1.0], [[1.0, 1.0]], ["s"]), "best-worst") == []  # no preference, no pair
+    assert j.keeps(1, 3, 0.3) and not j.keeps(1, 3, 0.5) and not j.keeps(0, 2) and not j.keeps(3, 1)
+    split = Judgement([1.0, 0.0], [[2.0, 1.0], [0.0, 3.0]], ["a", "b"], "mean-rank")  # members disagree
+    assert not split.keeps(0, 1) and not split.keeps(1, 0)
     assert suggest_marks(j) == ["rejected", "chosen", "none", "none"]
     assert suggest_marks(j, per_side=2) == ["rejected", "chosen", "rejected", "chosen"]
     assert suggest_marks(j, margin=0.5) == ["rejected", "chosen", "none", "none"]

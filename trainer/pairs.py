@@ -58,7 +58,7 @@ def select_pairs(judgement: Judgement, policy: str, margin: float = 0.0) -> list
         candidates = [(a, b) for a in range(len(s)) for b in range(len(s)) if a != b]
     else:
         raise ValueError(f"unknown policy {policy!r}; score policies are best-worst and all-pairs")
-    return [(a, b) for a, b in candidates if judgement.prefers(a, b) and s[a] - s[b] >= margin]
+    return [(a, b) for a, b in candidates if judgement.keeps(a, b, margin)]
 
 
 def suggest_marks(judgement: Judgement, margin: float = 0.0, per_side: int = 1) -> list[str]:
@@ -69,7 +69,7 @@ def suggest_marks(judgement: Judgement, margin: float = 0.0, per_side: int = 1) 
     worst_first = sorted(range(len(s)), key=lambda i: (s[i], i))
     for n in range(min(per_side, len(s) // 2), 0, -1):
         chosen, rejected = best_first[:n], worst_first[:n]
-        if all(judgement.prefers(c, r) and s[c] - s[r] >= margin for c in chosen for r in rejected):
+        if all(judgement.keeps(c, r, margin) for c in chosen for r in rejected):
             return ["chosen" if i in chosen else "rejected" if i in rejected else "none" for i in range(len(s))]
     return ["none"] * len(s)
 
@@ -394,8 +394,7 @@ def make_pairs(settings: PairsSettings, output_dir: str | os.PathLike, resume: b
                 images = generate(pipe, [shown[0]] * k, seeds, **sample) + generate(pipe, [shown[1]] * k, seeds, **sample)
                 judgement = scorer.judge(images, [prompt] * 2 * k) if scorer else None
                 candidates = [(j, k + j) for j in range(k)]  # chosen image j against rejected image j: same seed
-                pairs = [(a, b) for a, b in candidates if judgement is None
-                         or (judgement.prefers(a, b) and judgement.combined[a] - judgement.combined[b] >= settings.margin)]
+                pairs = [(a, b) for a, b in candidates if judgement is None or judgement.keeps(a, b, settings.margin)]
                 rows = pair_rows(index, prompt, images, seeds * 2, [shown[0]] * k + [shown[1]] * k, pairs, judgement)
             else:
                 images = generate(pipe, [prompt] * k, seeds, **sample)
