@@ -50,10 +50,15 @@ def toy_lora(tmp_path_factory):
     return str(run(config).lora_path)
 
 
-def test_eval_cli_attribute_scorer_matches_independent_sampling(tmp_path, toy_lora, capsys):
+def test_eval_cli_attribute_scorer_matches_independent_sampling(tmp_path, toy_lora, capsys, monkeypatch):
+    from trainer import export
+
     out = tmp_path / "eval"
+    read, read_lora = [], export.read_lora
+    monkeypatch.setattr(export, "read_lora", lambda path: read.append(str(path)) or read_lora(path))
     assert main(["eval", "--lora", toy_lora, "--samples", "6", "--steps", "4", "--seed", "50",
                  "--output-dir", str(out)]) == 0
+    assert read == [toy_lora]  # its metadata (labellers, placement) is read from one read of the file
     report = json.loads((out / "eval.json").read_text())
     assert (out / "grid.png").stat().st_size > 0
     printed = capsys.readouterr().out

@@ -130,12 +130,10 @@ def labelled_by(scorer: Scorer, labellers: list[dict] | None) -> bool | None:
     return any(identity["fingerprint"] in used for identity in scorer.identities())
 
 
-def training_labellers(lora: str | os.PathLike) -> list[dict] | None:
-    """The scorers that labelled the LoRA's training data, read from the dataset its metadata names."""
-    from .export import read_lora
+def training_labellers(meta: dict[str, str]) -> list[dict] | None:
+    """The scorers that labelled the LoRA's training data, read from the dataset its metadata `meta` names."""
     from .pairs import read_labellers
 
-    _, meta = read_lora(lora)
     dataset = meta.get("prefalign.dataset")
     return read_labellers(dataset) if dataset else None
 
@@ -172,12 +170,11 @@ def prompt_alignment(clip_model: str, base: Sequence[Image.Image], tuned: Sequen
             "scores": {"base": sims["base"].tolist(), "lora": sims["lora"].tolist()}}
 
 
-def lora_placement(lora: str | os.PathLike) -> str:
-    """"negative" when the LoRA's method (its metadata) is a negative-branch one (npo), else "model"."""
-    from .export import read_lora
+def lora_placement(meta: dict[str, str]) -> str:
+    """"negative" when the LoRA's method (its metadata `meta`) is a negative-branch one (npo), else "model"."""
     from .methods import method_class, method_names
 
-    method = read_lora(lora)[1].get("prefalign.method", "")
+    method = meta.get("prefalign.method", "")
     return "negative" if method in method_names() and method_class(method).negative_branch else "model"
 
 
@@ -188,6 +185,7 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequenc
              negative_lora: str | os.PathLike | None = None, prompt_clip: str | None = None) -> dict:
     """Sample base and base+LoRA on the same (prompt, seed) pairs, judge them, write eval.json + grid.png."""
     from .demo import grid
+    from .export import read_lora
     from .generate import cpu_threads, default_guidance, generate, load_pipeline
     from .prompts import read_prompts
     from .scorers import make_scorers
@@ -199,7 +197,8 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequenc
             raise ValueError(f"{option} {path}: no such file")
     judges = make_scorers([scorers] if isinstance(scorers, str) else list(scorers), attribute=attribute,
                           clip_model=scorer_model, alternatives=alternatives)
-    labellers = training_labellers(lora)
+    meta = read_lora(lora)[1]
+    labellers = training_labellers(meta)
     if prompts is None:
         from .toy import open_prompts
 
@@ -211,7 +210,7 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequenc
     guidance = default_guidance(model) if guidance_scale is None else guidance_scale
     pipe = load_pipeline(model)
     base = generate(pipe, prompt_list, seeds, steps, guidance, threads=cpu_threads(model))
-    placement = lora_placement(lora)
+    placement = lora_placement(meta)
     loras = {"negative_lora": str(lora)} if placement == "negative" else {"lora": str(lora)}
     if negative_lora is not None:
         if "negative_lora" in loras:
