@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,7 +12,7 @@ from PIL import Image
 
 from trainer.cli import main
 from trainer.data.parquet import ParquetSource
-from trainer.pairs import PairsFolder, PairsSettings, make_pairs
+from trainer.pairs import PairsFolder, PairsSettings, make_pairs, read_labellers
 from trainer.scorers import AttributeScorer
 from trainer.toy import has_attribute, sample_images
 
@@ -69,6 +70,21 @@ def test_shards_name_the_judge_and_train_reads_them(judged, tmp_path):
                  "--max-steps", "1", "--checkpoint-every", "0", "--output-dir", str(tmp_path / "run"),
                  "--cache-dir", str(tmp_path / "cache")]) == 0
     assert (tmp_path / "run" / "lora.safetensors").is_file()
+
+
+def test_read_labellers_reads_the_shards_train_reads(judged, tmp_path):
+    import pyarrow as pa
+
+    shard = sorted(judged.glob("pairs-*.parquet"))[0]
+    expected = AttributeScorer("shaded").identities()
+    assert read_labellers(judged) == read_labellers(shard) == expected
+    assert read_labellers(tmp_path / "missing") is None and read_labellers(tmp_path) is None  # no parquet there
+    pq.write_table(pa.table({"caption": ["x"]}), tmp_path / "plain.parquet")
+    assert read_labellers(tmp_path / "plain.parquet") is None  # parquet that `trainer pairs` did not write
+    mixed = tmp_path / "mixed"
+    (mixed / "a.parquet").mkdir(parents=True)  # a folder named like a shard is not one (train skips it too)
+    shutil.copy(shard, mixed / "pairs-00000.parquet")
+    assert read_labellers(mixed) == expected
 
 
 def test_prompt_contrast_shares_seeds_and_stores_the_plain_prompt(tmp_path):

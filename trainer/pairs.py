@@ -316,19 +316,18 @@ class PairsFolder:
 
 
 def read_labellers(data: str | os.PathLike) -> list[dict] | None:
-    """Names and fingerprints of the scorers that labelled a parquet file or folder `trainer pairs` wrote;
-    None when `data` is not such a dataset (or not here)."""
+    """Names and fingerprints of the scorers that labelled a parquet file or folder `trainer pairs` wrote (read
+    from the first shard `train` reads); None when `data` is not such a dataset (or not here)."""
     import pyarrow.parquet as pq
 
-    path = Path(data)
-    files = [path] if path.is_file() else sorted(path.rglob("*.parquet")) if path.is_dir() else []
-    for file in files[:1]:
-        try:
-            meta = pq.read_schema(file).metadata or {}
-            return list(json.loads(meta[METADATA_KEY])["scorers"])
-        except (KeyError, ValueError, OSError):
-            return None
-    return None
+    from .data.errors import DataError
+    from .data.parquet import parquet_files
+
+    try:
+        meta = pq.read_schema(parquet_files(Path(data))[0]).metadata or {}
+        return list(json.loads(meta[METADATA_KEY])["scorers"])
+    except (DataError, KeyError, ValueError, OSError):  # DataError: no parquet file there
+        return None
 
 
 # ----------------------------------------------------------------------------------------------- the run
