@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 
 from trainer.cli import main
-from trainer.evaluate import rate, win_rate
+from trainer.evaluate import prompt_seeds, rate, rate_text, win_rate
 from trainer.toy import has_attribute, sample_images, write_preference_dataset
 
 
@@ -34,6 +35,21 @@ def test_win_rate_is_over_decided_pairs_and_ties_are_their_own_share():
     assert (r.hits, r.n, r.rate) == (2, 10, 0.2) and (r.low, r.high) == pytest.approx(wilson(2, 10))
     with pytest.raises(ValueError):
         win_rate([1.0], [1.0, 2.0])
+
+
+def test_evaluation_samples_cycle_the_prompts_on_consecutive_seeds_and_rates_print_with_intervals():
+    from trainer.demo import evaluation_set
+    from trainer.iterate import table
+    from trainer.toy import open_prompts
+
+    assert prompt_seeds(["a", "b", "c"], 5, 7) == (["a", "b", "c", "a", "b"], [7, 8, 9, 10, 11])
+    prompts = open_prompts("shaded")
+    assert evaluation_set("shaded", len(prompts) + 1, 3) == ([*prompts, prompts[0]], list(range(3, len(prompts) + 4)))
+    low, high = wilson(3, 8)
+    assert rate_text({"rate": 3 / 8, "low": low, "high": high}) == "37.5% [13.7%, 69.4%]"
+    w = asdict(win_rate([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.5] * 8))
+    judge = {"name": "j", "labelled": False, "mean_lora": 0.375, "win_rate": w}
+    assert "| 1 | 4 | j | 0.375 | 37.5% [13.7%, 69.4%] | 3 / 0 / 5 |" in table([{"round": 1, "pairs": 4, "judges": [judge]}])
 
 
 @pytest.fixture(scope="module")

@@ -178,6 +178,11 @@ def lora_placement(meta: dict[str, str]) -> str:
     return "negative" if method in method_names() and method_class(method).negative_branch else "model"
 
 
+def prompt_seeds(prompts: Sequence[str], samples: int, seed: int) -> tuple[list[str], list[int]]:
+    """The (prompt, seed) pairs of `samples` samples: the prompts in turn, cycling, and consecutive seeds."""
+    return [prompts[i % len(prompts)] for i in range(samples)], [seed + i for i in range(samples)]
+
+
 def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequence[str] = ("attribute",),
              attribute: str = "shaded", scorer_model: str | None = None, prompts: str | os.PathLike | None = None,
              samples: int = 96, seed: int = 10_000, steps: int = 20, output_dir: str | os.PathLike | None = None,
@@ -205,8 +210,7 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequenc
         base_prompts = open_prompts(attribute)
     else:
         base_prompts = read_prompts(prompts)
-    prompt_list = [base_prompts[i % len(base_prompts)] for i in range(samples)]
-    seeds = [seed + i for i in range(samples)]
+    prompt_list, seeds = prompt_seeds(base_prompts, samples, seed)
     guidance = default_guidance(model) if guidance_scale is None else guidance_scale
     pipe = load_pipeline(model)
     base = generate(pipe, prompt_list, seeds, steps, guidance, threads=cpu_threads(model))
@@ -236,8 +240,9 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequenc
     return report
 
 
-def _interval(r: dict) -> str:
-    return f"[{r['low']:.1%}, {r['high']:.1%}]"
+def rate_text(r: dict) -> str:
+    """A rate with its 95% interval, as reports show it: 37.5% [13.7%, 69.4%]."""
+    return f"{r['rate']:.1%} [{r['low']:.1%}, {r['high']:.1%}]"
 
 
 def _count(n: int, one: str, many: str | None = None) -> str:
@@ -253,11 +258,11 @@ def judge_lines(result: dict) -> list[str]:
     if w["rate"] is None:
         lines.append("  win rate: no decided pairs (every pair tied)")
     else:
-        lines.append(f"  win rate over the {w['wins'] + w['losses']} decided pairs: {w['rate']:.1%} {_interval(w)}; "
-                     f"ties {w['tie_share']['rate']:.1%} {_interval(w['tie_share'])} of all pairs (95% Wilson intervals)")
+        lines.append(f"  win rate over the {w['wins'] + w['losses']} decided pairs: {rate_text(w)}; "
+                     f"ties {rate_text(w['tie_share'])} of all pairs (95% Wilson intervals)")
     if "before" in result:
         b, a = result["before"], result["after"]
-        lines.append(f"  rate judged positive: base {b['rate']:.1%} {_interval(b)} -> LoRA {a['rate']:.1%} {_interval(a)}")
+        lines.append(f"  rate judged positive: base {rate_text(b)} -> LoRA {rate_text(a)}")
     else:
         lines.append(f"  mean score: base {result['mean_base']:.4g} -> LoRA {result['mean_lora']:.4g}")
     return lines
@@ -270,8 +275,7 @@ def fidelity_lines(report: dict) -> list[str]:
         f = report["fidelity"]
         lines.append("prompt fidelity (toy classifier: samples showing what the prompt names, 95% Wilson intervals)")
         for kind, r in f["kinds"].items():
-            lines.append(f"  {kind}: base {r['base']['rate']:.1%} {_interval(r['base'])} -> "
-                         f"LoRA {r['lora']['rate']:.1%} {_interval(r['lora'])}")
+            lines.append(f"  {kind}: base {rate_text(r['base'])} -> LoRA {rate_text(r['lora'])}")
         lines.append("  kept: no prompted attribute fell more than 5 points" if f["kept"] else
                      "  fell more than 5 points: " + ", ".join(f"{k} -{v:.1%}" for k, v in f["falls"].items()))
     a = report.get("prompt_alignment")

@@ -107,6 +107,8 @@ def round_row(r: int, pairs: int | None, scores: dict[str, list[float]], base: d
 
 def table(rows: Sequence[dict]) -> str:
     """Markdown: one line per round and judge."""
+    from .evaluate import rate_text
+
     lines = ["| round | pairs kept | judge | mean score (LoRA) | win rate vs base, decided pairs [95% Wilson] "
              "| wins / ties / losses |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -116,7 +118,7 @@ def table(rows: Sequence[dict]) -> str:
             if row["round"] == 0:
                 lines.append(f"| 0 (base) | - | {j['name']}{mark} | {j['mean_base']:.4g} | - | - |")
                 continue
-            rate = "no decided pairs" if w["rate"] is None else f"{w['rate']:.1%} [{w['low']:.1%}, {w['high']:.1%}]"
+            rate = "no decided pairs" if w["rate"] is None else rate_text(w)
             lines.append(f"| {row['round']} | {row['pairs']} | {j['name']}{mark} | {j['mean_lora']:.4g} | {rate} | "
                          f"{w['wins']} / {w['ties']} / {w['losses']} |")
     return "\n".join(lines) + "\n"
@@ -126,6 +128,7 @@ def iterate(config: TrainConfig, settings: PairsSettings, rounds: int, resume: b
             eval_samples: int = 96, eval_seed: int = 1_000_000, eval_prompts: str | None = None,
             eval_scorers: Sequence[str] = (), progress: bool = True) -> list[dict]:
     """Run (or continue) `rounds` online rounds in `config.output_dir`; returns the table's rows."""
+    from .evaluate import prompt_seeds
     from .generate import cpu_threads, generate, load_pipeline
     from .prompts import read_prompts
     from .scorers import Ensemble, make_scorer, make_scorers
@@ -152,8 +155,8 @@ def iterate(config: TrainConfig, settings: PairsSettings, rounds: int, resume: b
     members = judge.members if isinstance(judge, Ensemble) else [judge]
     judges = members + make_scorers(eval_scorers, clip_model=settings.scorer_model)
     labellers = judge.identities()
-    evaluation = EvalSet([evaluation_prompts[i % len(evaluation_prompts)] for i in range(eval_samples)],
-                         [eval_seed + i for i in range(eval_samples)], settings.sample_steps, settings.guidance)
+    evaluation = EvalSet(*prompt_seeds(evaluation_prompts, eval_samples, eval_seed), settings.sample_steps,
+                         settings.guidance)
     threads = cpu_threads(settings.model)
 
     base_path = folder.root / "eval-base.json"
