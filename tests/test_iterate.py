@@ -138,6 +138,39 @@ def test_resume_after_kills_inside_round_2_is_exact(reference, tmp_path):
         assert pq.read_table(run / "round-2" / "pairs" / shard.name).equals(pq.read_table(shard))
 
 
+def test_a_round_leaves_its_ranks_after_training_and_after_an_error(tmp_path, monkeypatch):
+    import trainer.loop
+    import trainer.run
+    from trainer.config import make_config
+    from trainer.distributed import Ranks
+    from trainer.iterate import train_round
+    from trainer.loop import TrainResult
+
+    closed, failing = [], []
+
+    class Counted(Ranks):
+        def close(self) -> None:
+            closed.append(True)
+            super().close()
+
+    def train(config, backend, examples, hooks, ranks):
+        if failing:
+            raise RuntimeError("training failed")
+        return TrainResult(1, {}, Path(config.output_dir), Path(config.output_dir) / "l", False)
+
+    monkeypatch.setattr(trainer.run, "make_ranks", lambda: Counted.single("cpu"))
+    monkeypatch.setattr(trainer.run, "make_backend", lambda config, device: object())
+    monkeypatch.setattr(trainer.run, "open_config_examples", lambda config: [])
+    monkeypatch.setattr(trainer.loop, "train", train)
+    config = make_config({"model": "toy", "data": "unused", "output_dir": str(tmp_path), "max_steps": 1})
+    assert train_round(config, tmp_path / "pairs", tmp_path / "round", None) == tmp_path / "round" / "l"
+    assert closed == [True]
+    failing.append(True)
+    with pytest.raises(RuntimeError, match="training failed"):
+        train_round(config, tmp_path / "pairs", tmp_path / "round", None)
+    assert closed == [True, True]
+
+
 def test_iterate_refuses_bad_input_before_writing(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a red circle\n")
     base = ["iterate", "--model", "toy", "--prompts", str(tmp_path / "p.txt"), "--scorer", "attribute:shaded"]

@@ -83,11 +83,14 @@ def train_round(config: TrainConfig, data: Path, output: Path, previous_lora: Pa
     round_config = dataclasses.replace(config, data=str(data), output_dir=str(output), resume="latest",
                                        cache_dir=config.cache_dir or str(output.parent.parent / ".cache"))
     ranks = make_ranks()
-    torch.manual_seed(round_config.seed)
-    backend = make_backend(round_config, ranks.device)
-    if previous_lora is not None:
-        load_lora_into(backend, previous_lora)  # a checkpoint of this round, if any, replaces it in `train`
-    result = train(round_config, backend, open_config_examples(round_config), None, ranks)
+    try:  # as run.run: the process group is left after each round, on an error too
+        torch.manual_seed(round_config.seed)
+        backend = make_backend(round_config, ranks.device)
+        if previous_lora is not None:
+            load_lora_into(backend, previous_lora)  # a checkpoint of this round, if any, replaces it in `train`
+        result = train(round_config, backend, open_config_examples(round_config), None, ranks)
+    finally:
+        ranks.close()
     del backend
     release_memory()
     return Path(result.lora_path)
