@@ -93,14 +93,27 @@ def test_eval_cli_attribute_scorer_matches_independent_sampling(tmp_path, toy_lo
     assert result["before"]["hits"] == sum(b) and result["after"]["hits"] == sum(a)
 
 
-def test_eval_cli_clip_and_style_scorers(tmp_path, toy_lora, tiny_clip):
+def test_eval_cli_clip_and_style_scorers(tmp_path, toy_lora, tiny_clip, monkeypatch):
+    from trainer.scorers import ClipModel
+
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")
+    loaded, load = [], ClipModel.__init__
+
+    def counted(self, location, **kwargs):
+        loaded.append(location)
+        load(self, location, **kwargs)
+
+    monkeypatch.setattr(ClipModel, "__init__", counted)
     for scorer in ("clip", "style"):
         out = tmp_path / scorer
+        loaded.clear()
         assert main(["eval", "--lora", toy_lora, "--scorer", scorer, "--scorer-model", tiny_clip, "--prompts",
-                     str(prompts), "--samples", "3", "--steps", "3", "--output-dir", str(out)]) == 0
+                     str(prompts), "--samples", "3", "--steps", "3", "--prompt-clip", tiny_clip,
+                     "--output-dir", str(out)]) == 0
+        assert loaded == [tiny_clip]  # --prompt-clip shares the judge's CLIP: loaded once
         report = json.loads((out / "eval.json").read_text())
+        assert report["prompt_alignment"]["model"] == tiny_clip
         assert report["prompts"] == ["a red circle", "a blue square", "a red circle"]
         (result,) = report["results"]
         w = result["win_rate"]

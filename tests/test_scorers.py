@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from trainer.pairs import select_pairs, suggest_marks
 from trainer.scorers import (AestheticScorer, AttributeScorer, ClipScorer, Ensemble, Judgement, Scorer, StyleJudge,
-                             make_scorer, pixels)
+                             make_scorer, make_scorers, pixels)
 from trainer.scorers.ensemble import normalised_ranks, prefers
 from trainer.toy import has_attribute, sample_images
 
@@ -210,6 +210,11 @@ def test_make_scorer_specs(tiny_clip, tmp_path):
     assert [i["name"] for i in both.identities()] == [both.name, "attribute:red", f"clip:{tiny_clip}"]
     assert make_scorer("clip", clip_model=tiny_clip).name == f"clip:{tiny_clip}"
     assert make_scorer("style:shaded").name == "attribute:shaded"  # no CLIP: the toy classifier judges
+    clips = {}  # two calls sharing their CLIPs (iterate's judge and its evaluation scorers) load one once
+    (first,) = make_scorers([f"clip:{tiny_clip}"], clips=clips)
+    (second,) = make_scorers(["style:shaded"], clip_model=tiny_clip, clips=clips)
+    assert second.clip is first.clip and clips == {tiny_clip: first.clip}
+    assert make_scorers([f"clip:{tiny_clip}"])[0].clip is not first.clip  # unshared: a call of its own
     for spec, message in [("pickscore", "unknown kind"), ("clip", "needs a CLIP model"),
                           ("aesthetic", "aesthetic:HEAD.safetensors,CLIP_MODEL"), ("attribute", "name the attribute"),
                           (f"clip:{tmp_path / 'nothing'}", "no such file or folder")]:

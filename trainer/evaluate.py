@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 from .atomic import atomic_path, write_text
-from .scorers import Scorer
+from .scorers import ClipModel, Scorer
 
 
 @dataclass
@@ -152,19 +152,16 @@ def fidelity(base: Sequence[Image.Image], tuned: Sequence[Image.Image], prompts:
             "falls": falls, "kept": not falls}
 
 
-def prompt_alignment(clip_model: str, base: Sequence[Image.Image], tuned: Sequence[Image.Image],
+def prompt_alignment(clip: ClipModel, base: Sequence[Image.Image], tuned: Sequence[Image.Image],
                      prompts: Sequence[str]) -> dict:
     """CLIP text-image similarity, 100 * cos(prompt embedding, image embedding), of each model, and the mean
     paired change with a 95% normal interval."""
-    from .scorers.clip import ClipModel
-
-    clip = ClipModel(clip_model, option="--prompt-clip")
     text = clip.texts(prompts)
     sims = {side: (100.0 * (text * clip.images(images)).sum(-1)).double().numpy()
             for side, images in (("base", base), ("lora", tuned))}
     change = sims["lora"] - sims["base"]
     half = 1.96 * change.std(ddof=1) / np.sqrt(len(change)) if len(change) > 1 else float("inf")
-    return {"model": clip_model, "fingerprint": clip.fingerprint, "base": float(sims["base"].mean()),
+    return {"model": clip.location, "fingerprint": clip.fingerprint, "base": float(sims["base"].mean()),
             "lora": float(sims["lora"].mean()), "change": float(change.mean()),
             "change_low": float(change.mean() - half), "change_high": float(change.mean() + half),
             "scores": {"base": sims["base"].tolist(), "lora": sims["lora"].tolist()}}
@@ -200,8 +197,9 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequenc
     for option, path in (("--lora", lora), ("--negative-lora", negative_lora)):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{option} {path}: no such file")
+    clips: dict[str, ClipModel] = {}  # --prompt-clip reuses a judge's CLIP at the same location
     judges = make_scorers([scorers] if isinstance(scorers, str) else list(scorers), attribute=attribute,
-                          clip_model=scorer_model, alternatives=alternatives)
+                          clip_model=scorer_model, alternatives=alternatives, clips=clips)
     meta = read_lora(lora)[1]
     labellers = training_labellers(meta)
     if prompts is None:
@@ -222,12 +220,14 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequenc
                              "a negative-branch one); give one negative-branch LoRA")
         loras["negative_lora"] = str(negative_lora)
     tuned = generate(pipe, prompt_list, seeds, steps, guidance, threads=cpu_threads(model), **loras)
+    if prompt_clip and prompt_clip not in clips:
+        clips[prompt_clip] = ClipModel(prompt_clip, option="--prompt-clip")
     report = {"lora": str(lora), "placement": placement, "negative_lora": negative_lora and str(negative_lora),
               "model": model, "attribute": attribute, "samples": samples, "seed": seed,
               "steps": steps, "guidance_scale": guidance, "labellers": labellers,
               "results": [score_pairs(j, base, tuned, prompt_list, labelled_by(j, labellers)) for j in judges],
               "fidelity": fidelity(base, tuned, prompt_list),
-              "prompt_alignment": prompt_alignment(prompt_clip, base, tuned, prompt_list) if prompt_clip else None,
+              "prompt_alignment": prompt_alignment(clips[prompt_clip], base, tuned, prompt_list) if prompt_clip else None,
               "prompts": prompt_list, "seeds": seeds}
     if output_dir is not None:
         out = Path(output_dir)

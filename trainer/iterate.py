@@ -134,7 +134,7 @@ def iterate(config: TrainConfig, settings: PairsSettings, rounds: int, resume: b
     from .evaluate import prompt_seeds
     from .generate import cpu_threads, generate, load_pipeline
     from .prompts import read_prompts
-    from .scorers import Ensemble, make_scorer, make_scorers
+    from .scorers import ClipModel, Ensemble, make_scorer, make_scorers
 
     if rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {rounds}")
@@ -154,9 +154,10 @@ def iterate(config: TrainConfig, settings: PairsSettings, rounds: int, resume: b
            "eval": {"samples": eval_samples, "seed": eval_seed, "prompts": eval_prompts, "scorers": list(eval_scorers)}}
     state = folder.check(json.loads(json.dumps(key)), resume)
 
-    judge = make_scorer(settings.scorers, settings.vote, clip_model=settings.scorer_model)
+    clips: dict[str, ClipModel] = {}  # a CLIP that the judge and an evaluation scorer both use is loaded once
+    judge = make_scorer(settings.scorers, settings.vote, clip_model=settings.scorer_model, clips=clips)
     members = judge.members if isinstance(judge, Ensemble) else [judge]
-    judges = members + make_scorers(eval_scorers, clip_model=settings.scorer_model)
+    judges = members + make_scorers(eval_scorers, clip_model=settings.scorer_model, clips=clips)
     labellers = judge.identities()
     evaluation = EvalSet(*prompt_seeds(evaluation_prompts, eval_samples, eval_seed), settings.sample_steps,
                          settings.guidance)
