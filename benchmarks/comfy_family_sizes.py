@@ -23,6 +23,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # results.py
+from results import load_pack, publish  # noqa: E402
+
 GB = 1e9
 
 # family -> (ComfyUI config class, released config as ComfyUI's detection gives it, width, image tokens, text tokens)
@@ -68,16 +71,11 @@ def sizes(comfy_dir: str) -> list[dict]:
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    import importlib.util
-
     import torch
 
     import comfy.supported_models as sm
 
-    spec = importlib.util.spec_from_file_location("prefalign_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["prefalign_pack"] = pack
-    spec.loader.exec_module(pack)
+    load_pack()
     from prefalign_pack.nodes.comfy_families import family_of
     from prefalign_pack.nodes.comfy_lora import linear_layers, matches_target
 
@@ -89,9 +87,8 @@ def sizes(comfy_dir: str) -> list[dict]:
         model = base.diffusion_model
         modules = dict(base.named_modules())
         targets = family_of(base).targets
-        lora = sum(RANK * (modules[n].weight.shape[0] + modules[n].weight[0].numel())
-                   for n in linear_layers(base.named_modules()) if matches_target(n, targets))
         targeted = {n for n in linear_layers(base.named_modules()) if matches_target(n, targets)}
+        lora = sum(RANK * (modules[n].weight.shape[0] + modules[n].weight[0].numel()) for n in targeted)
         blocks = sum(1 for list_name, c in model.named_children() if isinstance(c, torch.nn.ModuleList)  # transformer
                      for i in range(len(c)) if any(t.startswith(f"diffusion_model.{list_name}.{i}.") for t in targeted))
         weights = sum(t.numel() for t in [*model.parameters(), *model.buffers()])  # SD3's positional table is a buffer
@@ -120,9 +117,6 @@ def main() -> None:
     parser.add_argument("comfy_dir")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from results import publish
-
     publish("comfy_family_sizes", table(sizes(args.comfy_dir)), write=not args.no_write)
 
 

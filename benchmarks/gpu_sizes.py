@@ -159,24 +159,6 @@ def build_parts(kind: str, device: torch.device, narrow: bool, folder: Path):
                       scheduler=scheduler, architecture=architecture, hash=f"random-{kind}{'-narrow' if narrow else ''}")
 
 
-class StepTimer:
-    """Seconds per optimiser step from the `on_step` hook (transformers: no floor to interleave)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.times, self.last = device, [], None
-
-    def __call__(self, report) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        if self.last is not None:
-            self.times.append(now - self.last)
-        self.last = now
-
-    def step_s(self) -> float:
-        return sorted(self.times)[len(self.times) // 2] if self.times else float("nan")
-
-
 def run_case(kind: str, batch: int, checkpointing: bool, args, tmp: Path, device: torch.device) -> dict:
     from trainer.models.factory import BACKENDS
     from trainer.models.lora import DEFAULT_TARGETS, LoraSpec
@@ -210,7 +192,7 @@ def run_case(kind: str, batch: int, checkpointing: bool, args, tmp: Path, device
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        timer = InterleavedTimer(floor, every, 1, device) if floor is not None else StepTimer(device)
+        timer = InterleavedTimer(floor, every, 1, device)  # transformers: no floor, trainer intervals only
         train(config, backend, pairs, TrainHooks(on_step=timer))
         row.update(step=timer.step_s(), wall=time.perf_counter() - start)
         if floor is not None:

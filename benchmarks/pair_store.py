@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import io
 import os
 import shutil
@@ -28,18 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import publish  # noqa: E402
+from benchmarks.results import load_pack, publish  # noqa: E402
 from trainer.data.synthetic import noise_jpegs, write_parquet  # noqa: E402
-
-
-def load_pack():
-    """The pack as ComfyUI imports it (a package by path), without ComfyUI: only the store is used."""
-    spec = importlib.util.spec_from_file_location("prefalign_pack", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["prefalign_pack"] = pack
-    spec.loader.exec_module(pack)
-    return pack
 
 
 def pickapic(path: Path, pairs: int, size: int) -> Path:
@@ -134,7 +123,7 @@ def main() -> None:
     parser.add_argument("--store-sizes", default="10000,100000,1000000")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    store_mod = load_pack().nodes.pair_store
+    store_mod = load_pack().nodes.pair_store  # without ComfyUI: only the store is used
     with tempfile.TemporaryDirectory(prefix="prefalign-store-bench-") as tmp:
         import_head, import_lines = import_rows(store_mod, Path(tmp), args.pairs, args.size, args.repeats)
         marks_head, marks_lines = marks(store_mod, Path(tmp), [int(s) for s in args.store_sizes.split(",")])

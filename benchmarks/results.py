@@ -1,14 +1,18 @@
-"""Write one benchmark's section of benchmarks/RESULTS.md, leaving the other sections as they are."""
+"""Write one benchmark's section of benchmarks/RESULTS.md, leaving the other sections as they are; load the pack
+as ComfyUI does (for the benchmarks of its nodes)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import re
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+ROOT = Path(__file__).resolve().parents[1]
 HEADER = "# Benchmark results\n\nEach section is written by the script it names; rerun the script to refresh it.\n"
 
 
@@ -38,3 +42,13 @@ def publish(name: str, body: str, write: bool = True) -> None:
     print(body)
     if write:
         write_section(name, body)
+
+
+def load_pack():
+    """The pack as ComfyUI imports it: a package by path, `prefalign_pack`."""
+    spec = importlib.util.spec_from_file_location("prefalign_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["prefalign_pack"] = pack
+    spec.loader.exec_module(pack)
+    return pack

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 
 from trainer.cli import main
-from trainer.evaluate import rate, win_rate
+from trainer.evaluate import prompt_seeds, rate, rate_text, win_rate
 from trainer.toy import has_attribute, sample_images, write_preference_dataset
 
 
@@ -36,6 +37,21 @@ def test_win_rate_is_over_decided_pairs_and_ties_are_their_own_share():
         win_rate([1.0], [1.0, 2.0])
 
 
+def test_evaluation_samples_cycle_the_prompts_on_consecutive_seeds_and_rates_print_with_intervals():
+    from trainer.demo import evaluation_set
+    from trainer.iterate import table
+    from trainer.toy import open_prompts
+
+    assert prompt_seeds(["a", "b", "c"], 5, 7) == (["a", "b", "c", "a", "b"], [7, 8, 9, 10, 11])
+    prompts = open_prompts("shaded")
+    assert evaluation_set("shaded", len(prompts) + 1, 3) == ([*prompts, prompts[0]], list(range(3, len(prompts) + 4)))
+    low, high = wilson(3, 8)
+    assert rate_text({"rate": 3 / 8, "low": low, "high": high}) == "37.5% [13.7%, 69.4%]"
+    w = asdict(win_rate([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.5] * 8))
+    judge = {"name": "j", "labelled": False, "mean_lora": 0.375, "win_rate": w}
+    assert "| 1 | 4 | j | 0.375 | 37.5% [13.7%, 69.4%] | 3 / 0 / 5 |" in table([{"round": 1, "pairs": 4, "judges": [judge]}])
+
+
 @pytest.fixture(scope="module")
 def toy_lora(tmp_path_factory):
     """A briefly trained toy LoRA (its quality does not matter here)."""
@@ -50,10 +66,15 @@ def toy_lora(tmp_path_factory):
     return str(run(config).lora_path)
 
 
-def test_eval_cli_attribute_scorer_matches_independent_sampling(tmp_path, toy_lora, capsys):
+def test_eval_cli_attribute_scorer_matches_independent_sampling(tmp_path, toy_lora, capsys, monkeypatch):
+    from trainer import export
+
     out = tmp_path / "eval"
+    read, read_lora = [], export.read_lora
+    monkeypatch.setattr(export, "read_lora", lambda path: read.append(str(path)) or read_lora(path))
     assert main(["eval", "--lora", toy_lora, "--samples", "6", "--steps", "4", "--seed", "50",
                  "--output-dir", str(out)]) == 0
+    assert read == [toy_lora]  # its metadata (labellers, placement) is read from one read of the file
     report = json.loads((out / "eval.json").read_text())
     assert (out / "grid.png").stat().st_size > 0
     printed = capsys.readouterr().out
@@ -72,14 +93,27 @@ def test_eval_cli_attribute_scorer_matches_independent_sampling(tmp_path, toy_lo
     assert result["before"]["hits"] == sum(b) and result["after"]["hits"] == sum(a)
 
 
-def test_eval_cli_clip_and_style_scorers(tmp_path, toy_lora, tiny_clip):
+def test_eval_cli_clip_and_style_scorers(tmp_path, toy_lora, tiny_clip, monkeypatch):
+    from trainer.scorers import ClipModel
+
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")
+    loaded, load = [], ClipModel.__init__
+
+    def counted(self, location, **kwargs):
+        loaded.append(location)
+        load(self, location, **kwargs)
+
+    monkeypatch.setattr(ClipModel, "__init__", counted)
     for scorer in ("clip", "style"):
         out = tmp_path / scorer
+        loaded.clear()
         assert main(["eval", "--lora", toy_lora, "--scorer", scorer, "--scorer-model", tiny_clip, "--prompts",
-                     str(prompts), "--samples", "3", "--steps", "3", "--output-dir", str(out)]) == 0
+                     str(prompts), "--samples", "3", "--steps", "3", "--prompt-clip", tiny_clip,
+                     "--output-dir", str(out)]) == 0
+        assert loaded == [tiny_clip]  # --prompt-clip shares the judge's CLIP: loaded once
         report = json.loads((out / "eval.json").read_text())
+        assert report["prompt_alignment"]["model"] == tiny_clip
         assert report["prompts"] == ["a red circle", "a blue square", "a red circle"]
         (result,) = report["results"]
         w = result["win_rate"]

@@ -17,11 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from trainer import generate
 from trainer.cli import main
 from trainer.export import read_lora
 from trainer.toy import open_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
+PIPELINE_LOADS: list[str] = []  # the models the reference run loaded as sampling pipelines
 
 
 def iterate_args(prompts: Path, out: Path) -> list[str]:
@@ -38,8 +40,16 @@ def reference(tmp_path_factory):
     (tmp / "prompts.txt").write_text("\n".join(open_prompts("shaded")) + "\n")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    load_pipeline = generate.load_pipeline
+
+    def counted(model, *args, **kwargs):
+        PIPELINE_LOADS.append(model)
+        return load_pipeline(model, *args, **kwargs)
+
     try:
-        assert main(iterate_args(tmp / "prompts.txt", tmp / "run")) == 0
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(generate, "load_pipeline", counted)
+            assert main(iterate_args(tmp / "prompts.txt", tmp / "run")) == 0
     finally:
         torch.set_num_threads(threads)
     return tmp
@@ -56,6 +66,8 @@ def test_two_rounds_raise_the_judged_score(reference, capsys):
     assert second["mean_lora"] > first["mean_lora"] > base["mean_base"]
     assert first["win_rate"]["low"] > 0.5 and second["win_rate"]["low"] > 0.5
     assert rows[1]["pairs"] > 0 and rows[2]["pairs"] > 0
+    # one pipeline serves an evaluation and the next round's pairs: loaded 1 + rounds times, let go for training
+    assert PIPELINE_LOADS == ["toy"] * 3
     table = (reference / "run" / "rounds.md").read_text()
     assert "| 2 | " in table and "attribute:shaded (labelled)" in table
     # round 2 generated with round 1's LoRA, on seeds of its own
@@ -124,6 +136,39 @@ def test_resume_after_kills_inside_round_2_is_exact(reference, tmp_path):
     assert json.loads((run / "rounds.json").read_text()) == json.loads((reference / "run" / "rounds.json").read_text())
     for shard in sorted((reference / "run" / "round-2" / "pairs").glob("*.parquet")):
         assert pq.read_table(run / "round-2" / "pairs" / shard.name).equals(pq.read_table(shard))
+
+
+def test_a_round_leaves_its_ranks_after_training_and_after_an_error(tmp_path, monkeypatch):
+    import trainer.loop
+    import trainer.run
+    from trainer.config import make_config
+    from trainer.distributed import Ranks
+    from trainer.iterate import train_round
+    from trainer.loop import TrainResult
+
+    closed, failing = [], []
+
+    class Counted(Ranks):
+        def close(self) -> None:
+            closed.append(True)
+            super().close()
+
+    def train(config, backend, examples, hooks, ranks):
+        if failing:
+            raise RuntimeError("training failed")
+        return TrainResult(1, {}, Path(config.output_dir), Path(config.output_dir) / "l", False)
+
+    monkeypatch.setattr(trainer.run, "make_ranks", lambda: Counted.single("cpu"))
+    monkeypatch.setattr(trainer.run, "make_backend", lambda config, device: object())
+    monkeypatch.setattr(trainer.run, "open_config_examples", lambda config: [])
+    monkeypatch.setattr(trainer.loop, "train", train)
+    config = make_config({"model": "toy", "data": "unused", "output_dir": str(tmp_path), "max_steps": 1})
+    assert train_round(config, tmp_path / "pairs", tmp_path / "round", None) == tmp_path / "round" / "l"
+    assert closed == [True]
+    failing.append(True)
+    with pytest.raises(RuntimeError, match="training failed"):
+        train_round(config, tmp_path / "pairs", tmp_path / "round", None)
+    assert closed == [True, True]
 
 
 def test_iterate_refuses_bad_input_before_writing(tmp_path, capsys):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,7 +12,7 @@ from PIL import Image
 
 from trainer.cli import main
 from trainer.data.parquet import ParquetSource
-from trainer.pairs import PairsFolder, PairsSettings, make_pairs
+from trainer.pairs import PairsFolder, PairsSettings, make_pairs, read_labellers
 from trainer.scorers import AttributeScorer
 from trainer.toy import has_attribute, sample_images
 
@@ -69,6 +70,21 @@ def test_shards_name_the_judge_and_train_reads_them(judged, tmp_path):
                  "--max-steps", "1", "--checkpoint-every", "0", "--output-dir", str(tmp_path / "run"),
                  "--cache-dir", str(tmp_path / "cache")]) == 0
     assert (tmp_path / "run" / "lora.safetensors").is_file()
+
+
+def test_read_labellers_reads_the_shards_train_reads(judged, tmp_path):
+    import pyarrow as pa
+
+    shard = sorted(judged.glob("pairs-*.parquet"))[0]
+    expected = AttributeScorer("shaded").identities()
+    assert read_labellers(judged) == read_labellers(shard) == expected
+    assert read_labellers(tmp_path / "missing") is None and read_labellers(tmp_path) is None  # no parquet there
+    pq.write_table(pa.table({"caption": ["x"]}), tmp_path / "plain.parquet")
+    assert read_labellers(tmp_path / "plain.parquet") is None  # parquet that `trainer pairs` did not write
+    mixed = tmp_path / "mixed"
+    (mixed / "a.parquet").mkdir(parents=True)  # a folder named like a shard is not one (train skips it too)
+    shutil.copy(shard, mixed / "pairs-00000.parquet")
+    assert read_labellers(mixed) == expected
 
 
 def test_prompt_contrast_shares_seeds_and_stores_the_plain_prompt(tmp_path):
@@ -149,6 +165,44 @@ def test_resume_after_a_crash_writes_exactly_the_uninterrupted_rows(tmp_path, mo
     manifest = json.loads((tmp_path / "cut" / "pairs.json").read_text())
     assert sorted(p.name for p in (tmp_path / "cut").glob("pairs-*")) == [s["file"] for s in manifest["shards"]]
     assert not (tmp_path / "cut" / ".pending").exists()  # no stray pending rows
+
+
+def test_a_lora_is_loaded_once_per_run_and_applies_to_every_prompt(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.config import make_config
+    from trainer.demo import DEMO_TRAINING
+    from trainer.run import run
+    from trainer.toy import write_preference_dataset
+
+    data = write_preference_dataset(tmp_path / "data", "shaded", 8, seed=0)
+    lora = str(run(make_config({**DEMO_TRAINING, "data": str(data), "max_steps": 3, "batch_size": 4,
+                                "learning_rate": 5e-2, "output_dir": str(tmp_path / "run"),
+                                "cache_dir": str(tmp_path / "cache")})).lora_path)
+    loads = []
+    original = StableDiffusionPipeline.load_lora_weights
+
+    def counted(self, *args, **kwargs):
+        loads.append(args[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "load_lora_weights", counted)
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    make_pairs(small_settings(tmp_path / "p.txt", lora=lora), tmp_path / "out", progress=False)
+    assert loads == [lora]  # once for the run, not once per prompt
+    table = rows(tmp_path / "out")
+    assert table
+    moved = False
+    for index in sorted({r["prompt_index"] for r in table}):  # each prompt's 3 images, drawn as one batch
+        seeds = [index * 3 + k for k in range(3)]
+        tuned = sample_images(None, PROMPTS[index], seeds, steps=3, lora=lora)
+        plain = sample_images(None, PROMPTS[index], seeds, steps=3)
+        moved |= any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(tuned, plain))
+        for r in (r for r in table if r["prompt_index"] == index):
+            for side in ("0", "1"):
+                drawn = tuned[seeds.index(r[f"seed_{side}"])]
+                assert np.array_equal(np.asarray(drawn), np.asarray(image(r[f"jpg_{side}"])))
+    assert moved  # the LoRA changed the images the rows hold
 
 
 def test_a_second_run_on_a_locked_folder_stops(tmp_path, capsys):

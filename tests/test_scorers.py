@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from trainer.pairs import select_pairs, suggest_marks
 from trainer.scorers import (AestheticScorer, AttributeScorer, ClipScorer, Ensemble, Judgement, Scorer, StyleJudge,
-                             make_scorer, pixels)
+                             make_scorer, make_scorers, pixels)
 from trainer.scorers.ensemble import normalised_ranks, prefers
 from trainer.toy import has_attribute, sample_images
 
@@ -48,11 +48,17 @@ def test_clip_scorer_is_logit_scale_times_cosine(tiny_clip, toy_images):
     assert scorer.name == f"clip:{tiny_clip}" and not scorer.binary
 
 
-def test_style_judge_zero_shot(tiny_clip, toy_images):
+def test_style_judge_zero_shot(tiny_clip, toy_images, monkeypatch):
     prompts, images = toy_images
-    flags = StyleJudge("shaded", tiny_clip, ["flat"]).score(images, prompts)
+    judge = StyleJudge("shaded", tiny_clip, ["flat"])
+    encoded = []
+    texts = judge.clip.texts
+    monkeypatch.setattr(judge.clip, "texts", lambda labels: encoded.append(labels) or texts(labels))
+    flags = judge.score(images, prompts)
     expected = clip_forward(tiny_clip, images, ["a shaded image", "a flat image"])[0].argmax(-1) == 0
     assert flags == [float(x) for x in expected.tolist()]
+    assert judge.score(images[::-1], prompts) == flags[::-1]
+    assert encoded == [["a shaded image", "a flat image"]]  # the fixed labels are encoded once, not per call
     with pytest.raises(ValueError, match="alternative"):
         StyleJudge("shaded", tiny_clip, ["shaded"])
 
@@ -183,6 +189,9 @@ def test_pairing_policies_and_marks():
     assert sorted(select_pairs(j, "all-pairs", margin=0.3)) == [(1, 0), (1, 2), (1, 3), (3, 0), (3, 2)]
     assert sorted(select_pairs(j, "all-pairs", margin=0.5)) == [(1, 0), (1, 2)]
     assert select_pairs(Judgement([1.0, 1.0], [[1.0, 1.0]], ["s"]), "best-worst") == []  # no preference, no pair
+    assert j.keeps(1, 3, 0.3) and not j.keeps(1, 3, 0.5) and not j.keeps(0, 2) and not j.keeps(3, 1)
+    split = Judgement([1.0, 0.0], [[2.0, 1.0], [0.0, 3.0]], ["a", "b"], "mean-rank")  # members disagree
+    assert not split.keeps(0, 1) and not split.keeps(1, 0)
     assert suggest_marks(j) == ["rejected", "chosen", "none", "none"]
     assert suggest_marks(j, per_side=2) == ["rejected", "chosen", "rejected", "chosen"]
     assert suggest_marks(j, margin=0.5) == ["rejected", "chosen", "none", "none"]
@@ -201,6 +210,11 @@ def test_make_scorer_specs(tiny_clip, tmp_path):
     assert [i["name"] for i in both.identities()] == [both.name, "attribute:red", f"clip:{tiny_clip}"]
     assert make_scorer("clip", clip_model=tiny_clip).name == f"clip:{tiny_clip}"
     assert make_scorer("style:shaded").name == "attribute:shaded"  # no CLIP: the toy classifier judges
+    clips = {}  # two calls sharing their CLIPs (iterate's judge and its evaluation scorers) load one once
+    (first,) = make_scorers([f"clip:{tiny_clip}"], clips=clips)
+    (second,) = make_scorers(["style:shaded"], clip_model=tiny_clip, clips=clips)
+    assert second.clip is first.clip and clips == {tiny_clip: first.clip}
+    assert make_scorers([f"clip:{tiny_clip}"])[0].clip is not first.clip  # unshared: a call of its own
     for spec, message in [("pickscore", "unknown kind"), ("clip", "needs a CLIP model"),
                           ("aesthetic", "aesthetic:HEAD.safetensors,CLIP_MODEL"), ("attribute", "name the attribute"),
                           (f"clip:{tmp_path / 'nothing'}", "no such file or folder")]:

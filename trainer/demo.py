@@ -89,10 +89,10 @@ def grid(rows: Sequence[Sequence[Image.Image]], scale: int = 2, gap: int = 4) ->
 
 def evaluation_set(attribute: str, samples: int, seed: int) -> tuple[list[str], list[int]]:
     """Prompts cycling over every caption that leaves the attribute open, one seed per sample."""
+    from .evaluate import prompt_seeds
     from .toy import open_prompts
 
-    prompts = open_prompts(attribute)
-    return [prompts[i % len(prompts)] for i in range(samples)], [seed + i for i in range(samples)]
+    return prompt_seeds(open_prompts(attribute), samples, seed)
 
 
 def run_demo(output_dir: Path, method: str = "dpo", attribute: str = "shaded", pairs: int = 256, steps: int = 150,

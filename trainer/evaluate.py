@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 from .atomic import atomic_path, write_text
-from .scorers import Scorer
+from .scorers import ClipModel, Scorer
 
 
 @dataclass
@@ -130,12 +130,10 @@ def labelled_by(scorer: Scorer, labellers: list[dict] | None) -> bool | None:
     return any(identity["fingerprint"] in used for identity in scorer.identities())
 
 
-def training_labellers(lora: str | os.PathLike) -> list[dict] | None:
-    """The scorers that labelled the LoRA's training data, read from the dataset its metadata names."""
-    from .export import read_lora
+def training_labellers(meta: dict[str, str]) -> list[dict] | None:
+    """The scorers that labelled the LoRA's training data, read from the dataset its metadata `meta` names."""
     from .pairs import read_labellers
 
-    _, meta = read_lora(lora)
     dataset = meta.get("prefalign.dataset")
     return read_labellers(dataset) if dataset else None
 
@@ -154,31 +152,32 @@ def fidelity(base: Sequence[Image.Image], tuned: Sequence[Image.Image], prompts:
             "falls": falls, "kept": not falls}
 
 
-def prompt_alignment(clip_model: str, base: Sequence[Image.Image], tuned: Sequence[Image.Image],
+def prompt_alignment(clip: ClipModel, base: Sequence[Image.Image], tuned: Sequence[Image.Image],
                      prompts: Sequence[str]) -> dict:
     """CLIP text-image similarity, 100 * cos(prompt embedding, image embedding), of each model, and the mean
     paired change with a 95% normal interval."""
-    from .scorers.clip import ClipModel
-
-    clip = ClipModel(clip_model, option="--prompt-clip")
     text = clip.texts(prompts)
     sims = {side: (100.0 * (text * clip.images(images)).sum(-1)).double().numpy()
             for side, images in (("base", base), ("lora", tuned))}
     change = sims["lora"] - sims["base"]
     half = 1.96 * change.std(ddof=1) / np.sqrt(len(change)) if len(change) > 1 else float("inf")
-    return {"model": clip_model, "fingerprint": clip.fingerprint, "base": float(sims["base"].mean()),
+    return {"model": clip.location, "fingerprint": clip.fingerprint, "base": float(sims["base"].mean()),
             "lora": float(sims["lora"].mean()), "change": float(change.mean()),
             "change_low": float(change.mean() - half), "change_high": float(change.mean() + half),
             "scores": {"base": sims["base"].tolist(), "lora": sims["lora"].tolist()}}
 
 
-def lora_placement(lora: str | os.PathLike) -> str:
-    """"negative" when the LoRA's method (its metadata) is a negative-branch one (npo), else "model"."""
-    from .export import read_lora
+def lora_placement(meta: dict[str, str]) -> str:
+    """"negative" when the LoRA's method (its metadata `meta`) is a negative-branch one (npo), else "model"."""
     from .methods import method_class, method_names
 
-    method = read_lora(lora)[1].get("prefalign.method", "")
+    method = meta.get("prefalign.method", "")
     return "negative" if method in method_names() and method_class(method).negative_branch else "model"
+
+
+def prompt_seeds(prompts: Sequence[str], samples: int, seed: int) -> tuple[list[str], list[int]]:
+    """The (prompt, seed) pairs of `samples` samples: the prompts in turn, cycling, and consecutive seeds."""
+    return [prompts[i % len(prompts)] for i in range(samples)], [seed + i for i in range(samples)]
 
 
 def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequence[str] = ("attribute",),
@@ -188,6 +187,7 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequenc
              negative_lora: str | os.PathLike | None = None, prompt_clip: str | None = None) -> dict:
     """Sample base and base+LoRA on the same (prompt, seed) pairs, judge them, write eval.json + grid.png."""
     from .demo import grid
+    from .export import read_lora
     from .generate import cpu_threads, default_guidance, generate, load_pipeline
     from .prompts import read_prompts
     from .scorers import make_scorers
@@ -197,21 +197,22 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequenc
     for option, path in (("--lora", lora), ("--negative-lora", negative_lora)):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{option} {path}: no such file")
+    clips: dict[str, ClipModel] = {}  # --prompt-clip reuses a judge's CLIP at the same location
     judges = make_scorers([scorers] if isinstance(scorers, str) else list(scorers), attribute=attribute,
-                          clip_model=scorer_model, alternatives=alternatives)
-    labellers = training_labellers(lora)
+                          clip_model=scorer_model, alternatives=alternatives, clips=clips)
+    meta = read_lora(lora)[1]
+    labellers = training_labellers(meta)
     if prompts is None:
         from .toy import open_prompts
 
         base_prompts = open_prompts(attribute)
     else:
         base_prompts = read_prompts(prompts)
-    prompt_list = [base_prompts[i % len(base_prompts)] for i in range(samples)]
-    seeds = [seed + i for i in range(samples)]
+    prompt_list, seeds = prompt_seeds(base_prompts, samples, seed)
     guidance = default_guidance(model) if guidance_scale is None else guidance_scale
     pipe = load_pipeline(model)
     base = generate(pipe, prompt_list, seeds, steps, guidance, threads=cpu_threads(model))
-    placement = lora_placement(lora)
+    placement = lora_placement(meta)
     loras = {"negative_lora": str(lora)} if placement == "negative" else {"lora": str(lora)}
     if negative_lora is not None:
         if "negative_lora" in loras:
@@ -219,12 +220,14 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequenc
                              "a negative-branch one); give one negative-branch LoRA")
         loras["negative_lora"] = str(negative_lora)
     tuned = generate(pipe, prompt_list, seeds, steps, guidance, threads=cpu_threads(model), **loras)
+    if prompt_clip and prompt_clip not in clips:
+        clips[prompt_clip] = ClipModel(prompt_clip, option="--prompt-clip")
     report = {"lora": str(lora), "placement": placement, "negative_lora": negative_lora and str(negative_lora),
               "model": model, "attribute": attribute, "samples": samples, "seed": seed,
               "steps": steps, "guidance_scale": guidance, "labellers": labellers,
               "results": [score_pairs(j, base, tuned, prompt_list, labelled_by(j, labellers)) for j in judges],
               "fidelity": fidelity(base, tuned, prompt_list),
-              "prompt_alignment": prompt_alignment(prompt_clip, base, tuned, prompt_list) if prompt_clip else None,
+              "prompt_alignment": prompt_alignment(clips[prompt_clip], base, tuned, prompt_list) if prompt_clip else None,
               "prompts": prompt_list, "seeds": seeds}
     if output_dir is not None:
         out = Path(output_dir)
@@ -237,8 +240,9 @@ def evaluate(lora: str | os.PathLike, model: str = "toy", scorers: str | Sequenc
     return report
 
 
-def _interval(r: dict) -> str:
-    return f"[{r['low']:.1%}, {r['high']:.1%}]"
+def rate_text(r: dict) -> str:
+    """A rate with its 95% interval, as reports show it: 37.5% [13.7%, 69.4%]."""
+    return f"{r['rate']:.1%} [{r['low']:.1%}, {r['high']:.1%}]"
 
 
 def _count(n: int, one: str, many: str | None = None) -> str:
@@ -254,11 +258,11 @@ def judge_lines(result: dict) -> list[str]:
     if w["rate"] is None:
         lines.append("  win rate: no decided pairs (every pair tied)")
     else:
-        lines.append(f"  win rate over the {w['wins'] + w['losses']} decided pairs: {w['rate']:.1%} {_interval(w)}; "
-                     f"ties {w['tie_share']['rate']:.1%} {_interval(w['tie_share'])} of all pairs (95% Wilson intervals)")
+        lines.append(f"  win rate over the {w['wins'] + w['losses']} decided pairs: {rate_text(w)}; "
+                     f"ties {rate_text(w['tie_share'])} of all pairs (95% Wilson intervals)")
     if "before" in result:
         b, a = result["before"], result["after"]
-        lines.append(f"  rate judged positive: base {b['rate']:.1%} {_interval(b)} -> LoRA {a['rate']:.1%} {_interval(a)}")
+        lines.append(f"  rate judged positive: base {rate_text(b)} -> LoRA {rate_text(a)}")
     else:
         lines.append(f"  mean score: base {result['mean_base']:.4g} -> LoRA {result['mean_lora']:.4g}")
     return lines
@@ -271,8 +275,7 @@ def fidelity_lines(report: dict) -> list[str]:
         f = report["fidelity"]
         lines.append("prompt fidelity (toy classifier: samples showing what the prompt names, 95% Wilson intervals)")
         for kind, r in f["kinds"].items():
-            lines.append(f"  {kind}: base {r['base']['rate']:.1%} {_interval(r['base'])} -> "
-                         f"LoRA {r['lora']['rate']:.1%} {_interval(r['lora'])}")
+            lines.append(f"  {kind}: base {rate_text(r['base'])} -> LoRA {rate_text(r['lora'])}")
         lines.append("  kept: no prompted attribute fell more than 5 points" if f["kept"] else
                      "  fell more than 5 points: " + ", ".join(f"{k} -{v:.1%}" for k, v in f["falls"].items()))
     a = report.get("prompt_alignment")

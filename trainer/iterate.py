@@ -83,11 +83,14 @@ def train_round(config: TrainConfig, data: Path, output: Path, previous_lora: Pa
     round_config = dataclasses.replace(config, data=str(data), output_dir=str(output), resume="latest",
                                        cache_dir=config.cache_dir or str(output.parent.parent / ".cache"))
     ranks = make_ranks()
-    torch.manual_seed(round_config.seed)
-    backend = make_backend(round_config, ranks.device)
-    if previous_lora is not None:
-        load_lora_into(backend, previous_lora)  # a checkpoint of this round, if any, replaces it in `train`
-    result = train(round_config, backend, open_config_examples(round_config), None, ranks)
+    try:  # as run.run: the process group is left after each round, on an error too
+        torch.manual_seed(round_config.seed)
+        backend = make_backend(round_config, ranks.device)
+        if previous_lora is not None:
+            load_lora_into(backend, previous_lora)  # a checkpoint of this round, if any, replaces it in `train`
+        result = train(round_config, backend, open_config_examples(round_config), None, ranks)
+    finally:
+        ranks.close()
     del backend
     release_memory()
     return Path(result.lora_path)
@@ -107,6 +110,8 @@ def round_row(r: int, pairs: int | None, scores: dict[str, list[float]], base: d
 
 def table(rows: Sequence[dict]) -> str:
     """Markdown: one line per round and judge."""
+    from .evaluate import rate_text
+
     lines = ["| round | pairs kept | judge | mean score (LoRA) | win rate vs base, decided pairs [95% Wilson] "
              "| wins / ties / losses |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -116,7 +121,7 @@ def table(rows: Sequence[dict]) -> str:
             if row["round"] == 0:
                 lines.append(f"| 0 (base) | - | {j['name']}{mark} | {j['mean_base']:.4g} | - | - |")
                 continue
-            rate = "no decided pairs" if w["rate"] is None else f"{w['rate']:.1%} [{w['low']:.1%}, {w['high']:.1%}]"
+            rate = "no decided pairs" if w["rate"] is None else rate_text(w)
             lines.append(f"| {row['round']} | {row['pairs']} | {j['name']}{mark} | {j['mean_lora']:.4g} | {rate} | "
                          f"{w['wins']} / {w['ties']} / {w['losses']} |")
     return "\n".join(lines) + "\n"
@@ -126,9 +131,10 @@ def iterate(config: TrainConfig, settings: PairsSettings, rounds: int, resume: b
             eval_samples: int = 96, eval_seed: int = 1_000_000, eval_prompts: str | None = None,
             eval_scorers: Sequence[str] = (), progress: bool = True) -> list[dict]:
     """Run (or continue) `rounds` online rounds in `config.output_dir`; returns the table's rows."""
+    from .evaluate import prompt_seeds
     from .generate import cpu_threads, generate, load_pipeline
     from .prompts import read_prompts
-    from .scorers import Ensemble, make_scorer, make_scorers
+    from .scorers import ClipModel, Ensemble, make_scorer, make_scorers
 
     if rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {rounds}")
@@ -148,15 +154,18 @@ def iterate(config: TrainConfig, settings: PairsSettings, rounds: int, resume: b
            "eval": {"samples": eval_samples, "seed": eval_seed, "prompts": eval_prompts, "scorers": list(eval_scorers)}}
     state = folder.check(json.loads(json.dumps(key)), resume)
 
-    judge = make_scorer(settings.scorers, settings.vote, clip_model=settings.scorer_model)
+    clips: dict[str, ClipModel] = {}  # a CLIP that the judge and an evaluation scorer both use is loaded once
+    judge = make_scorer(settings.scorers, settings.vote, clip_model=settings.scorer_model, clips=clips)
     members = judge.members if isinstance(judge, Ensemble) else [judge]
-    judges = members + make_scorers(eval_scorers, clip_model=settings.scorer_model)
+    judges = members + make_scorers(eval_scorers, clip_model=settings.scorer_model, clips=clips)
     labellers = judge.identities()
-    evaluation = EvalSet([evaluation_prompts[i % len(evaluation_prompts)] for i in range(eval_samples)],
-                         [eval_seed + i for i in range(eval_samples)], settings.sample_steps, settings.guidance)
+    evaluation = EvalSet(*prompt_seeds(evaluation_prompts, eval_samples, eval_seed), settings.sample_steps,
+                         settings.guidance)
     threads = cpu_threads(settings.model)
 
     base_path = folder.root / "eval-base.json"
+    # one pipeline at a time: it serves the evaluation and the next round's pairs (a LoRA applied for sampling
+    # is removed afterwards, leaving the model as it was) and is let go while a round trains
     pipe = load_pipeline(settings.model, settings.vae, settings.model_config)  # a bad model fails before any write
     folder.root.mkdir(parents=True, exist_ok=True)
     folder.save(state)
@@ -168,8 +177,6 @@ def iterate(config: TrainConfig, settings: PairsSettings, rounds: int, resume: b
         base = judge_scores(judges, images, evaluation.prompts)
         write_text(base_path, json.dumps(base))
         del images
-    del pipe
-    release_memory()
     rows = [round_row(0, None, base, base, judges, labellers)]
     lora: Path | None = None
     for r in range(1, rounds + 1):
@@ -178,7 +185,6 @@ def iterate(config: TrainConfig, settings: PairsSettings, rounds: int, resume: b
             rows.append(state["rounds"][str(r)])
             lora = where / "train" / "lora.safetensors"
             continue
-        pipe = load_pipeline(settings.model, settings.vae, settings.model_config)
         round_settings = dataclasses.replace(settings, lora=str(lora) if lora else None,
                                              seed=settings.seed + (r - 1) * len(prompts) * settings.images_per_prompt)
         made = make_pairs(round_settings, where / "pairs", resume=True, progress=progress, pipe=pipe, scorer=judge)
@@ -192,14 +198,15 @@ def iterate(config: TrainConfig, settings: PairsSettings, rounds: int, resume: b
         images = generate(pipe, evaluation.prompts, evaluation.seeds, evaluation.steps, evaluation.guidance_scale,
                           lora=str(lora), threads=threads)
         row = round_row(r, made.pairs, judge_scores(judges, images, evaluation.prompts), base, judges, labellers)
-        del pipe, images
-        release_memory()
+        del images
         write_text(where / "eval.json", json.dumps(row, indent=1))
         state["rounds"][str(r)] = row
         folder.save(state)
         rows.append(row)
         write_text(folder.root / "rounds.json", json.dumps(rows, indent=1))
         write_text(folder.root / "rounds.md", table(rows))
+    del pipe
+    release_memory()
     write_text(folder.root / "rounds.json", json.dumps(rows, indent=1))
     write_text(folder.root / "rounds.md", table(rows))
     return rows

@@ -58,7 +58,7 @@ def select_pairs(judgement: Judgement, policy: str, margin: float = 0.0) -> list
         candidates = [(a, b) for a in range(len(s)) for b in range(len(s)) if a != b]
     else:
         raise ValueError(f"unknown policy {policy!r}; score policies are best-worst and all-pairs")
-    return [(a, b) for a, b in candidates if judgement.prefers(a, b) and s[a] - s[b] >= margin]
+    return [(a, b) for a, b in candidates if judgement.keeps(a, b, margin)]
 
 
 def suggest_marks(judgement: Judgement, margin: float = 0.0, per_side: int = 1) -> list[str]:
@@ -69,7 +69,7 @@ def suggest_marks(judgement: Judgement, margin: float = 0.0, per_side: int = 1) 
     worst_first = sorted(range(len(s)), key=lambda i: (s[i], i))
     for n in range(min(per_side, len(s) // 2), 0, -1):
         chosen, rejected = best_first[:n], worst_first[:n]
-        if all(judgement.prefers(c, r) and s[c] - s[r] >= margin for c in chosen for r in rejected):
+        if all(judgement.keeps(c, r, margin) for c in chosen for r in rejected):
             return ["chosen" if i in chosen else "rejected" if i in rejected else "none" for i in range(len(s))]
     return ["none"] * len(s)
 
@@ -310,19 +310,18 @@ class PairsFolder:
 
 
 def read_labellers(data: str | os.PathLike) -> list[dict] | None:
-    """Names and fingerprints of the scorers that labelled a parquet file or folder `trainer pairs` wrote;
-    None when `data` is not such a dataset (or not here)."""
+    """Names and fingerprints of the scorers that labelled a parquet file or folder `trainer pairs` wrote (read
+    from the first shard `train` reads); None when `data` is not such a dataset (or not here)."""
     import pyarrow.parquet as pq
 
-    path = Path(data)
-    files = [path] if path.is_file() else sorted(path.rglob("*.parquet")) if path.is_dir() else []
-    for file in files[:1]:
-        try:
-            meta = pq.read_schema(file).metadata or {}
-            return list(json.loads(meta[METADATA_KEY])["scorers"])
-        except (KeyError, ValueError, OSError):
-            return None
-    return None
+    from .data.errors import DataError
+    from .data.parquet import parquet_files
+
+    try:
+        meta = pq.read_schema(parquet_files(Path(data))[0]).metadata or {}
+        return list(json.loads(meta[METADATA_KEY])["scorers"])
+    except (DataError, KeyError, ValueError, OSError):  # DataError: no parquet file there
+        return None
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -347,7 +346,7 @@ def make_pairs(settings: PairsSettings, output_dir: str | os.PathLike, resume: b
     """Generate, judge and pair every prompt into `output_dir`; `pipe`/`scorer` may be passed in already loaded."""
     from tqdm.auto import tqdm
 
-    from .generate import cpu_threads, generate
+    from .generate import cpu_threads, generate, sampling
     from .prompts import read_prompts
     from .scorers import make_scorer
 
@@ -375,30 +374,30 @@ def make_pairs(settings: PairsSettings, output_dir: str | os.PathLike, resume: b
                           "rejected_template": settings.rejected_template}}
     folder.start(manifest, fresh)
     k, start = settings.images_per_prompt, folder.manifest["next_prompt"]
-    sample = dict(steps=settings.sample_steps, guidance_scale=settings.guidance, lora=settings.lora,
-                  batch_size=batch_size or k, threads=cpu_threads(settings.model), size=settings.image_size)
+    sample = dict(steps=settings.sample_steps, guidance_scale=settings.guidance, batch_size=batch_size or k,
+                  threads=cpu_threads(settings.model), size=settings.image_size)
     bar = tqdm(total=len(prompts), initial=start, disable=not progress, desc="pairs", unit="prompt")
-    for index in range(start, len(prompts)):
-        prompt = prompts[index]
-        seeds = [settings.seed + index * k + j for j in range(k)]
-        if settings.policy == "contrast":
-            shown = [apply_template(settings.chosen_template, prompt, "--chosen-template"),
-                     apply_template(settings.rejected_template, prompt, "--rejected-template")]
-            images = generate(pipe, [shown[0]] * k, seeds, **sample) + generate(pipe, [shown[1]] * k, seeds, **sample)
-            judgement = scorer.judge(images, [prompt] * 2 * k) if scorer else None
-            candidates = [(j, k + j) for j in range(k)]  # chosen image j against rejected image j: same seed
-            pairs = [(a, b) for a, b in candidates if judgement is None
-                     or (judgement.prefers(a, b) and judgement.combined[a] - judgement.combined[b] >= settings.margin)]
-            rows = pair_rows(index, prompt, images, seeds * 2, [shown[0]] * k + [shown[1]] * k, pairs, judgement)
-        else:
-            images = generate(pipe, [prompt] * k, seeds, **sample)
-            judgement = scorer.judge(images, [prompt] * k)
-            pairs = select_pairs(judgement, settings.policy, settings.margin)
-            rows = pair_rows(index, prompt, images, seeds, [prompt] * k, pairs, judgement)
-        judged = {"best-worst": 1, "all-pairs": k * (k - 1) // 2, "contrast": k}[settings.policy]
-        folder.add_prompt(index, rows, judged, len(images))
-        bar.set_postfix(pairs=folder.manifest["pairs"], refresh=False)
-        bar.update(1)
+    with sampling(pipe, settings.lora):  # the LoRA is loaded once for the run; each `generate` keeps it
+        for index in range(start, len(prompts)):
+            prompt = prompts[index]
+            seeds = [settings.seed + index * k + j for j in range(k)]
+            if settings.policy == "contrast":
+                shown = [apply_template(settings.chosen_template, prompt, "--chosen-template"),
+                         apply_template(settings.rejected_template, prompt, "--rejected-template")]
+                images = generate(pipe, [shown[0]] * k, seeds, **sample) + generate(pipe, [shown[1]] * k, seeds, **sample)
+                judgement = scorer.judge(images, [prompt] * 2 * k) if scorer else None
+                candidates = [(j, k + j) for j in range(k)]  # chosen image j against rejected image j: same seed
+                pairs = [(a, b) for a, b in candidates if judgement is None or judgement.keeps(a, b, settings.margin)]
+                rows = pair_rows(index, prompt, images, seeds * 2, [shown[0]] * k + [shown[1]] * k, pairs, judgement)
+            else:
+                images = generate(pipe, [prompt] * k, seeds, **sample)
+                judgement = scorer.judge(images, [prompt] * k)
+                pairs = select_pairs(judgement, settings.policy, settings.margin)
+                rows = pair_rows(index, prompt, images, seeds, [prompt] * k, pairs, judgement)
+            judged = {"best-worst": 1, "all-pairs": k * (k - 1) // 2, "contrast": k}[settings.policy]
+            folder.add_prompt(index, rows, judged, len(images))
+            bar.set_postfix(pairs=folder.manifest["pairs"], refresh=False)
+            bar.update(1)
     bar.close()
     folder.finish()
     return _result(folder.root, folder.manifest)

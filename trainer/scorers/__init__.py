@@ -36,10 +36,11 @@ def check_spec(spec: str) -> tuple[str, str | None]:
     return kind, arg or None
 
 
-def make_scorers(specs: Sequence[str], attribute: str | None = None,
-                 clip_model: str | None = None, alternatives: Sequence[str] = ()) -> list[Scorer]:
-    """One scorer per spec; a CLIP model named by several specs is loaded once."""
-    clips: dict[str, ClipModel] = {}
+def make_scorers(specs: Sequence[str], attribute: str | None = None, clip_model: str | None = None,
+                 alternatives: Sequence[str] = (), clips: dict[str, ClipModel] | None = None) -> list[Scorer]:
+    """One scorer per spec; a CLIP model named by several specs is loaded once, and so is one named in several
+    calls that share `clips` (location -> loaded model, filled here)."""
+    clips = {} if clips is None else clips
 
     def clip(location: str | None, spec: str) -> ClipModel:
         if not location:

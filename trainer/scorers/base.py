@@ -59,6 +59,11 @@ class Judgement:
 
         return prefers(self.vote, [column[a] for column in self.columns], [column[b] for column in self.columns])
 
+    def keeps(self, a: int, b: int, margin: float = 0.0) -> bool:
+        """Whether pairing keeps a (chosen) against b (rejected): the judge prefers a, and the combined scores
+        differ by at least `margin`."""
+        return self.prefers(a, b) and self.combined[a] - self.combined[b] >= margin
+
 
 def pixels(images: Sequence[Image.Image]) -> torch.Tensor:
     """PIL images -> float [N, 3, H, W] in [-1, 1] (what `ClipEmbedder.images` takes)."""

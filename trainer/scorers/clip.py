@@ -6,6 +6,7 @@ are both CLIP models, so either is a `ClipScorer`.
 """
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -78,7 +79,11 @@ class StyleJudge(Scorer):
         self.name = f"style:{style}@{self.clip.label}"
         self.fingerprint = self.clip.fingerprint
 
+    @cached_property
+    def label_embeddings(self) -> torch.Tensor:
+        """The text embeddings of "a {style} image" for the style and each alternative: fixed, encoded once."""
+        return self.clip.texts([STYLE_TEMPLATE.format(s) for s in self.labels])
+
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        text = self.clip.texts([STYLE_TEMPLATE.format(s) for s in self.labels])
-        best = (self.clip.images(images) @ text.T).argmax(-1)
+        best = (self.clip.images(images) @ self.label_embeddings.T).argmax(-1)
         return [float(i == 0) for i in best.tolist()]
