@@ -24,19 +24,22 @@ HERE = Path(__file__).resolve().parent
 
 
 def load_module(name: str, path: Path):
-    """The module in the file at `path` under `name`: for test helpers outside this folder (tests/nodes has no
-    __init__.py and is on sys.path only when one of its own tests ran in this process)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """sys.modules[name], loaded from `path` if not there yet: for test helpers outside this folder (tests/nodes has
+    no __init__.py and is on sys.path only when one of its own tests ran in this process) and for the pack, a folder,
+    loaded as a package the way ComfyUI loads it (its __init__.py, relative imports inside)."""
+    if name not in sys.modules:
+        package = path.is_dir()
+        spec = importlib.util.spec_from_file_location(name, path / "__init__.py" if package else path,
+                                                      submodule_search_locations=[str(path)] if package else None)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
 
 
 def workflow_tools():
     """tests/nodes/workflow_tools.py, which builds the pack's API graphs."""
-    return sys.modules.get("prefalign_workflow_tools") or load_module(
-        "prefalign_workflow_tools", ROOT / "tests" / "nodes" / "workflow_tools.py")
+    return load_module("prefalign_workflow_tools", ROOT / "tests" / "nodes" / "workflow_tools.py")
 
 
 def free_port() -> int:

@@ -19,11 +19,12 @@ ComfyUI's converter, is compared too.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import sys
 from pathlib import Path
+
+from comfy_server import load_module  # this folder is sys.path[0] of a script run
 
 CTX, POOLED = 64, 32  # stand-in text encoder widths
 FAMILIES = {
@@ -105,14 +106,6 @@ def sample_once(torch, base, clip, channels: int, video: bool) -> None:
                                  width=32, height=32, **kw)
         base.apply_model(noise, torch.tensor([0.5]), **{k: c.process_cond(batch_size=1, device=noise.device, area=None).cond
                                                         for k, c in conds.items()})
-
-
-def load_pack(pack_dir: Path):
-    spec = importlib.util.spec_from_file_location("prefalign_pack", pack_dir / "__init__.py", submodule_search_locations=[str(pack_dir)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["prefalign_pack"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def probe(name: str, comfy, torch, pack) -> dict:
@@ -339,7 +332,7 @@ def main(comfy_dir: str, pack_dir: str, out: str, *families: str) -> None:
 
     import comfy.model_management  # noqa: F401  (reads --cpu)
 
-    pack = load_pack(Path(pack_dir))
+    pack = load_module("prefalign_pack", Path(pack_dir))
     results = {}
     for name in families or FAMILIES:
         try:
