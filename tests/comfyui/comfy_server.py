@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import socket
@@ -17,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +42,20 @@ def load_module(name: str, path: Path):
 def workflow_tools():
     """tests/nodes/workflow_tools.py, which builds the pack's API graphs."""
     return load_module("prefalign_workflow_tools", ROOT / "tests" / "nodes" / "workflow_tools.py")
+
+
+@contextmanager
+def caught_logs(logger: str | None = None):
+    """The messages logged to `logger` (default: the root logger) while the block runs, as a list (for the probes
+    run with ComfyUI's Python, which read what ComfyUI or diffusers reported, e.g. "lora key not loaded")."""
+    messages: list[str] = []
+    catcher = logging.Handler()
+    catcher.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger(logger).addHandler(catcher)
+    try:
+        yield messages
+    finally:
+        logging.getLogger(logger).removeHandler(catcher)
 
 
 def free_port() -> int:

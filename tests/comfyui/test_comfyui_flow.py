@@ -200,14 +200,14 @@ def diffusers_load(path: Path, family: str) -> dict:
                             qk_norm="rms_norm"))}
     model, pipeline, config = configs[family]
     code = f"""
-import json, logging, diffusers
-messages = []
-handler = logging.Handler(); handler.emit = lambda r: messages.append(r.getMessage())
-logging.getLogger("diffusers").addHandler(handler)
-model = diffusers.{model}(**{config!r})
-state = diffusers.{pipeline}.lora_state_dict({str(path)!r})
-state = state[0] if isinstance(state, tuple) else state
-model.load_lora_adapter(state, prefix="transformer", adapter_name="prefalign")
+import json, sys, diffusers
+sys.path.insert(0, {str(HERE)!r})
+from comfy_server import caught_logs
+with caught_logs("diffusers") as messages:
+    model = diffusers.{model}(**{config!r})
+    state = diffusers.{pipeline}.lora_state_dict({str(path)!r})
+    state = state[0] if isinstance(state, tuple) else state
+    model.load_lora_adapter(state, prefix="transformer", adapter_name="prefalign")
 layers = [n for n, m in model.named_modules() if "prefalign" in getattr(m, "lora_A", {{}})]
 print(json.dumps({{"layers": len(layers), "problems": [m for m in messages if "unexpected" in m.lower() or "missing" in m.lower()]}}))
 """
