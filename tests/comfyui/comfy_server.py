@@ -127,6 +127,14 @@ class ComfyServer:
         self.log_path = base / "server.log"
         self.proc = None
 
+    @classmethod
+    def from_env(cls, base: Path, **kw) -> "ComfyServer":
+        """A server (not started) for the ComfyUI at $COMFYUI_DIR run by $COMFYUI_PYTHON (default: this Python), the
+        tiny checkpoints kept in $PREFALIGN_CKPT_DIR when it is set; `kw`: `models`, `extra_packs`."""
+        cached = os.environ.get("PREFALIGN_CKPT_DIR")
+        return cls(base, Path(os.environ["COMFYUI_DIR"]), os.environ.get("COMFYUI_PYTHON", sys.executable),
+                   Path(cached) if cached else None, **kw)
+
     def start(self, timeout: float = 180) -> "ComfyServer":
         cmd = [self.python, "-u", "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base),  # models/, custom_nodes/, input/, output/, temp/, user/ under base

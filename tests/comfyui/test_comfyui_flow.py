@@ -47,10 +47,8 @@ cs = importlib.import_module("comfy_server")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_flow")
-    cached = os.environ.get("PREFALIGN_CKPT_DIR")
-    s = cs.ComfyServer(base, Path(COMFYUI_DIR), PYTHON, Path(cached) if cached else None, models=MODELS,
-                       extra_packs=(HERE / "standin_text_encoder",))
+    s = cs.ComfyServer.from_env(tmp_path_factory.mktemp("comfy_flow"), models=MODELS,
+                                extra_packs=(HERE / "standin_text_encoder",))
     s.start()
     yield s
     s.stop()

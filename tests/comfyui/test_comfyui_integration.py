@@ -15,7 +15,6 @@ import io
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -34,10 +33,7 @@ STORE = "it_store"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy")
-    cached = os.environ.get("PREFALIGN_CKPT_DIR")  # keep the tiny checkpoints between runs (saves ~40 s)
-    s = cs.ComfyServer(base, Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", sys.executable),
-                       Path(cached) if cached else None)
+    s = cs.ComfyServer.from_env(tmp_path_factory.mktemp("comfy"))  # PREFALIGN_CKPT_DIR saves ~40 s
     s.start()
     yield s
     s.stop()

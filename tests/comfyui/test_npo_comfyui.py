@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +25,10 @@ LORA = "npo_probe.safetensors"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_npo")
-    cached = os.environ.get("PREFALIGN_CKPT_DIR")
     from comfy_server import ComfyServer  # tests/comfyui is on the path of its own tests
 
-    s = ComfyServer(base, Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", sys.executable),
-                       Path(cached) if cached else None)
-    write_probe_lora(base / "models" / "checkpoints" / CKPT, base / "models" / "loras" / LORA)
+    s = ComfyServer.from_env(tmp_path_factory.mktemp("comfy_npo"))
+    write_probe_lora(s.base / "models" / "checkpoints" / CKPT, s.base / "models" / "loras" / LORA)
     s.start()
     yield s
     s.stop()

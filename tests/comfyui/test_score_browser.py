@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,11 +30,8 @@ STORE = "browser_scored"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_clip):
     cs = importlib.import_module("comfy_server")  # tests/comfyui is on the path of its own tests
-    base = tmp_path_factory.mktemp("comfy_scores")
-    cached = os.environ.get("PREFALIGN_CKPT_DIR")
-    s = cs.ComfyServer(base, Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", sys.executable),
-                       Path(cached) if cached else None)
-    shutil.copytree(tiny_clip, base / "models" / "prefalign_scorers" / "tiny-pick")  # a link out of the folder is refused
+    s = cs.ComfyServer.from_env(tmp_path_factory.mktemp("comfy_scores"))
+    shutil.copytree(tiny_clip, s.base / "models" / "prefalign_scorers" / "tiny-pick")  # a link out of the folder is refused
     s.start()
     yield s
     s.stop()
