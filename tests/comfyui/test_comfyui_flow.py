@@ -41,8 +41,7 @@ LONG = ("a watercolor painting of a small red fox sleeping under a tall old pine
         "paper texture, quiet winter mood, highly detailed fur, gentle gradients, atmospheric perspective")
 
 
-sys.path.insert(0, str(HERE))
-cs = importlib.import_module("comfy_server")
+cs = importlib.import_module("comfy_server")  # tests/comfyui is on the path of its own tests
 
 
 @pytest.fixture(scope="module")
