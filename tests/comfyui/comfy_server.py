@@ -232,6 +232,18 @@ class ComfyServer:
             raise AssertionError(f"prompt failed: {messages}")
         return entry
 
+    def image(self, entry: dict, node: str):
+        """The first image the SaveImage node `node` wrote in a finished prompt's history `entry`, fetched through
+        /view: a float32 RGB array [height, width, 3]."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        im = entry["outputs"][node]["images"][0]
+        raw = self.get(f"/view?filename={im['filename']}&subfolder={im['subfolder']}&type={im['type']}")
+        return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=np.float32)
+
 
 def main() -> None:  # manual use: python tests/comfyui/comfy_server.py BASE -> serves until Ctrl-C
     base = Path(sys.argv[1])

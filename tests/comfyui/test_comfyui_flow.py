@@ -77,15 +77,7 @@ def train_node(model, clip, vae, store: str, **kw) -> dict:
 
 
 def image(server, graph: dict, save: str):
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    entry = server.run(graph, timeout=900)
-    im = entry["outputs"][save]["images"][0]
-    raw = server.get(f"/view?filename={im['filename']}&subfolder={im['subfolder']}&type={im['type']}")
-    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=np.float32)
+    return server.image(server.run(graph, timeout=900), save)
 
 
 def sample_nodes(model, clip, vae, seed: int, prefix: str, cfg: float, flux: bool = False) -> dict:

@@ -9,7 +9,6 @@ differs from both the plain image and the LoRA applied to the whole model.
 """
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -55,12 +54,7 @@ def write_probe_lora(checkpoint: Path, out: Path) -> None:
 
 
 def image(server, graph: dict, node: str) -> np.ndarray:
-    from PIL import Image
-
-    entry = server.run(graph)
-    im = entry["outputs"][node]["images"][0]
-    raw = server.get(f"/view?filename={im['filename']}&subfolder={im['subfolder']}&type={im['type']}")
-    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=np.float32)
+    return server.image(server.run(graph), node)
 
 
 def txt2img(model: list, negative: list, cfg: float, prefix: str, seed: int = 11) -> dict:
