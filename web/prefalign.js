@@ -42,6 +42,17 @@ function injectStyle() {
   document.head.appendChild(el);
 }
 
+/** Wrap `obj[name]` (a frontend hook): the original runs first, then `fn` with the same `this` and arguments;
+ * the original's result is returned. */
+function after(obj, name, fn) {
+  const original = obj[name];
+  obj[name] = function (...args) {
+    const r = original ? original.apply(this, args) : undefined;
+    fn.apply(this, args);
+    return r;
+  };
+}
+
 async function jsonFetch(path, options) {
   const res = await api.fetchApi(path, options);
   let body = null;
@@ -385,8 +396,7 @@ function setupTrain(node) {
   }
   if (method) {  // the graph above the node changes without telling it: look every second (a fetch only on change)
     const timer = setInterval(() => refreshFit(node, method).catch(() => {}), 1000);
-    const removed = node.onRemoved;
-    node.onRemoved = function () { clearInterval(timer); return removed ? removed.apply(this, arguments) : undefined; };
+    after(node, "onRemoved", () => clearInterval(timer));
   }
   // a reloaded page recovers the curve of a run that is still going (or just finished)
   jsonFetch("/prefalign/train/status").then((s) => {
@@ -419,56 +429,33 @@ app.registerExtension({
     api.addEventListener("execution_success", () => charts().forEach((n) => n.prefalignChart.transition("finished")));
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    const proto = nodeType.prototype;
     if (nodeData.name.startsWith(PACK_PREFIX)) {
-      const executed = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (message) {
-        const r = executed ? executed.apply(this, arguments) : undefined;
-        showText(this, message);
-        return r;
-      };
+      after(proto, "onExecuted", function (message) { showText(this, message); });
     }
     if (nodeData.name === GALLERY) {
-      const created = nodeType.prototype.onNodeCreated;
-      nodeType.prototype.onNodeCreated = function () {
-        const r = created ? created.apply(this, arguments) : undefined;
-        setupGallery(this);
-        return r;
-      };
-      const executed = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (message) {
-        const r = executed ? executed.apply(this, arguments) : undefined;
+      after(proto, "onNodeCreated", function () { setupGallery(this); });
+      after(proto, "onExecuted", function (message) {
         const batch = sanitizeBatch(message && message.prefalign_batch && message.prefalign_batch[0]);
         if (batch) {
           this.properties = this.properties || {};
           this.properties.prefalign_batch = batch; // saved with the workflow: reopening restores the marks
           this.prefalignGallery && this.prefalignGallery.show(batch);
         }
-        return r;
-      };
-      const configured = nodeType.prototype.onConfigure;
-      nodeType.prototype.onConfigure = function () {
-        const r = configured ? configured.apply(this, arguments) : undefined;
+      });
+      after(proto, "onConfigure", function () {
         const saved = sanitizeBatch(this.properties && this.properties.prefalign_batch);
         if (saved && this.prefalignGallery && (!this.prefalignGallery.batch || this.prefalignGallery.batch.batch !== saved.batch)) {
           this.prefalignGallery.show(saved, true);
         }
-        return r;
-      };
+      });
     }
     if (nodeData.name === TRAIN) {
-      const created = nodeType.prototype.onNodeCreated;
-      nodeType.prototype.onNodeCreated = function () {
-        const r = created ? created.apply(this, arguments) : undefined;
-        setupTrain(this);
-        return r;
-      };
-      const executed = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (message) {
-        const r = executed ? executed.apply(this, arguments) : undefined;
+      after(proto, "onNodeCreated", function () { setupTrain(this); });
+      after(proto, "onExecuted", function (message) {
         const info = message && message.prefalign_train && message.prefalign_train[0];
         if (info && this.prefalignChart) this.prefalignChart.update({ status: info.stopped ? "stopped" : "done", lora: info.lora, step: info.steps });
-        return r;
-      };
+      });
     }
   },
 });
