@@ -53,6 +53,12 @@ function after(obj, name, fn) {
   };
 }
 
+/** The URL of image `index` of a gallery batch, under the frontend's API base when it has one. */
+const imageSrc = (batch, index) => (api.apiURL ? api.apiURL(imageUrl(batch, index)) : imageUrl(batch, index));
+
+/** The nodes of the open graph (`_nodes` in older frontends). */
+const graphNodes = () => (app.graph ? app.graph._nodes || app.graph.nodes || [] : []);
+
 async function jsonFetch(path, options) {
   const res = await api.fetchApi(path, options);
   let body = null;
@@ -119,7 +125,7 @@ class Gallery {
       tile.className = "pa-tile";
       tile.dataset.index = String(i);
       const img = document.createElement("img");
-      img.src = api.apiURL ? api.apiURL(imageUrl(batch, i)) : imageUrl(batch, i);
+      img.src = imageSrc(batch, i);
       img.draggable = false;
       const badge = document.createElement("span");
       badge.className = "pa-badge";
@@ -235,7 +241,7 @@ class Gallery {
 function setupGallery(node) {
   injectStyle();
   const gallery = new Gallery(node);
-  attachScoring(gallery, { fetchJson: jsonFetch, imageSrc: (b, i) => (api.apiURL ? api.apiURL(imageUrl(b, i)) : imageUrl(b, i)) });
+  attachScoring(gallery, { fetchJson: jsonFetch, imageSrc });
   node.prefalignGallery = gallery;
   node.addDOMWidget("prefalign_gallery", "prefalign_gallery", gallery.el, { serialize: false, hideOnZoom: false, getMinHeight: () => 220 });
   node.setSize([Math.max(node.size[0], 420), Math.max(node.size[1], 420)]);
@@ -246,7 +252,7 @@ function setupGallery(node) {
 // Ctrl+hover previews last while Ctrl is held
 window.addEventListener("keyup", (e) => {
   if (e.key !== "Control" && e.key !== "Meta") return;
-  for (const node of app.graph ? app.graph._nodes || app.graph.nodes || [] : []) {
+  for (const node of graphNodes()) {
     if (node.prefalignGallery && node.prefalignGallery.previewByHover) node.prefalignGallery.closePreview();
   }
 });
@@ -406,7 +412,7 @@ function setupTrain(node) {
 }
 
 function charts() {
-  return (app.graph ? app.graph._nodes || app.graph.nodes || [] : []).filter((n) => n.prefalignChart);
+  return graphNodes().filter((n) => n.prefalignChart);
 }
 
 app.registerExtension({
