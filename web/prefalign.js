@@ -6,7 +6,7 @@ import {
   mergePoints, modelSource, moveCursor, nextMark, nodeQueueError, progressText, queueTransition, sanitizeBatch, smooth, summary,
   textLines, textRows,
 } from "./prefalign_logic.js";
-import { attachScoring } from "./prefalign_compare.js";
+import { attachScoring, injectStyle } from "./prefalign_compare.js";
 
 const PACK_PREFIX = "PrefAlign"; // every node of the pack: its result text shows on the node
 const GALLERY = "PrefAlignGalleryPicker";
@@ -33,14 +33,6 @@ const STYLE = `
 .prefalign-preview { position:fixed; inset:0; z-index:10000; display:flex; flex-direction:column; align-items:center; justify-content:center; gap:6px; background:rgba(0,0,0,.8); font:13px sans-serif; color:#eee; cursor:zoom-out; }
 .prefalign-preview img { height:86vh; width:auto; max-width:92vw; object-fit:contain; box-shadow:0 0 0 4px var(--pa-mark,transparent); }
 `;
-
-function injectStyle() {
-  if (document.getElementById("prefalign-style")) return;
-  const el = document.createElement("style");
-  el.id = "prefalign-style";
-  el.textContent = STYLE;
-  document.head.appendChild(el);
-}
 
 /** Wrap `obj[name]` (a frontend hook): the original runs first, then `fn` with the same `this` and arguments;
  * the original's result is returned. */
@@ -239,7 +231,7 @@ class Gallery {
 }
 
 function setupGallery(node) {
-  injectStyle();
+  injectStyle("prefalign-style", STYLE);
   const gallery = new Gallery(node);
   attachScoring(gallery, { fetchJson: jsonFetch, imageSrc });
   node.prefalignGallery = gallery;
@@ -262,7 +254,7 @@ function showText(node, message) {
   const lines = textLines(message);
   if (!lines.length) return;
   if (!node.prefalignText) {
-    injectStyle();
+    injectStyle("prefalign-style", STYLE);
     const el = document.createElement("div");
     el.className = "prefalign-text";
     node.prefalignText = el;
@@ -381,7 +373,7 @@ async function methods() {
 }
 
 function setupTrain(node) {
-  injectStyle();
+  injectStyle("prefalign-style", STYLE);
   const chart = new LossChart(node);
   node.prefalignChart = chart;
   const widget = node.addDOMWidget("prefalign_loss", "prefalign_loss", chart.el, { serialize: false, getMinHeight: () => 170 });

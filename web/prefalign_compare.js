@@ -27,11 +27,12 @@ const STYLE = `
 .prefalign-compare .pa-error { color:#f66; }
 `;
 
-function injectStyle() {
-  if (document.getElementById("prefalign-compare-style")) return;
+/** Add a <style> element with this id and CSS to the page, once (also for web/prefalign.js). */
+export function injectStyle(id, css) {
+  if (document.getElementById(id)) return;
   const el = document.createElement("style");
-  el.id = "prefalign-compare-style";
-  el.textContent = STYLE;
+  el.id = id;
+  el.textContent = css;
   document.head.appendChild(el);
 }
 
@@ -50,7 +51,7 @@ function button(text, title, onClick) {
  * `imageSrc(batch, index)` is an image's URL.
  */
 export function attachScoring(gallery, { fetchJson, imageSrc }) {
-  injectStyle();
+  injectStyle("prefalign-compare-style", STYLE);
   const bar = document.createElement("div");
   bar.className = "prefalign-scoring";
   const hint = document.createElement("span");
