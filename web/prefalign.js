@@ -105,7 +105,7 @@ class Gallery {
     }
     if (state && Array.isArray(state.marks)) batch.count = Math.min(state.marks.length, MAX_TILES);
     this.batch = batch;
-    this.marks = Array(batch.count).fill("none");
+    this.marks = state && Array.isArray(state.marks) ? state.marks.slice(0, batch.count) : Array(batch.count).fill("none");
     this.cursor = 0;
     this.closePreview();
     this.promptEl.textContent = batch.prompt || "(no prompt)";
@@ -134,7 +134,6 @@ class Gallery {
       this.grid.appendChild(tile);
       this.tiles.push(tile);
     }
-    if (state && Array.isArray(state.marks)) this.marks = state.marks.slice(0, batch.count);
     this.layout();
     this.render(state);
   }

@@ -47,7 +47,7 @@ function button(text, title, onClick) {
 
 /**
  * Add auto-mark and compare to a gallery (web/prefalign.js's Gallery: `el`, `grid`, `tiles`, `batch`, `marks`,
- * `mark(index, mark)`, `show(batch)`). `fetchJson(path, options)` answers the server's JSON or throws;
+ * `mark(index, mark)`, `show(batch)`, `layout()`). `fetchJson(path, options)` answers the server's JSON or throws;
  * `imageSrc(batch, index)` is an image's URL.
  */
 export function attachScoring(gallery, { fetchJson, imageSrc }) {
@@ -57,7 +57,7 @@ export function attachScoring(gallery, { fetchJson, imageSrc }) {
   const hint = document.createElement("span");
   hint.className = "pa-hint";
   let suggestions = null;
-  const relayout = () => gallery.layout && gallery.layout(); // galleries that size their tiles to the node
+  const relayout = () => gallery.layout(); // the tiles fill the node's space around the bar
   let scores = null; // the scorer's scores of this batch, once auto-mark fetched them: compare starts from them
 
   const clearSuggestions = () => {
@@ -133,7 +133,6 @@ export function attachScoring(gallery, { fetchJson, imageSrc }) {
     relayout();
     return r;
   };
-  return { automark, acceptAll, bar };
 }
 
 function openCompare(gallery, fetchJson, imageSrc, scores) {
@@ -232,5 +231,4 @@ function openCompare(gallery, fetchJson, imageSrc, scores) {
   document.body.appendChild(view);
   render();
   view.focus();
-  return view;
 }
