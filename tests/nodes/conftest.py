@@ -2,7 +2,6 @@
 the few ComfyUI modules the nodes touch. No ComfyUI is needed for anything under tests/nodes/."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -11,19 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACK = "prefalign_pack"
 _here = Path(__file__).resolve().parent
-
-
-def _load(name: str, path: Path):
-    """sys.modules[name], loaded from `path` if not there yet; a folder is loaded as a package (its __init__.py)."""
-    if name not in sys.modules:
-        package = path.is_dir()
-        spec = importlib.util.spec_from_file_location(name, path / "__init__.py" if package else path,
-                                                      submodule_search_locations=[str(path)] if package else None)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
+# the loader by path of the integration harness (standard library only), which tests/comfyui's probes use too
+sys.path.insert(0, str(ROOT / "tests" / "comfyui"))
+from comfy_server import load_module as _load  # noqa: E402
 
 # the test helpers, each loaded once under one name: tests read them from sys.modules (tests/nodes is no package)
 fake_comfy = _load("prefalign_fake_comfy", _here / "fake_comfy.py")
