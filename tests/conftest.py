@@ -87,7 +87,8 @@ def fixed_batch_losses(backend, method_name: str, examples, steps: int = 20, lr:
     return losses
 
 
-def build_tiny_clip(folder: Path) -> Path:
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
     """A random CLIP (32-wide towers, 32-pixel images) with the char-level tokenizer, saved like a hub model:
     it stands in for PickScore / CLIP judges."""
     import torch
@@ -95,6 +96,7 @@ def build_tiny_clip(folder: Path) -> Path:
 
     from trainer.models.tiny import write_char_tokenizer
 
+    folder = tmp_path_factory.mktemp("clip")
     vocab = write_char_tokenizer(folder / "tok")
     tok = CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"), model_max_length=32)
     config = CLIPConfig(
@@ -109,9 +111,4 @@ def build_tiny_clip(folder: Path) -> Path:
         torch.manual_seed(0)
         CLIPModel(config).eval().save_pretrained(folder / "clip")
     tok.save_pretrained(folder / "clip")
-    return folder / "clip"
-
-
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory) -> str:
-    return str(build_tiny_clip(tmp_path_factory.mktemp("clip")))
+    return str(folder / "clip")

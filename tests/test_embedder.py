@@ -15,24 +15,6 @@ from trainer.models.embedder import ClipEmbedder, EmbeddingBackend
 from trainer.run import make_backend
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from trainer.models.tiny import write_char_tokenizer
-
-    folder = tmp_path_factory.mktemp("clip")
-    n = write_char_tokenizer(folder)
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=32).save_pretrained(folder)
-    torch.manual_seed(0)
-    text = dict(vocab_size=n, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                max_position_embeddings=32, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1)
-    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
-                  patch_size=8)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
-    return folder
-
-
 def test_embeddings_are_unit_vectors_of_the_clip_projection(tiny_clip):
     from transformers import CLIPModel
 

@@ -6,7 +6,7 @@ import {
   mergePoints, modelSource, moveCursor, nextMark, nodeQueueError, progressText, queueTransition, sanitizeBatch, smooth, summary,
   textLines, textRows,
 } from "./prefalign_logic.js";
-import { attachScoring } from "./prefalign_compare.js";
+import { attachScoring, injectStyle } from "./prefalign_compare.js";
 
 const PACK_PREFIX = "PrefAlign"; // every node of the pack: its result text shows on the node
 const GALLERY = "PrefAlignGalleryPicker";
@@ -34,13 +34,22 @@ const STYLE = `
 .prefalign-preview img { height:86vh; width:auto; max-width:92vw; object-fit:contain; box-shadow:0 0 0 4px var(--pa-mark,transparent); }
 `;
 
-function injectStyle() {
-  if (document.getElementById("prefalign-style")) return;
-  const el = document.createElement("style");
-  el.id = "prefalign-style";
-  el.textContent = STYLE;
-  document.head.appendChild(el);
+/** Wrap `obj[name]` (a frontend hook): the original runs first, then `fn` with the same `this` and arguments;
+ * the original's result is returned. */
+function after(obj, name, fn) {
+  const original = obj[name];
+  obj[name] = function (...args) {
+    const r = original ? original.apply(this, args) : undefined;
+    fn.apply(this, args);
+    return r;
+  };
 }
+
+/** The URL of image `index` of a gallery batch, under the frontend's API base when it has one. */
+const imageSrc = (batch, index) => (api.apiURL ? api.apiURL(imageUrl(batch, index)) : imageUrl(batch, index));
+
+/** The nodes of the open graph (`_nodes` in older frontends). */
+const graphNodes = () => (app.graph ? app.graph._nodes || app.graph.nodes || [] : []);
 
 async function jsonFetch(path, options) {
   const res = await api.fetchApi(path, options);
@@ -96,7 +105,7 @@ class Gallery {
     }
     if (state && Array.isArray(state.marks)) batch.count = Math.min(state.marks.length, MAX_TILES);
     this.batch = batch;
-    this.marks = Array(batch.count).fill("none");
+    this.marks = state && Array.isArray(state.marks) ? state.marks.slice(0, batch.count) : Array(batch.count).fill("none");
     this.cursor = 0;
     this.closePreview();
     this.promptEl.textContent = batch.prompt || "(no prompt)";
@@ -108,7 +117,7 @@ class Gallery {
       tile.className = "pa-tile";
       tile.dataset.index = String(i);
       const img = document.createElement("img");
-      img.src = api.apiURL ? api.apiURL(imageUrl(batch, i)) : imageUrl(batch, i);
+      img.src = imageSrc(batch, i);
       img.draggable = false;
       const badge = document.createElement("span");
       badge.className = "pa-badge";
@@ -125,7 +134,6 @@ class Gallery {
       this.grid.appendChild(tile);
       this.tiles.push(tile);
     }
-    if (state && Array.isArray(state.marks)) this.marks = state.marks.slice(0, batch.count);
     this.layout();
     this.render(state);
   }
@@ -222,9 +230,9 @@ class Gallery {
 }
 
 function setupGallery(node) {
-  injectStyle();
+  injectStyle("prefalign-style", STYLE);
   const gallery = new Gallery(node);
-  attachScoring(gallery, { fetchJson: jsonFetch, imageSrc: (b, i) => (api.apiURL ? api.apiURL(imageUrl(b, i)) : imageUrl(b, i)) });
+  attachScoring(gallery, { fetchJson: jsonFetch, imageSrc });
   node.prefalignGallery = gallery;
   node.addDOMWidget("prefalign_gallery", "prefalign_gallery", gallery.el, { serialize: false, hideOnZoom: false, getMinHeight: () => 220 });
   node.setSize([Math.max(node.size[0], 420), Math.max(node.size[1], 420)]);
@@ -235,7 +243,7 @@ function setupGallery(node) {
 // Ctrl+hover previews last while Ctrl is held
 window.addEventListener("keyup", (e) => {
   if (e.key !== "Control" && e.key !== "Meta") return;
-  for (const node of app.graph ? app.graph._nodes || app.graph.nodes || [] : []) {
+  for (const node of graphNodes()) {
     if (node.prefalignGallery && node.prefalignGallery.previewByHover) node.prefalignGallery.closePreview();
   }
 });
@@ -245,7 +253,7 @@ function showText(node, message) {
   const lines = textLines(message);
   if (!lines.length) return;
   if (!node.prefalignText) {
-    injectStyle();
+    injectStyle("prefalign-style", STYLE);
     const el = document.createElement("div");
     el.className = "prefalign-text";
     node.prefalignText = el;
@@ -364,7 +372,7 @@ async function methods() {
 }
 
 function setupTrain(node) {
-  injectStyle();
+  injectStyle("prefalign-style", STYLE);
   const chart = new LossChart(node);
   node.prefalignChart = chart;
   const widget = node.addDOMWidget("prefalign_loss", "prefalign_loss", chart.el, { serialize: false, getMinHeight: () => 170 });
@@ -385,8 +393,7 @@ function setupTrain(node) {
   }
   if (method) {  // the graph above the node changes without telling it: look every second (a fetch only on change)
     const timer = setInterval(() => refreshFit(node, method).catch(() => {}), 1000);
-    const removed = node.onRemoved;
-    node.onRemoved = function () { clearInterval(timer); return removed ? removed.apply(this, arguments) : undefined; };
+    after(node, "onRemoved", () => clearInterval(timer));
   }
   // a reloaded page recovers the curve of a run that is still going (or just finished)
   jsonFetch("/prefalign/train/status").then((s) => {
@@ -396,7 +403,7 @@ function setupTrain(node) {
 }
 
 function charts() {
-  return (app.graph ? app.graph._nodes || app.graph.nodes || [] : []).filter((n) => n.prefalignChart);
+  return graphNodes().filter((n) => n.prefalignChart);
 }
 
 app.registerExtension({
@@ -419,56 +426,33 @@ app.registerExtension({
     api.addEventListener("execution_success", () => charts().forEach((n) => n.prefalignChart.transition("finished")));
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    const proto = nodeType.prototype;
     if (nodeData.name.startsWith(PACK_PREFIX)) {
-      const executed = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (message) {
-        const r = executed ? executed.apply(this, arguments) : undefined;
-        showText(this, message);
-        return r;
-      };
+      after(proto, "onExecuted", function (message) { showText(this, message); });
     }
     if (nodeData.name === GALLERY) {
-      const created = nodeType.prototype.onNodeCreated;
-      nodeType.prototype.onNodeCreated = function () {
-        const r = created ? created.apply(this, arguments) : undefined;
-        setupGallery(this);
-        return r;
-      };
-      const executed = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (message) {
-        const r = executed ? executed.apply(this, arguments) : undefined;
+      after(proto, "onNodeCreated", function () { setupGallery(this); });
+      after(proto, "onExecuted", function (message) {
         const batch = sanitizeBatch(message && message.prefalign_batch && message.prefalign_batch[0]);
         if (batch) {
           this.properties = this.properties || {};
           this.properties.prefalign_batch = batch; // saved with the workflow: reopening restores the marks
           this.prefalignGallery && this.prefalignGallery.show(batch);
         }
-        return r;
-      };
-      const configured = nodeType.prototype.onConfigure;
-      nodeType.prototype.onConfigure = function () {
-        const r = configured ? configured.apply(this, arguments) : undefined;
+      });
+      after(proto, "onConfigure", function () {
         const saved = sanitizeBatch(this.properties && this.properties.prefalign_batch);
         if (saved && this.prefalignGallery && (!this.prefalignGallery.batch || this.prefalignGallery.batch.batch !== saved.batch)) {
           this.prefalignGallery.show(saved, true);
         }
-        return r;
-      };
+      });
     }
     if (nodeData.name === TRAIN) {
-      const created = nodeType.prototype.onNodeCreated;
-      nodeType.prototype.onNodeCreated = function () {
-        const r = created ? created.apply(this, arguments) : undefined;
-        setupTrain(this);
-        return r;
-      };
-      const executed = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (message) {
-        const r = executed ? executed.apply(this, arguments) : undefined;
+      after(proto, "onNodeCreated", function () { setupTrain(this); });
+      after(proto, "onExecuted", function (message) {
         const info = message && message.prefalign_train && message.prefalign_train[0];
         if (info && this.prefalignChart) this.prefalignChart.update({ status: info.stopped ? "stopped" : "done", lora: info.lora, step: info.steps });
-        return r;
-      };
+      });
     }
   },
 });

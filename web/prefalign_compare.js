@@ -27,11 +27,12 @@ const STYLE = `
 .prefalign-compare .pa-error { color:#f66; }
 `;
 
-function injectStyle() {
-  if (document.getElementById("prefalign-compare-style")) return;
+/** Add a <style> element with this id and CSS to the page, once (also for web/prefalign.js). */
+export function injectStyle(id, css) {
+  if (document.getElementById(id)) return;
   const el = document.createElement("style");
-  el.id = "prefalign-compare-style";
-  el.textContent = STYLE;
+  el.id = id;
+  el.textContent = css;
   document.head.appendChild(el);
 }
 
@@ -46,17 +47,17 @@ function button(text, title, onClick) {
 
 /**
  * Add auto-mark and compare to a gallery (web/prefalign.js's Gallery: `el`, `grid`, `tiles`, `batch`, `marks`,
- * `mark(index, mark)`, `show(batch)`). `fetchJson(path, options)` answers the server's JSON or throws;
+ * `mark(index, mark)`, `show(batch)`, `layout()`). `fetchJson(path, options)` answers the server's JSON or throws;
  * `imageSrc(batch, index)` is an image's URL.
  */
 export function attachScoring(gallery, { fetchJson, imageSrc }) {
-  injectStyle();
+  injectStyle("prefalign-compare-style", STYLE);
   const bar = document.createElement("div");
   bar.className = "prefalign-scoring";
   const hint = document.createElement("span");
   hint.className = "pa-hint";
   let suggestions = null;
-  const relayout = () => gallery.layout && gallery.layout(); // galleries that size their tiles to the node
+  const relayout = () => gallery.layout(); // the tiles fill the node's space around the bar
   let scores = null; // the scorer's scores of this batch, once auto-mark fetched them: compare starts from them
 
   const clearSuggestions = () => {
@@ -132,7 +133,6 @@ export function attachScoring(gallery, { fetchJson, imageSrc }) {
     relayout();
     return r;
   };
-  return { automark, acceptAll, bar };
 }
 
 function openCompare(gallery, fetchJson, imageSrc, scores) {
@@ -231,5 +231,4 @@ function openCompare(gallery, fetchJson, imageSrc, scores) {
   document.body.appendChild(view);
   render();
   view.focus();
-  return view;
 }

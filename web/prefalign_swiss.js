@@ -73,8 +73,6 @@ export class Tournament {
     if (!match) throw new Error("the tournament is over");
     this.queue.shift();
     this.history.push({ a: match[0], b: match[1], round: this.round, outcome, pair });
-    return { winner: outcome === "left" ? match[0] : outcome === "right" ? match[1] : null,
-      loser: outcome === "left" ? match[1] : outcome === "right" ? match[0] : null };
   }
 
   /** Take back the last judgement; it becomes the current match again. Returns it (or null). */

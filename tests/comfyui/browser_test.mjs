@@ -9,14 +9,14 @@
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 
-import { boot, dismissDialogs, focusNode, launch, loadWorkflow, nodeIdOf, queue, typeIntoWidget } from "./browser_tools.mjs";
+import {
+  boot, dismissDialogs, focusNode, launch, loadWorkflow, nodeIdOf, queue, typeIntoWidget, watchErrors,
+} from "./browser_tools.mjs";
 
 const [url, outDir, store, CURATE, TRAIN, COMPARE] = process.argv.slice(2);
 mkdirSync(outDir, { recursive: true });
-const result = { errors: [] };
 const { browser, page } = await launch();
-page.on("pageerror", (e) => result.errors.push(String(e.stack || e).split("\n").slice(0, 4).join(" | ")));
-page.on("console", (m) => { if (m.type() === "error" && /prefalign/i.test(m.text())) result.errors.push(m.text()); });
+const result = { errors: watchErrors(page) };
 const shot = (name) => page.screenshot({ path: join(outDir, name) });
 
 const small = [
@@ -107,10 +107,7 @@ result.ctrlReleased = (await page.$(".prefalign-preview")) === null;
 await shot("gallery_grown.png");
 
 // close and reopen the page: marks come back from the server
-await page.reload({ waitUntil: "domcontentloaded" });
-await page.waitForFunction(() => window.app && window.app.graph, null, { timeout: 90000 });
-await page.waitForTimeout(1000);
-await dismissDialogs(page);
+await boot(page, url);
 await page.waitForFunction((sel) => {
   const s = document.querySelector(`${sel} .pa-status`);
   return s && /2 chosen, 2 rejected/.test(s.textContent);

@@ -1,5 +1,5 @@
 // Driving ComfyUI's real frontend with Playwright and Debian's chromium (never a downloaded browser):
-// what browser_test.mjs and make_thumbnails.mjs share.
+// what browser_test.mjs, compare_test.mjs and make_thumbnails.mjs share.
 import { chromium } from "playwright-core";
 import { readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
@@ -13,6 +13,14 @@ export async function launch(viewport = { width: 1700, height: 1000 }, deviceSca
   const browser = await chromium.launch({ executablePath, args: ["--no-sandbox", "--disable-gpu"] });
   const page = await browser.newPage({ viewport, deviceScaleFactor });
   return { browser, page };
+}
+
+/** The page's uncaught errors and the console errors that name prefalign, as they happen (one line each). */
+export function watchErrors(page) {
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e.stack || e).split("\n").slice(0, 4).join(" | ")));
+  page.on("console", (m) => { if (m.type() === "error" && /prefalign/i.test(m.text())) errors.push(m.text()); });
+  return errors;
 }
 
 export async function dismissDialogs(page) {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import socket
@@ -17,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,19 +26,36 @@ HERE = Path(__file__).resolve().parent
 
 
 def load_module(name: str, path: Path):
-    """The module in the file at `path` under `name`: for test helpers outside this folder (tests/nodes has no
-    __init__.py and is on sys.path only when one of its own tests ran in this process)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """sys.modules[name], loaded from `path` if not there yet: for test helpers outside this folder (tests/nodes has
+    no __init__.py and is on sys.path only when one of its own tests ran in this process) and for the pack, a folder,
+    loaded as a package the way ComfyUI loads it (its __init__.py, relative imports inside)."""
+    if name not in sys.modules:
+        package = path.is_dir()
+        spec = importlib.util.spec_from_file_location(name, path / "__init__.py" if package else path,
+                                                      submodule_search_locations=[str(path)] if package else None)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
 
 
 def workflow_tools():
     """tests/nodes/workflow_tools.py, which builds the pack's API graphs."""
-    return sys.modules.get("prefalign_workflow_tools") or load_module(
-        "prefalign_workflow_tools", ROOT / "tests" / "nodes" / "workflow_tools.py")
+    return load_module("prefalign_workflow_tools", ROOT / "tests" / "nodes" / "workflow_tools.py")
+
+
+@contextmanager
+def caught_logs(logger: str | None = None):
+    """The messages logged to `logger` (default: the root logger) while the block runs, as a list (for the probes
+    run with ComfyUI's Python, which read what ComfyUI or diffusers reported, e.g. "lora key not loaded")."""
+    messages: list[str] = []
+    catcher = logging.Handler()
+    catcher.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger(logger).addHandler(catcher)
+    try:
+        yield messages
+    finally:
+        logging.getLogger(logger).removeHandler(catcher)
 
 
 def free_port() -> int:
@@ -107,6 +126,14 @@ class ComfyServer:
                     placed.symlink_to(made)
         self.log_path = base / "server.log"
         self.proc = None
+
+    @classmethod
+    def from_env(cls, base: Path, **kw) -> "ComfyServer":
+        """A server (not started) for the ComfyUI at $COMFYUI_DIR run by $COMFYUI_PYTHON (default: this Python), the
+        tiny checkpoints kept in $PREFALIGN_CKPT_DIR when it is set; `kw`: `models`, `extra_packs`."""
+        cached = os.environ.get("PREFALIGN_CKPT_DIR")
+        return cls(base, Path(os.environ["COMFYUI_DIR"]), os.environ.get("COMFYUI_PYTHON", sys.executable),
+                   Path(cached) if cached else None, **kw)
 
     def start(self, timeout: float = 180) -> "ComfyServer":
         cmd = [self.python, "-u", "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
@@ -204,6 +231,18 @@ class ComfyServer:
             messages = json.dumps(status.get("messages", []))[-4000:]
             raise AssertionError(f"prompt failed: {messages}")
         return entry
+
+    def image(self, entry: dict, node: str):
+        """The first image the SaveImage node `node` wrote in a finished prompt's history `entry`, fetched through
+        /view: a float32 RGB array [height, width, 3]."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        im = entry["outputs"][node]["images"][0]
+        raw = self.get(f"/view?filename={im['filename']}&subfolder={im['subfolder']}&type={im['type']}")
+        return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=np.float32)
 
 
 def main() -> None:  # manual use: python tests/comfyui/comfy_server.py BASE -> serves until Ctrl-C

@@ -6,14 +6,12 @@
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 
-import { boot, dismissDialogs, focusNode, launch, loadWorkflow, nodeIdOf, queue } from "./browser_tools.mjs";
+import { boot, dismissDialogs, focusNode, launch, loadWorkflow, nodeIdOf, queue, watchErrors } from "./browser_tools.mjs";
 
 const [url, outDir, store, workflow] = process.argv.slice(2);
 mkdirSync(outDir, { recursive: true });
-const result = { errors: [] };
 const { browser, page } = await launch();
-page.on("pageerror", (e) => result.errors.push(String(e.stack || e).split("\n").slice(0, 4).join(" | ")));
-page.on("console", (m) => { if (m.type() === "error" && /prefalign/i.test(m.text())) result.errors.push(m.text()); });
+const result = { errors: watchErrors(page) };
 
 await boot(page, url);
 result.workflow = await loadWorkflow(page, workflow, [

@@ -19,11 +19,11 @@ ComfyUI's converter, is compared too.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import logging
 import sys
 from pathlib import Path
+
+from comfy_server import caught_logs, load_module  # this folder is sys.path[0] of a script run
 
 CTX, POOLED = 64, 32  # stand-in text encoder widths
 FAMILIES = {
@@ -107,15 +107,7 @@ def sample_once(torch, base, clip, channels: int, video: bool) -> None:
                                                         for k, c in conds.items()})
 
 
-def load_pack(pack_dir: Path):
-    spec = importlib.util.spec_from_file_location("prefalign_pack", pack_dir / "__init__.py", submodule_search_locations=[str(pack_dir)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["prefalign_pack"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def probe(name: str, comfy, torch, pack) -> dict:
+def probe(name: str, torch) -> dict:
     import comfy.lora
     import comfy.model_management
     import comfy.model_patcher
@@ -187,14 +179,8 @@ def probe(name: str, comfy, torch, pack) -> dict:
         backend.close()
 
     # ComfyUI's own LoRA loading (what LoraLoader runs): every key mapped, the patched weights = base + update
-    unloaded: list[str] = []
-    catcher = logging.Handler()
-    catcher.emit = lambda record: unloaded.append(record.getMessage())
-    logging.getLogger().addHandler(catcher)
-    try:
+    with caught_logs() as unloaded:
         patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(base, {}))
-    finally:
-        logging.getLogger().removeHandler(catcher)
     result["unloaded"] = [m for m in unloaded if "not loaded" in m]
     before = {k: v.detach().clone() for k, v in base.state_dict().items()}
     loaded = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
@@ -306,14 +292,10 @@ def diffusers_check(name: str, comfy, torch, base, lora: dict, expected: dict) -
                                                  attention_head_dim=32, num_attention_heads=2, joint_attention_dim=CTX,
                                                  pooled_projection_dim=POOLED, guidance_embeds=True, axes_dims_rope=(8, 12, 12))
         pipeline, convert = diffusers.FluxPipeline, comfy.utils.flux_to_diffusers
-    messages: list[str] = []
-    catcher = logging.Handler()
-    catcher.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("diffusers").addHandler(catcher)
-    state = pipeline.lora_state_dict(dict(lora))
-    state = state[0] if isinstance(state, tuple) else state
-    model.load_lora_adapter(state, prefix="transformer", adapter_name="prefalign")
-    logging.getLogger("diffusers").removeHandler(catcher)
+    with caught_logs("diffusers") as messages:
+        state = pipeline.lora_state_dict(dict(lora))
+        state = state[0] if isinstance(state, tuple) else state
+        model.load_lora_adapter(state, prefix="transformer", adapter_name="prefalign")
     key_map = convert(base.model_config.unet_config, output_prefix="diffusion_model.")
     layers = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and "prefalign" in getattr(m, "lora_A", {})}
     worst, compared = 0.0, 0
@@ -339,11 +321,11 @@ def main(comfy_dir: str, pack_dir: str, out: str, *families: str) -> None:
 
     import comfy.model_management  # noqa: F401  (reads --cpu)
 
-    pack = load_pack(Path(pack_dir))
+    load_module("prefalign_pack", Path(pack_dir))
     results = {}
     for name in families or FAMILIES:
         try:
-            results[name] = probe(name, sys.modules["comfy"], torch, pack)
+            results[name] = probe(name, torch)
         except Exception as e:  # one family's failure is reported, the others still run
             import traceback
 

@@ -20,9 +20,10 @@ difference from diffusers' merge.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
+
+from comfy_server import caught_logs  # this folder is sys.path[0] of a script run
 
 
 def patched_by_model(comfy, base_sd, lora_sd):
@@ -59,14 +60,11 @@ def main(comfy_dir: str, family: str, base: str, merged: str, lora: str, out: st
     import comfy.sd
     import comfy.utils
 
-    unloaded: list[str] = []
-    catcher = logging.Handler()
-    catcher.emit = lambda record: unloaded.append(record.getMessage())
-    logging.getLogger().addHandler(catcher)
-    base_sd, lora_sd = comfy.utils.load_torch_file(base), comfy.utils.load_torch_file(lora)
-    patch = patched_by_model if family == "sd3" else patched_by_key_map
-    patches, state = patch(comfy, base_sd, lora_sd)
-    expected = comfy.model_detection.convert_diffusers_mmdit(comfy.utils.load_torch_file(merged), "")
+    with caught_logs() as unloaded:
+        base_sd, lora_sd = comfy.utils.load_torch_file(base), comfy.utils.load_torch_file(lora)
+        patch = patched_by_model if family == "sd3" else patched_by_key_map
+        patches, state = patch(comfy, base_sd, lora_sd)
+        expected = comfy.model_detection.convert_diffusers_mmdit(comfy.utils.load_torch_file(merged), "")
     diffs = {k: (state[k].float() - v.float()).abs().max().item() for k, v in expected.items() if k in state}
     Path(out).write_text(json.dumps({
         "unloaded": [m for m in unloaded if "not loaded" in m],

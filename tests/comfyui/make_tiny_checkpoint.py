@@ -86,6 +86,17 @@ def save(sd: dict, out: str, dtype) -> None:
     print(f"wrote {out}: {sum(v.numel() for v in sd.values()) / 1e6:.1f}M params")
 
 
+def save_checkpoint(config, unet, clip, vae, out: str) -> None:
+    """A Load Checkpoint file in float16, keyed as ComfyUI's CheckpointSave keys it (the config's
+    `process_*_state_dict_for_saving`); the text encoders' position_ids are left out."""
+    import torch
+
+    clip_sd = {k: v for k, v in clip.state_dict().items() if not k.endswith("position_ids")}
+    save({**config.process_unet_state_dict_for_saving(unet.state_dict()),
+          **config.process_clip_state_dict_for_saving(clip_sd),
+          **config.process_vae_state_dict_for_saving(vae.state_dict())}, out, torch.float16)
+
+
 def flow_files(family: str, out: str) -> None:
     import torch
 
@@ -108,10 +119,7 @@ def flow_files(family: str, out: str) -> None:
     vae = tiny_vae("sd3")
     for module in (unet, clip):
         randomize(module)
-    clip_sd = {k: v for k, v in clip.state_dict().items() if not k.endswith("position_ids")}
-    save({**config.process_unet_state_dict_for_saving(unet.state_dict()),
-          **config.process_clip_state_dict_for_saving(clip_sd),
-          **config.process_vae_state_dict_for_saving(vae.state_dict())}, out, torch.float16)
+    save_checkpoint(config, unet, clip, vae, out)
 
 
 def main(comfy_dir: str, family: str, out: str) -> None:
@@ -142,10 +150,7 @@ def main(comfy_dir: str, family: str, out: str) -> None:
     vae = AutoencoderKL(ddconfig=VAE, embed_dim=4)
     for module in (unet, clip, vae):
         randomize(module)
-    clip_sd = {k: v for k, v in clip.state_dict().items() if not k.endswith("position_ids")}
-    save({**config.process_unet_state_dict_for_saving(unet.state_dict()),
-          **config.process_clip_state_dict_for_saving(clip_sd),
-          **config.process_vae_state_dict_for_saving(vae.state_dict())}, out, torch.float16)
+    save_checkpoint(config, unet, clip, vae, out)
 
 
 if __name__ == "__main__":

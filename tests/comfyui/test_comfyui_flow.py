@@ -41,16 +41,13 @@ LONG = ("a watercolor painting of a small red fox sleeping under a tall old pine
         "paper texture, quiet winter mood, highly detailed fur, gentle gradients, atmospheric perspective")
 
 
-sys.path.insert(0, str(HERE))
-cs = importlib.import_module("comfy_server")
+cs = importlib.import_module("comfy_server")  # tests/comfyui is on the path of its own tests
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_flow")
-    cached = os.environ.get("PREFALIGN_CKPT_DIR")
-    s = cs.ComfyServer(base, Path(COMFYUI_DIR), PYTHON, Path(cached) if cached else None, models=MODELS,
-                       extra_packs=(HERE / "standin_text_encoder",))
+    s = cs.ComfyServer.from_env(tmp_path_factory.mktemp("comfy_flow"), models=MODELS,
+                                extra_packs=(HERE / "standin_text_encoder",))
     s.start()
     yield s
     s.stop()
@@ -80,15 +77,7 @@ def train_node(model, clip, vae, store: str, **kw) -> dict:
 
 
 def image(server, graph: dict, save: str):
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    entry = server.run(graph, timeout=900)
-    im = entry["outputs"][save]["images"][0]
-    raw = server.get(f"/view?filename={im['filename']}&subfolder={im['subfolder']}&type={im['type']}")
-    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=np.float32)
+    return server.image(server.run(graph, timeout=900), save)
 
 
 def sample_nodes(model, clip, vae, seed: int, prefix: str, cfg: float, flux: bool = False) -> dict:
@@ -200,14 +189,14 @@ def diffusers_load(path: Path, family: str) -> dict:
                             qk_norm="rms_norm"))}
     model, pipeline, config = configs[family]
     code = f"""
-import json, logging, diffusers
-messages = []
-handler = logging.Handler(); handler.emit = lambda r: messages.append(r.getMessage())
-logging.getLogger("diffusers").addHandler(handler)
-model = diffusers.{model}(**{config!r})
-state = diffusers.{pipeline}.lora_state_dict({str(path)!r})
-state = state[0] if isinstance(state, tuple) else state
-model.load_lora_adapter(state, prefix="transformer", adapter_name="prefalign")
+import json, sys, diffusers
+sys.path.insert(0, {str(HERE)!r})
+from comfy_server import caught_logs
+with caught_logs("diffusers") as messages:
+    model = diffusers.{model}(**{config!r})
+    state = diffusers.{pipeline}.lora_state_dict({str(path)!r})
+    state = state[0] if isinstance(state, tuple) else state
+    model.load_lora_adapter(state, prefix="transformer", adapter_name="prefalign")
 layers = [n for n, m in model.named_modules() if "prefalign" in getattr(m, "lora_A", {{}})]
 print(json.dumps({{"layers": len(layers), "problems": [m for m in messages if "unexpected" in m.lower() or "missing" in m.lower()]}}))
 """

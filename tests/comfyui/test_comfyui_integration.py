@@ -11,11 +11,9 @@ keys and it changes the generated image; Cancel during training keeps a LoRA.
 from __future__ import annotations
 
 import importlib
-import io
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -34,10 +32,7 @@ STORE = "it_store"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy")
-    cached = os.environ.get("PREFALIGN_CKPT_DIR")  # keep the tiny checkpoints between runs (saves ~40 s)
-    s = cs.ComfyServer(base, Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", sys.executable),
-                       Path(cached) if cached else None)
+    s = cs.ComfyServer.from_env(tmp_path_factory.mktemp("comfy"))  # PREFALIGN_CKPT_DIR saves ~40 s
     s.start()
     yield s
     s.stop()
@@ -107,16 +102,6 @@ def test_workflows_fit_live_nodes(info, name):
     assert problems == []
 
 
-def _images(server, entry, node_id) -> list:
-    from PIL import Image
-
-    out = []
-    for im in entry["outputs"][node_id]["images"]:
-        q = f"/view?filename={im['filename']}&subfolder={im['subfolder']}&type={im['type']}"
-        out.append(Image.open(io.BytesIO(server.get(q))).convert("RGB"))
-    return out
-
-
 def sampling_nodes(model: list, clip: list, vae: list, seed: int, prefix: str) -> dict:
     """Nodes s1..s6 of a 64 px, 3-step txt2img on `model` that end in a SaveImage (`s6`)."""
     return {
@@ -133,11 +118,9 @@ def sampling_nodes(model: list, clip: list, vae: list, seed: int, prefix: str) -
 
 def sample(server, lora: str | None, seed: int = 7, strength: float = 1.0, ckpt: str = "tiny_sd15.safetensors"):
     """One image from the checkpoint, through stock LoraLoader when `lora` names a file."""
-    import numpy as np
-
     g, model, clip, vae = cs.checkpoint_nodes(ckpt, lora, strength)
     g.update(sampling_nodes(model, clip, vae, seed, f"it_{ckpt[:-12]}_{'lora' if lora else 'base'}_{strength}"))
-    return np.asarray(_images(server, server.run(g), "s6")[0], dtype=np.float32)
+    return server.image(server.run(g), "s6")
 
 
 def test_curate_train_compare(server, info):
@@ -204,7 +187,7 @@ def test_curate_train_compare(server, info):
     api["lm"] = {"class_type": "LoraModelLoader", "inputs": {"model": [ckpt_id, 0], "lora": [train_id, 1],
                                                              "strength_model": 1.0}}
     api.update(sampling_nodes(["lm", 0], [ckpt_id, 1], [ckpt_id, 2], 7, "it_lora_model"))
-    from_lora_model = np.asarray(_images(server, server.run(api, timeout=600), "s6")[0], dtype=np.float32)
+    from_lora_model = server.image(server.run(api, timeout=600), "s6")
     assert np.abs(from_lora_model - tuned).mean() < 0.5
 
     # 4. compare workflow: our loader, same seed, side by side
@@ -213,10 +196,9 @@ def test_curate_train_compare(server, info):
     save_id = next(k for k, n in api.items() if n["class_type"] == "SaveImage")
     loader_id = next(k for k, n in api.items() if n["class_type"] == "PrefAlignLoadLoRA")
     entry = server.run(api)
-    (stitched,) = _images(server, entry, save_id)[:1]
-    w, h = stitched.size
+    arr = server.image(entry, save_id)
+    h, w = arr.shape[:2]
     assert w > h  # two images side by side
-    arr = np.asarray(stitched, dtype=np.float32)
     half = (w - 8) // 2
     assert np.abs(arr[:, :half] - arr[:, -half:]).mean() > 0.5
     (text,) = entry["outputs"][loader_id]["prefalign_text"]
@@ -306,7 +288,7 @@ def test_other_model_samplings_train(server, info, patch, inputs, prediction):
              "3": {"class_type": "LoraLoader", "inputs": {"model": ["2", 0], "clip": ["1", 1], "lora_name": out["lora"],
                                                           "strength_model": strength, "strength_clip": strength}}}
         g.update(sampling_nodes(["3", 0], ["3", 1], ["1", 2], 7, f"it_{prediction}_{strength}"))
-        return np.asarray(_images(server, server.run(g), "s6")[0], dtype=np.float32)
+        return server.image(server.run(g), "s6")
 
     diff = np.abs(image(0.0) - image(1.0)).mean()
     assert diff > 0.5, f"the {prediction} LoRA did not change the image (mean abs diff {diff:.3f})"

@@ -9,9 +9,7 @@ differs from both the plain image and the LoRA applied to the whole model.
 """
 from __future__ import annotations
 
-import io
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +24,10 @@ LORA = "npo_probe.safetensors"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_npo")
-    cached = os.environ.get("PREFALIGN_CKPT_DIR")
     from comfy_server import ComfyServer  # tests/comfyui is on the path of its own tests
 
-    s = ComfyServer(base, Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", sys.executable),
-                       Path(cached) if cached else None)
-    write_probe_lora(base / "models" / "checkpoints" / CKPT, base / "models" / "loras" / LORA)
+    s = ComfyServer.from_env(tmp_path_factory.mktemp("comfy_npo"))
+    write_probe_lora(s.base / "models" / "checkpoints" / CKPT, s.base / "models" / "loras" / LORA)
     s.start()
     yield s
     s.stop()
@@ -59,12 +54,7 @@ def write_probe_lora(checkpoint: Path, out: Path) -> None:
 
 
 def image(server, graph: dict, node: str) -> np.ndarray:
-    from PIL import Image
-
-    entry = server.run(graph)
-    im = entry["outputs"][node]["images"][0]
-    raw = server.get(f"/view?filename={im['filename']}&subfolder={im['subfolder']}&type={im['type']}")
-    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=np.float32)
+    return server.image(server.run(graph), node)
 
 
 def txt2img(model: list, negative: list, cfg: float, prefix: str, seed: int = 11) -> dict:

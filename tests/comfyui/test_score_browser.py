@@ -4,7 +4,7 @@
       python -m pytest tests/comfyui/test_score_browser.py -s
 
 The generate -> score -> pairs -> train workflow runs on the tiny SD1.5 checkpoint with a tiny CLIP as the
-judge (built here into models/prefalign_scorers/); the browser reads the Score Images for Preference node's text, auto-marks
+judge (tests/conftest.py's, copied into models/prefalign_scorers/); the browser reads the Score Images for Preference node's text, auto-marks
 and accepts in the Gallery Picker, and judges the batch in the comparison mode. Screenshots (for a person to
 look at) go to $PREFALIGN_SCREENSHOTS or a temp folder. It drives the page with tests/comfyui/browser_tools.mjs
 and reads the result text through the pack's text widget (both from the pack-ui work).
@@ -16,12 +16,9 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import build_tiny_clip
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 HERE = Path(__file__).resolve().parent
@@ -31,14 +28,10 @@ STORE = "browser_scored"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_clip):
     cs = importlib.import_module("comfy_server")  # tests/comfyui is on the path of its own tests
-    base = tmp_path_factory.mktemp("comfy_scores")
-    cached = os.environ.get("PREFALIGN_CKPT_DIR")
-    s = cs.ComfyServer(base, Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", sys.executable),
-                       Path(cached) if cached else None)
-    clip = build_tiny_clip(tmp_path_factory.mktemp("judge"))
-    shutil.copytree(clip, base / "models" / "prefalign_scorers" / "tiny-pick")  # a link out of the folder is refused
+    s = cs.ComfyServer.from_env(tmp_path_factory.mktemp("comfy_scores"))
+    shutil.copytree(tiny_clip, s.base / "models" / "prefalign_scorers" / "tiny-pick")  # a link out of the folder is refused
     s.start()
     yield s
     s.stop()

@@ -2,7 +2,6 @@
 the few ComfyUI modules the nodes touch. No ComfyUI is needed for anything under tests/nodes/."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -11,30 +10,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACK = "prefalign_pack"
 _here = Path(__file__).resolve().parent
+# the loader by path of the integration harness (standard library only), which tests/comfyui's probes use too
+sys.path.insert(0, str(ROOT / "tests" / "comfyui"))
+from comfy_server import load_module as _load  # noqa: E402
 
-
-def _load_fakes():
-    spec = importlib.util.spec_from_file_location("prefalign_fake_comfy", _here / "fake_comfy.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["prefalign_fake_comfy"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fake_comfy = sys.modules.get("prefalign_fake_comfy") or _load_fakes()
-
-
-def load_pack():
-    if PACK in sys.modules:
-        return sys.modules[PACK]
-    spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-load_pack()
+# the test helpers, each loaded once under one name: tests read them from sys.modules (tests/nodes is no package)
+fake_comfy = _load("prefalign_fake_comfy", _here / "fake_comfy.py")
+_load("prefalign_fake_families", _here / "fake_families.py")
+_load("prefalign_workflow_tools", _here / "workflow_tools.py")
+_load(PACK, ROOT)
 
 
 @pytest.fixture
@@ -50,7 +34,7 @@ def comfy_folders(tmp_path, monkeypatch):
 
 @pytest.fixture
 def pack(comfy_folders):
-    return load_pack()
+    return sys.modules[PACK]
 
 
 
@@ -68,8 +52,5 @@ def __getattr__(name):
         path = _here.parent / "conftest.py"
         if not path.is_file():
             raise AttributeError(name)
-        spec = importlib.util.spec_from_file_location("prefalign_tests_parent_conftest", path)
-        _parent = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = _parent
-        spec.loader.exec_module(_parent)
+        _parent = _load("prefalign_tests_parent_conftest", path)
     return getattr(_parent, name)

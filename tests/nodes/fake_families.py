@@ -4,9 +4,9 @@ Each fake follows what the node relies on in ComfyUI 0.3.64 (checked there by te
 ComfyUI's real classes):
 - the config class name (`comfy/supported_models.py`) and the module paths of the family's transformer blocks
   (`comfy/ldm/*`), as comfy.ops layers with `weight_function` hooks, weights made under inference mode;
-- the model sampling: `ModelSamplingDiscreteFlow` (SD3 shift 3, HiDream 3, Lumina 2 shift 6, Wan shift 8;
-  timestep = 1000 sigma) or `ModelSamplingFlux` (Flux, Chroma, Qwen-Image; shifted exp table, timestep = sigma);
-  both CONST: x = (1 - sigma) x0 + sigma noise and `apply_model` returns x0 = x - sigma v;
+- the model sampling: fake_comfy's `ModelSamplingDiscreteFlow` (SD3 shift 3, HiDream 3, Lumina 2 shift 6, Wan
+  shift 8; timestep = 1000 sigma) or `ModelSamplingFlux` (Flux, Chroma, Qwen-Image; shifted exp table, timestep =
+  sigma); both CONST: x = (1 - sigma) x0 + sigma noise and `apply_model` returns x0 = x - sigma v;
 - `extra_conds` as the family's `model_base` class builds them (pooled `y`, Flux's `guidance` defaulting to
   3.5 and Chroma's to 0, HiDream's Llama states, Lumina's attention mask and token count), and `apply_model`
   records what reached it;
@@ -120,22 +120,7 @@ class DiT(nn.Module):
         return out
 
 
-class CONST:
-    pass
-
-
-class ModelSamplingDiscreteFlow(CONST):
-    """comfy.model_sampling.ModelSamplingDiscreteFlow: sigma(t) = shift t / (1 + (shift - 1) t), timestep = 1000 sigma."""
-
-    def __init__(self, shift: float) -> None:
-        t = torch.arange(1, 1001) / 1000
-        self.sigmas = shift * t / (1 + (shift - 1) * t)
-
-    def timestep(self, sigma):
-        return sigma * 1000
-
-
-class ModelSamplingFlux(CONST):
+class ModelSamplingFlux(fake.CONST):
     """comfy.model_sampling.ModelSamplingFlux: sigma(t) = e^mu / (e^mu + 1/t - 1) over 10000 steps, timestep = sigma."""
 
     def __init__(self, shift: float = 1.15) -> None:
@@ -284,7 +269,7 @@ FLUX_DOUBLE = {"img_attn.qkv": (1, 3), "img_attn.proj": (1, 1), "img_mlp.0": (1,
                "img_mod.lin": (1, 6)}
 FLUX_SINGLE = {"linear1": (1, 7), "linear2": (5, 1), "modulation.lin": (1, 3)}
 FAMILIES = {
-    "sd3": dict(config=_config("SD3"), sampling=lambda: ModelSamplingDiscreteFlow(3.0), tokens="clip", pooled=True,
+    "sd3": dict(config=_config("SD3"), sampling=lambda: fake.ModelSamplingDiscreteFlow(3.0), tokens="clip", pooled=True,
                 blocks={"joint_blocks": MMDIT_BLOCK}),
     "flux": dict(config=Flux, sampling=ModelSamplingFlux, tokens="t5-flux", pooled=True, guidance_default=3.5,
                  in_place=True, blocks={"double_blocks": FLUX_DOUBLE, "single_blocks": FLUX_SINGLE}),
@@ -300,7 +285,7 @@ FAMILIES = {
                            "attn.add_q_proj": (1, 1), "attn.add_k_proj": (1, 1), "attn.add_v_proj": (1, 1),
                            "attn.to_add_out": (1, 1), "img_mlp.net.0.proj": (1, 4), "img_mlp.net.2": (4, 1),
                            "txt_mlp.net.0.proj": (1, 4), "txt_mlp.net.2": (4, 1), "img_mod.1": (1, 6)}}),
-    "hidream": dict(config=_config("HiDream"), sampling=lambda: ModelSamplingDiscreteFlow(3.0), tokens="t5-flux",
+    "hidream": dict(config=_config("HiDream"), sampling=lambda: fake.ModelSamplingDiscreteFlow(3.0), tokens="t5-flux",
                     pooled=True, llama=True, blocks={
                         "double_stream_blocks": {"block.attn1.to_q": (1, 1), "block.attn1.to_k": (1, 1),
                                                  "block.attn1.to_v": (1, 1), "block.attn1.to_out": (1, 1),
@@ -308,16 +293,16 @@ FAMILIES = {
                                                  "block.ff_i.shared_experts.w1": (1, 4), "block.ff_i.experts.0.w2": (4, 1),
                                                  "block.ff_t.w3": (1, 4), "block.adaLN_modulation.1": (1, 12)},
                         "single_stream_blocks": {"block.attn1.to_q": (1, 1), "block.ff_i.shared_experts.w2": (4, 1)}}),
-    "lumina2": dict(config=_config("Lumina2"), sampling=lambda: ModelSamplingDiscreteFlow(6.0), tokens="llm", mask=True,
+    "lumina2": dict(config=_config("Lumina2"), sampling=lambda: fake.ModelSamplingDiscreteFlow(6.0), tokens="llm", mask=True,
                     blocks={"layers": {"attention.qkv": (1, 3), "attention.out": (1, 1), "feed_forward.w1": (1, 4),
                                        "feed_forward.w2": (4, 1), "feed_forward.w3": (1, 4), "adaLN_modulation.1": (1, 4)},
                             "noise_refiner": {"attention.qkv": (1, 3), "feed_forward.w2": (4, 1)}}),
-    "wan": dict(config=_config("WAN22_T2V", _config("WAN21_T2V")), sampling=lambda: ModelSamplingDiscreteFlow(8.0),
+    "wan": dict(config=_config("WAN22_T2V", _config("WAN21_T2V")), sampling=lambda: fake.ModelSamplingDiscreteFlow(8.0),
                 tokens="umt5", video=True, blocks={"blocks": {
                     "self_attn.q": (1, 1), "self_attn.k": (1, 1), "self_attn.v": (1, 1), "self_attn.o": (1, 1),
                     "cross_attn.q": (1, 1), "cross_attn.k": (1, 1), "cross_attn.v": (1, 1), "cross_attn.o": (1, 1),
                     "ffn.0": (1, 4), "ffn.2": (4, 1)}}),
-    "unknown": dict(config=_config("AuraFlow"), sampling=lambda: ModelSamplingDiscreteFlow(1.73), tokens="llm",
+    "unknown": dict(config=_config("AuraFlow"), sampling=lambda: fake.ModelSamplingDiscreteFlow(1.73), tokens="llm",
                     blocks={"double_layers": {"attn.w2q": (1, 1), "attn.w2k": (1, 1), "mlpX.c_fc1": (1, 4)}}),
 }
 # how many LoRA layers each family's preset finds in its fake (two blocks of each kind)

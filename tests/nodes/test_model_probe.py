@@ -3,9 +3,7 @@ family and sampling, and the route (the real ComfyUI detection: tests/comfyui/te
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +13,7 @@ import prefalign_pack
 import prefalign_pack.nodes.routes  # noqa: E402
 
 import prefalign_pack.nodes.model_probe as probe_module  # noqa: E402
-if "prefalign_fake_families" not in sys.modules:  # the same module object test_nodes_flow_families.py uses
-    _spec = importlib.util.spec_from_file_location("prefalign_fake_families", Path(__file__).with_name("fake_families.py"))
-    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules[_spec.name])
-ff = sys.modules["prefalign_fake_families"]
+ff = sys.modules["prefalign_fake_families"]  # loaded by conftest.py
 
 
 @pytest.fixture

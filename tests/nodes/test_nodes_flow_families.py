@@ -2,10 +2,8 @@
 ComfyUI's real classes: tests/comfyui/family_probe.py and test_comfyui_flow.py)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,10 +19,7 @@ from prefalign_pack.nodes.comfy_families import FAMILIES as PRESETS, family_of  
 from prefalign_pack.trainer.encoding import concat_rows  # noqa: E402
 from prefalign_pack.trainer.models.lora import LoraSpec  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("prefalign_fake_families", Path(__file__).with_name("fake_families.py"))
-ff = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = ff
-_spec.loader.exec_module(ff)
+ff = sys.modules["prefalign_fake_families"]  # loaded by conftest.py
 
 FLOW = ["sd3", "flux", "flux-schnell", "chroma", "qwen_image", "hidream", "lumina2", "wan"]
 ARCH = {"flux-schnell": "flux"}
@@ -441,7 +436,7 @@ def test_flow_workflows_curate_then_train_with_stock_loaders(pack, family):
     """The Flux and SD3.5 workflows: stock loaders (Flux: Load Diffusion Model + DualCLIPLoader + Load VAE), the
     gallery first; the training nodes start muted (a first queue curates), and unmuted they queue a Train node on the
     loaders' MODEL/CLIP/VAE with the family preset; notes in the graph say which file goes in which folder."""
-    wt = sys.modules.get("prefalign_workflow_tools") or _workflow_tools()
+    wt = sys.modules["prefalign_workflow_tools"]
     name = wt.FLUX if family == "flux" else wt.SD35
     ui = json.loads((wt.WORKFLOW_DIR / name).read_text())
     info = wt.object_info(prefalign_pack)
@@ -464,11 +459,3 @@ def test_flow_workflows_curate_then_train_with_stock_loaders(pack, family):
     folders = ["models/diffusion_models/", "models/text_encoders/", "models/vae/"] if family == "flux" else \
         ["models/checkpoints/", "models/text_encoders/"]
     assert all(folder in notes for folder in folders) and "Ctrl+M" in notes
-
-
-def _workflow_tools():
-    spec = importlib.util.spec_from_file_location("prefalign_workflow_tools", Path(__file__).with_name("workflow_tools.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod

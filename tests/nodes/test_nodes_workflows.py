@@ -1,20 +1,14 @@
 """example_workflows/*.json load with no missing nodes and fit the node definitions (no ComfyUI needed)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 import prefalign_pack
 
-HERE = Path(__file__).resolve().parent
-spec = importlib.util.spec_from_file_location("prefalign_workflow_tools", HERE / "workflow_tools.py")
-wt = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = wt
-spec.loader.exec_module(wt)
+wt = sys.modules["prefalign_workflow_tools"]  # loaded by conftest.py
 
 WORKFLOWS = sorted(wt.WORKFLOW_DIR.glob("*.json"))
 # File-list dropdowns (LoRA names) are read from fresh, empty model folders: whatever files an earlier

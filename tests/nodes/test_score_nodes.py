@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import sys
 import multiprocessing
 import shutil
 import sqlite3
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,12 +19,7 @@ from safetensors.torch import save_file
 import prefalign_pack
 
 
-wt = sys.modules.get("prefalign_workflow_tools")
-if wt is None:  # loaded the way test_nodes_workflows.py loads it (tests/nodes is no package)
-    _spec = importlib.util.spec_from_file_location("prefalign_workflow_tools", Path(__file__).with_name("workflow_tools.py"))
-    wt = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = wt
-    _spec.loader.exec_module(wt)
+wt = sys.modules["prefalign_workflow_tools"]  # loaded by conftest.py
 
 score_nodes = prefalign_pack.nodes.score_nodes
 import prefalign_pack.nodes.score_routes as score_routes  # noqa: E402  (ComfyUI's server loads it through routes.register)

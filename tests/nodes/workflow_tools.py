@@ -240,20 +240,28 @@ def to_api(ui: dict, info: dict) -> dict:
 # --------------------------------------------------------------------------------------------- the workflows
 PROMPT = "a watercolor fox in a snowy forest, soft light"
 NEGATIVE = "blurry, low quality"
+SD15_SAMPLER = {"seed": 1, "steps": 25, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
 
 
-def curate(info: dict) -> dict:
-    g = Graph(info)
+def sd15_batch(g: Graph, batch_size: int, control: str) -> tuple[int, int, int, int, int]:
+    """An SD1.5 checkpoint generating `batch_size` images of the prompt (a Prompt node feeds the Positive encoder);
+    `control`: the sampler's seed after each run. Node ids (ckpt, prompt, positive, negative, decoded images)."""
     ckpt = g.add("CheckpointLoaderSimple", (40, 60), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, size=[320, 100])
     text = g.add("PrimitiveStringMultiline", (40, 220), {"value": PROMPT}, title="Prompt", size=[320, 120])
     pos = g.add("CLIPTextEncode", (400, 60), {}, {"clip": (ckpt, 1), "text": (text, 0)}, title="Positive")
     neg = g.add("CLIPTextEncode", (400, 260), {"text": NEGATIVE}, {"clip": (ckpt, 1)}, title="Negative")
-    lat = g.add("EmptyLatentImage", (400, 460), {"width": 512, "height": 512, "batch_size": 4})
-    # randomize: each run (Run again) generates a new batch instead of returning the cached one
-    ks = g.add("KSampler", (760, 60), {"seed": 1, "steps": 25, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+    lat = g.add("EmptyLatentImage", (400, 460), {"width": 512, "height": 512, "batch_size": batch_size})
+    ks = g.add("KSampler", (760, 60), SD15_SAMPLER,
                {"model": (ckpt, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (lat, 0)}, size=[320, 270],
-               control="randomize")
+               control=control)
     dec = g.add("VAEDecode", (1120, 60), {}, {"samples": (ks, 0), "vae": (ckpt, 2)}, size=[200, 50])
+    return ckpt, text, pos, neg, dec
+
+
+def curate(info: dict) -> dict:
+    g = Graph(info)
+    # randomize: each run (Run again) generates a new batch instead of returning the cached one
+    _, text, _, _, dec = sd15_batch(g, 4, control="randomize")
     g.add("PrefAlignGalleryPicker", (1120, 160), {"store": "my_pairs"}, {"images": (dec, 0), "prompt": (text, 0)}, size=[520, 560])
     return g.ui("Curate: generate a batch, pick chosen and rejected images")
 
@@ -272,7 +280,7 @@ def train(info: dict) -> dict:
     pos = g.add("CLIPTextEncode", (860, 480), {"text": PROMPT}, {"clip": (ckpt, 1)}, title="Positive")
     neg = g.add("CLIPTextEncode", (860, 680), {"text": NEGATIVE}, {"clip": (ckpt, 1)}, title="Negative")
     lat = g.add("EmptyLatentImage", (860, 880), {"width": 512, "height": 512, "batch_size": 1})
-    ks = g.add("KSampler", (1240, 480), {"seed": 1, "steps": 25, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+    ks = g.add("KSampler", (1240, 480), SD15_SAMPLER,
                {"model": (tr, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (lat, 0)}, size=[320, 270])
     dec = g.add("VAEDecode", (1600, 480), {}, {"samples": (ks, 0), "vae": (ckpt, 2)}, size=[200, 50])
     g.add("PreviewImage", (1600, 580), {}, {"images": (dec, 0)}, title="Sample with the new LoRA", size=[320, 320])
@@ -289,7 +297,7 @@ def compare(info: dict) -> dict:
     pos_lora = g.add("CLIPTextEncode", (440, 460), {"text": PROMPT}, {"clip": (lora, 1)}, title="Positive (LoRA)")
     neg_lora = g.add("CLIPTextEncode", (440, 660), {"text": NEGATIVE}, {"clip": (lora, 1)}, title="Negative (LoRA)")
     lat = g.add("EmptyLatentImage", (440, 860), {"width": 512, "height": 512, "batch_size": 2})
-    sampler = {"seed": 42, "steps": 25, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
+    sampler = {**SD15_SAMPLER, "seed": 42}
     base = g.add("KSampler", (800, 60), sampler, {"model": (ckpt, 0), "positive": (pos_base, 0), "negative": (neg_base, 0), "latent_image": (lat, 0)}, title="Without LoRA", size=[320, 270])
     tuned = g.add("KSampler", (800, 400), sampler, {"model": (lora, 0), "positive": (pos_lora, 0), "negative": (neg_lora, 0), "latent_image": (lat, 0)}, title="With LoRA (same seed)", size=[320, 270])
     dec_a = g.add("VAEDecode", (1160, 60), {}, {"samples": (base, 0), "vae": (ckpt, 2)}, size=[200, 50])
@@ -306,15 +314,7 @@ def generate_score_train(info: dict) -> dict:
     preference LoRA on them and sample with it; a Gallery Picker on the scored images offers auto-mark and the
     comparison mode for the artist to add or correct pairs."""
     g = Graph(info)
-    ckpt = g.add("CheckpointLoaderSimple", (40, 60), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, size=[320, 100])
-    text = g.add("PrimitiveStringMultiline", (40, 220), {"value": PROMPT}, title="Prompt", size=[320, 120])
-    pos = g.add("CLIPTextEncode", (400, 60), {}, {"clip": (ckpt, 1), "text": (text, 0)}, title="Positive")
-    neg = g.add("CLIPTextEncode", (400, 260), {"text": NEGATIVE}, {"clip": (ckpt, 1)}, title="Negative")
-    lat = g.add("EmptyLatentImage", (400, 460), {"width": 512, "height": 512, "batch_size": 8})
-    ks = g.add("KSampler", (760, 60), {"seed": 1, "steps": 25, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-                                       "denoise": 1.0},
-               {"model": (ckpt, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (lat, 0)}, size=[320, 270])
-    dec = g.add("VAEDecode", (1120, 60), {}, {"samples": (ks, 0), "vae": (ckpt, 2)}, size=[200, 50])
+    ckpt, text, pos, neg, dec = sd15_batch(g, 8, control="fixed")
     judge = g.add("PrefAlignLoadScorer", (760, 380), {"kind": "clip", "clip_model": "(none)", "aesthetic_head": "(none)"},
                   title="Load Preference Scorer (pick your PickScore / CLIP)",
                   size=[360, 200])
@@ -327,8 +327,7 @@ def generate_score_train(info: dict) -> dict:
     tr = g.add("PrefAlignTrainLoRA", (1960, 60), {"steps": 100, "lora_name": "scored_pairs"},
                {"model": (ckpt, 0), "clip": (ckpt, 1), "vae": (ckpt, 2), "pairs": (pairs, 0)}, size=[400, 780])
     lat1 = g.add("EmptyLatentImage", (1960, 900), {"width": 512, "height": 512, "batch_size": 1})
-    ks2 = g.add("KSampler", (2400, 60), {"seed": 2, "steps": 25, "cfg": 7.0, "sampler_name": "euler",
-                                         "scheduler": "normal", "denoise": 1.0},
+    ks2 = g.add("KSampler", (2400, 60), {**SD15_SAMPLER, "seed": 2},
                 {"model": (tr, 0), "positive": (pos, 0), "negative": (neg, 0), "latent_image": (lat1, 0)},
                 title="Sample with the new LoRA", size=[320, 270])
     dec2 = g.add("VAEDecode", (2760, 60), {}, {"samples": (ks2, 0), "vae": (ckpt, 2)}, size=[200, 50])
